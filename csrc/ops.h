@@ -1,0 +1,22 @@
+// Native entry points of obdk._C. Each op is *declared* once, in Python
+// (obdk/ops.py, torch.library.custom_op); these functions are the per-device
+// implementations that obdk/backends.py registers for it.
+#pragma once
+#include <torch/extension.h>
+
+namespace obdk {
+
+// acc[n, n] (fp32 or fp64, contiguous) += alpha * x^T x, with x[T, n] of any float dtype.
+void gram_acc_cpu(at::Tensor acc, const at::Tensor& x, double alpha);
+
+// y[M, m] = (x[M, n] a[r, n]^T) b[m, r]^T + bias[m]
+at::Tensor lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
+                              const c10::optional<at::Tensor>& bias);
+
+#ifdef OBDK_WITH_CUDA
+void gram_acc_cuda(at::Tensor acc, const at::Tensor& x, double alpha);
+at::Tensor lowrank_linear_cuda(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
+                               const c10::optional<at::Tensor>& bias);
+#endif
+
+}  // namespace obdk

@@ -1,0 +1,1 @@
+"""Rank allocation under one parameter budget: uniform, global, zero-sum (ZS-SVD), BSI."""

@@ -1,0 +1,1 @@
+"""Closed-form low-rank decompositions: SVD, SVD-LLM (input whitening), OBD (two-sided)."""
