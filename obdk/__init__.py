@@ -1,7 +1,14 @@
 """obdk — Optimal Brain Decomposition: low-rank LLM compression and fused low-rank inference.
 
-Public API (see README): ``factorize``, ``calibrate``, ``compress``,
-``save_pretrained``, ``load_pretrained``, ``LowRankConfig``, ``LowRankLinear``.
+Public API::
+
+    obdk.factorize(weight, rank, method="obd", cx=..., cg=...)   # one matrix → Factorization
+    obdk.calibrate(model, data, stats=("cx", "cg"))              # → Statistics
+    obdk.compress(model, obdk.LowRankConfig(keep=0.8), "wikitext2:validation", tokenizer=tok)
+    obdk.save_pretrained(model, "out/"); obdk.load_pretrained("out/")
+
+``import obdk`` never fails on a missing or broken native extension (a logged
+warning, then pure-PyTorch fallbacks).
 """
 from __future__ import annotations
 
@@ -13,5 +20,48 @@ logging.getLogger("obdk").addHandler(logging.NullHandler())
 
 from . import _ext  # noqa: E402  (never raises)
 from . import ops  # noqa: E402,F401  (declares the torch.library ops)
+from . import calibrate  # noqa: E402  (callable package: obdk.calibrate(model, data, ...))
+from .config import LowRankConfig  # noqa: E402
+from .nn import LowRankLinear  # noqa: E402
 
-__all__ = ["__version__", "ops"]
+__all__ = [
+    "__version__", "ops", "calibrate", "LowRankConfig", "LowRankLinear", "factorize", "spectrum",
+    "compress", "compress_many", "prepare", "CompressionReport", "save_pretrained", "load_pretrained",
+    "perplexity", "load_model",
+]
+
+_LAZY = {
+    "factorize": ("obdk.decompose", "factorize"),
+    "spectrum": ("obdk.decompose", "spectrum"),
+    "Factorization": ("obdk.decompose", "Factorization"),
+    "compress": ("obdk.pipeline", "compress"),
+    "compress_many": ("obdk.pipeline", "compress_many"),
+    "prepare": ("obdk.pipeline", "prepare"),
+    "CompressionReport": ("obdk.pipeline", "CompressionReport"),
+    "save_pretrained": ("obdk.io", "save_pretrained"),
+    "load_pretrained": ("obdk.io", "load_pretrained"),
+    "perplexity": ("obdk.eval", "perplexity"),
+    "load_model": ("obdk.hub", "load_model"),
+}
+
+
+def __getattr__(name: str):
+    # Heavy submodules (transformers, safetensors) load on first use, not on `import obdk`.
+    if name in _LAZY:
+        import importlib
+        mod, attr = _LAZY[name]
+        val = getattr(importlib.import_module(mod), attr)
+        globals()[name] = val
+        return val
+    raise AttributeError(f"module 'obdk' has no attribute {name!r}")
+
+
+def _register_hf() -> None:
+    try:
+        from .hf_integration import register
+        register()
+    except Exception as exc:  # pragma: no cover
+        logging.getLogger("obdk").info("transformers integration not registered: %s", exc)
+
+
+_register_hf()

@@ -1,0 +1,372 @@
+"""``obdk.compress``: calibrate → decompose → allocate → swap in low-rank modules.
+
+The work is split so that any ratio comes from one decomposition:
+:func:`prepare` calibrates once and computes every targeted matrix's full
+spectrum (a :class:`Plan`); :meth:`Plan.apply` allocates ranks for a ``keep`` and
+swaps modules, costing only truncation and packing. :func:`compress` is
+``prepare`` + ``apply`` on the same model.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+import resource
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from .config import LowRankConfig
+from .models import linear_groups
+from .nn import LowRankLinear
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- stage timing
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@dataclass
+class Stage:
+    """Wall time and peak memory of one pipeline stage."""
+    seconds: float = 0.0
+    peak_rss_mib: float = 0.0
+    peak_cuda_mib: Optional[float] = None
+
+
+class StageTimer:
+    """Accumulates :class:`Stage` records by name (``with timer("calibration"): ...``)."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, Stage] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if cuda:
+                torch.cuda.synchronize()
+            st = self.stages.setdefault(name, Stage())
+            st.seconds += time.perf_counter() - t0
+            st.peak_rss_mib = max(st.peak_rss_mib, _peak_rss_mib())
+            if cuda:
+                st.peak_cuda_mib = max(st.peak_cuda_mib or 0.0, torch.cuda.max_memory_allocated() / 2**20)
+
+    def to_dict(self) -> dict[str, dict]:
+        return {k: asdict(v) for k, v in self.stages.items()}
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class ModuleReport:
+    """One targeted Linear: its shape, chosen rank (None = kept dense) and costs."""
+    name: str
+    out_features: int
+    in_features: int
+    rank: Optional[int]
+    params: int
+    dense_params: int
+    predicted_loss: float
+    damping: dict
+    seconds: float
+
+
+@dataclass
+class CompressionReport:
+    """What :func:`compress` did: per module and totals, stage timings, provenance."""
+    config: dict
+    modules: list[ModuleReport]
+    targeted_params_before: int
+    targeted_params_after: int
+    model_params_before: int
+    model_params_after: int
+    predicted_loss: float
+    stages: dict[str, dict]
+    calibration: Optional[dict] = None
+    allocation: dict = field(default_factory=dict)
+    measured: dict = field(default_factory=dict)
+
+    @property
+    def keep_actual(self) -> float:
+        """Kept fraction of the targeted Linear parameters."""
+        return self.targeted_params_after / max(1, self.targeted_params_before)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["keep_actual"] = self.keep_actual
+        return d
+
+    def summary(self) -> str:
+        """A short human-readable summary (totals and stage times)."""
+        c = self.config
+        lines = [
+            f"method={c['method']} alloc={c.get('alloc') or '(default)'} keep={c['keep']} → kept {self.keep_actual:.4f} of targeted Linear params",
+            f"targeted params {self.targeted_params_before:,} → {self.targeted_params_after:,}; "
+            f"model params {self.model_params_before:,} → {self.model_params_after:,}",
+            f"modules: {sum(m.rank is not None for m in self.modules)} low-rank, {sum(m.rank is None for m in self.modules)} dense; "
+            f"predicted loss increase {self.predicted_loss:.4f} nats",
+            "stages: " + ", ".join(f"{k} {v['seconds']:.1f}s" for k, v in self.stages.items()),
+        ]
+        return "\n".join(lines)
+
+
+def _nparams(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+# --------------------------------------------------------------------------- targets
+
+
+@dataclass
+class Target:
+    """A targeted Linear: full name, shape, and the key of its (shared) input."""
+    name: str
+    m: int
+    n: int
+    input_key: str
+    has_bias: bool
+
+
+def select_targets(model: nn.Module, config: LowRankConfig) -> list[Target]:
+    """Targeted Linears of ``model`` in forward order, after ``targets``/``ignore`` patterns."""
+    out = []
+    for grp in linear_groups(model):
+        for name in grp.names:
+            if config.targets is not None and not any(fnmatch.fnmatchcase(name, p) for p in config.targets):
+                continue
+            if any(fnmatch.fnmatchcase(name, p) for p in config.ignore):
+                continue
+            lin = model.get_submodule(name)
+            if not isinstance(lin, nn.Linear):
+                continue
+            out.append(Target(name, lin.out_features, lin.in_features, grp.key, lin.bias is not None))
+    if not out:
+        raise ValueError(f"no Linear matched: targets={config.targets} ignore={config.ignore}")
+    return out
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass
+class Plan:
+    """Calibrated statistics and full spectra of every target: allocate any ``keep`` cheaply."""
+    config: LowRankConfig
+    targets: list[Target]
+    spectra: dict[str, Any]
+    stats: Any
+    calibration: Optional[dict]
+    timer: StageTimer
+    extra: dict = field(default_factory=dict)
+
+    def allocate(self, keep: Optional[float] = None, alloc: Optional[str] = None):
+        """Ranks for ``keep`` (default the config's) → an ``obdk.allocate`` Allocation."""
+        from . import allocate as A
+        keep = self.config.keep if keep is None else keep
+        alloc = alloc or self.config.resolved_alloc
+        specs = [A.MatrixSpec(t.name, t.m, t.n, costs=self.spectra[t.name].costs) for t in self.targets]
+        mult = self.config.rank_multiple
+        if alloc == "uniform":
+            return A.allocate_uniform(specs, keep, multiple=mult)
+        if alloc == "global":
+            return A.allocate_global(specs, keep, floor=self.config.floor, multiple=mult)
+        if alloc == "zero-sum":
+            return A.allocate_zero_sum(self.extra["zs_specs"], keep)
+        if alloc == "bsi":
+            return A.allocate_bsi(self.extra["bsi_specs"], keep, multiple=mult)
+        raise ValueError(f"unknown allocation {alloc!r}")
+
+    def apply(self, model: nn.Module, keep: Optional[float] = None, alloc: Optional[str] = None,
+              model_params_before: Optional[int] = None) -> CompressionReport:
+        """Swap each target of ``model`` for a ``LowRankLinear`` at the allocated rank (or keep it dense)."""
+        timer = StageTimer()
+        keep = self.config.keep if keep is None else keep
+        before = model_params_before if model_params_before is not None else _nparams(model)
+        with timer("allocation"):
+            allocation = self.allocate(keep, alloc)
+        mods: list[ModuleReport] = []
+        with timer("packing"):
+            for t in self.targets:
+                t0 = time.perf_counter()
+                rank = allocation.ranks.get(t.name)
+                spec = self.spectra[t.name]
+                lin = model.get_submodule(t.name)
+                if rank is None:
+                    mods.append(ModuleReport(t.name, t.m, t.n, None, t.m * t.n, t.m * t.n, 0.0,
+                                             spec.damping, time.perf_counter() - t0))
+                    continue
+                kept_idx = allocation.meta.get("kept_indices", {}).get(t.name) if allocation.meta else None
+                fac = spec.truncate(rank, indices=kept_idx)
+                bias = lin.bias.detach() if lin.bias is not None else None
+                new = LowRankLinear.from_factors(fac.a.to(lin.weight.dtype), fac.b.to(lin.weight.dtype), bias)
+                new.to(lin.weight.device)
+                _set_module(model, t.name, new)
+                mods.append(ModuleReport(t.name, t.m, t.n, int(rank), int(rank) * (t.m + t.n), t.m * t.n,
+                                         float(fac.predicted_loss), spec.damping, time.perf_counter() - t0))
+        stages = dict(self.timer.to_dict())
+        stages.update(timer.to_dict())
+        cfg = self.config.to_dict()
+        cfg["keep"] = keep
+        if alloc:
+            cfg["alloc"] = alloc
+        report = CompressionReport(
+            config=cfg, modules=mods,
+            targeted_params_before=sum(m.dense_params for m in mods),
+            targeted_params_after=sum(m.params for m in mods),
+            model_params_before=before, model_params_after=_nparams(model),
+            predicted_loss=sum(m.predicted_loss for m in mods),
+            stages=stages, calibration=self.calibration,
+            allocation={"strategy": allocation.strategy, "budget": allocation.budget, **(allocation.meta_summary()
+                        if hasattr(allocation, "meta_summary") else {})},
+        )
+        model._obdk_report = report
+        model._obdk_config = LowRankConfig.from_dict(cfg)
+        return report
+
+
+def _calibration_windows(calibration, tokenizer, nsamples, seqlen, seed, data_dir):
+    from .calibrate.data import get_calibration_windows
+    if calibration is None:
+        raise ValueError("compress: this method needs calibration data (calibration=...)")
+    if hasattr(calibration, "input_ids"):
+        return calibration
+    return get_calibration_windows(calibration, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                                   data_dir=data_dir)
+
+
+def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibration: Any = None, *,
+            tokenizer=None, nsamples: int = 32, seqlen: int = 512, seed: int = 0, data_dir=None,
+            stats=None, device=None, progress: bool = True, timer: Optional[StageTimer] = None) -> Plan:
+    """Calibrate ``model`` once and decompose every target fully (see :class:`Plan`).
+
+    ``calibration``: a ``CalibrationData``, a dataset name (``wikitext2:validation``),
+    a file path, a ``list[str]`` or a LongTensor [N, T] of token ids. ``stats`` may
+    pass precomputed :class:`obdk.calibrate.stats.Statistics`. ``device`` runs the
+    decompositions elsewhere (e.g. ``"cuda"``).
+    """
+    from .decompose import spectrum as decompose_spectrum
+    config = config or LowRankConfig()
+    timer = timer or StageTimer()
+    targets = select_targets(model, config)
+    need = config.needed_stats
+    fingerprint = None
+    if need and stats is None:
+        with timer("calibration"):
+            from .calibrate.stats import calibrate
+            data = _calibration_windows(calibration, tokenizer, nsamples, seqlen, seed, data_dir)
+            stats = calibrate(model, data, stats=need, fisher=config.fisher, seed=seed, progress=progress)
+    if stats is not None:
+        fingerprint = getattr(stats, "fingerprint", None)
+    whitening = config.resolved_whitening
+    cdtype = torch.float64 if config.compute_dtype == "float64" else torch.float32
+    spectra: dict[str, Any] = {}
+    with timer("factorisation"):
+        from tqdm.auto import tqdm
+        for t in tqdm(targets, desc="decompose", disable=not progress):
+            w = model.get_submodule(t.name).weight.detach()
+            cx = stats.cx_for(t.name) if "cx" in need else None
+            cg = stats.cg[t.name] if "cg" in need else None
+            if whitening == "asvd":
+                spectra[t.name] = _asvd_spectrum(w, cx, config, cdtype, device)
+                continue
+            spectra[t.name] = decompose_spectrum(
+                w, method=whitening, cx=cx if whitening != "svd" else None, cg=cg if whitening == "obd" else None,
+                solver=config.solver, compute_dtype=cdtype, damping=config.damping, device=device)
+    plan = Plan(config, targets, spectra, stats, fingerprint, timer)
+    alloc = config.resolved_alloc
+    if alloc in ("zero-sum", "bsi") or config.correct == "zs":
+        _prepare_gradient_scores(plan, model, calibration, tokenizer, nsamples, seqlen, seed, data_dir, progress)
+    return plan
+
+
+def _asvd_spectrum(w, cx, config, cdtype, device):
+    """ASVD: scale input channels by (diag C_x)^(α/2) (RMS activation), plain SVD, unscale."""
+    from .decompose import spectrum as decompose_spectrum
+    d = torch.diagonal(cx).to(cdtype).clamp_min(0).sqrt().pow(config.asvd_alpha)
+    d = torch.where(d > 0, d, torch.ones_like(d) * d[d > 0].min() if (d > 0).any() else torch.ones_like(d))
+    spec = decompose_spectrum((w.to(cdtype) * d), method="svd", compute_dtype=cdtype, device=device)
+    return _ScaledSpectrum(spec, d)
+
+
+class _ScaledSpectrum:
+    """A spectrum of W·D whose factors are unscaled (a ← a·D⁻¹, D diagonal) on truncation."""
+
+    def __init__(self, spec, d):
+        self.spec, self.d = spec, d
+        self.damping = getattr(spec, "damping", {})
+
+    @property
+    def costs(self):
+        return self.spec.costs
+
+    def truncate(self, rank, indices=None):
+        fac = self.spec.truncate(rank, indices=indices)
+        fac.a = (fac.a.to(self.d.dtype) / self.d).to(fac.a.dtype)
+        return fac
+
+
+def _prepare_gradient_scores(plan, model, calibration, tokenizer, nsamples, seqlen, seed, data_dir, progress):
+    """Scores for zero-sum / BSI allocation; filled in by obdk.allocate (see there)."""
+    from .allocate import model_scores
+    with plan.timer("scores"):
+        data = _calibration_windows(calibration, tokenizer, nsamples, seqlen, seed, data_dir)
+        model_scores(plan, model, data, progress=progress)
+
+
+def compress(model: nn.Module, config: Optional[LowRankConfig] = None, calibration: Any = None, *,
+             tokenizer=None, nsamples: int = 32, seqlen: int = 512, seed: int = 0, data_dir=None,
+             stats=None, device=None, progress: bool = True) -> CompressionReport:
+    """Compress ``model`` in place; return a :class:`CompressionReport`.
+
+    Each targeted Linear (default: every ``nn.Linear`` in the decoder layers) becomes a
+    ``LowRankLinear`` (bias kept) at the rank the allocation gives, or stays dense
+    when that rank reaches break-even ``mn/(m+n)``. See :func:`prepare` for
+    ``calibration``; ``nsamples``×``seqlen`` tokens, seeded by ``seed``, are drawn
+    from it when it is not already windows.
+    """
+    config = config or LowRankConfig()
+    before = _nparams(model)
+    plan = prepare(model, config, calibration, tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                   data_dir=data_dir, stats=stats, device=device, progress=progress)
+    return plan.apply(model, model_params_before=before)
+
+
+def compress_many(model: nn.Module, config: LowRankConfig, keeps: list[float], calibration: Any = None,
+                  **kw) -> list[tuple[nn.Module, CompressionReport]]:
+    """One calibration and one decomposition, then one compressed copy of ``model`` per ``keep``.
+
+    Returns ``[(model_copy, report), ...]`` in the order of ``keeps``; ``model`` is not modified.
+    """
+    before = _nparams(model)
+    plan = prepare(model, config, calibration, **kw)
+    out = []
+    for k in keeps:
+        m = copy.deepcopy(model)
+        out.append((m, plan.apply(m, keep=k, model_params_before=before)))
+    return out
