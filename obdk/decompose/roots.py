@@ -1,0 +1,132 @@
+"""Covariance scaling, relative damping and roots (Cholesky or eigen) with escalation.
+
+All functions take batched covariances ``c`` [B, k, k] (symmetric, already in the compute
+dtype and on the compute device) and a per-element relative damping ``alpha`` (a list of B
+floats). Damping is relative to the mean diagonal: ``C ← C + α·mean(diag C)·I``; the callers
+normalise every covariance to mean diagonal 1 first (:func:`normalize_cov`), so on the
+normalised matrix it is simply ``C̃ + α·I``.
+
+When a root cannot be taken (Cholesky not positive definite, non-finite eigen results) the
+failing elements' α escalates ``×growth`` (from ``FIRST_ESCALATION`` when α = 0) up to
+``damping_max``; past that a ``ValueError`` names the covariance.
+"""
+from __future__ import annotations
+
+import logging
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+#: First escalation step (relative) when the requested damping is 0.
+FIRST_ESCALATION = 1e-6
+
+
+def normalize_cov(c: Tensor) -> Tuple[Tensor, Tensor]:
+    """Scale each covariance to mean diagonal 1. ``c`` [B, k, k] → (``c / s`` [B, k, k], ``s`` [B]).
+
+    ``s = mean(diag c)``; where that is not positive (an all-zero covariance) ``s = 1``, so
+    relative damping still adds ``α·I`` there.
+    """
+    s = torch.diagonal(c, dim1=-2, dim2=-1).mean(-1)
+    s = torch.where((s > 0) & torch.isfinite(s), s, torch.ones_like(s))
+    return c / s[:, None, None], s
+
+
+def add_damping(c: Tensor, alpha: List[float]) -> Tensor:
+    """``c + α_b·I`` per batch element. ``c`` [B, k, k] (normalised), ``alpha`` B floats → [B, k, k]."""
+    if all(a == 0.0 for a in alpha):
+        return c
+    a = torch.tensor(alpha, dtype=c.dtype, device=c.device)
+    eye = torch.eye(c.shape[-1], dtype=c.dtype, device=c.device)
+    return c + a[:, None, None] * eye
+
+
+def next_damping(alpha: float, growth: float) -> float:
+    """The next relative damping after a failure: ``α·growth``, or ``FIRST_ESCALATION`` from 0."""
+    return alpha * growth if alpha > 0 else FIRST_ESCALATION
+
+
+def _escalate(alpha: List[float], idx: List[int], *, name: str, reason: str,
+              damping_max: float, growth: float, fn: str = "") -> None:
+    for i in idx:
+        new = next_damping(alpha[i], growth)
+        if new > damping_max:
+            raise ValueError(
+                f"{fn + ': ' if fn else ''}{name}: {reason} even with relative damping {alpha[i]:g} "
+                f"(next step {new:g} exceeds damping_max={damping_max:g}); {name} must be a finite positive "
+                f"semi-definite covariance")
+        logger.info("%s[%d]: %s at relative damping %g, escalating to %g", name, i, reason, alpha[i], new)
+        alpha[i] = new
+
+
+def damped_cholesky(c: Tensor, alpha: List[float], *, name: str, damping_max: float,
+                    growth: float, fn: str = "") -> Tuple[Tensor, List[float]]:
+    """Lower Cholesky factor of ``c + α·I``, escalating α per element until it exists.
+
+    ``c`` [B, k, k] normalised covariance; ``alpha`` B floats (initial relative damping).
+    Returns ``L`` [B, k, k] with ``L Lᵀ = c + α·I`` and the α actually used per element.
+    Raises ``ValueError`` naming ``name`` (prefixed by ``fn``) when α would exceed ``damping_max``.
+    """
+    alpha = list(alpha)
+    out = torch.empty_like(c)
+    todo = list(range(c.shape[0]))
+    while todo:
+        sub = c[todo] if len(todo) != c.shape[0] else c
+        L, info = torch.linalg.cholesky_ex(add_damping(sub, [alpha[i] for i in todo]))
+        ok = (info == 0) & torch.isfinite(L).flatten(1).all(1)
+        ok_list = ok.tolist()
+        good = [j for j, o in enumerate(ok_list) if o]
+        if good:
+            out[[todo[j] for j in good]] = L[good]
+        failed = [todo[j] for j, o in enumerate(ok_list) if not o]
+        _escalate(alpha, failed, name=name, reason="Cholesky factorisation failed (not positive definite)",
+                  damping_max=damping_max, growth=growth, fn=fn)
+        todo = failed
+    return out, alpha
+
+
+def eigh_desc(k: Tensor) -> Tuple[Tensor, Tensor]:
+    """Eigen-decomposition of symmetric ``k`` [B, p, p], eigenvalues descending.
+
+    Returns (``lam`` [B, p], ``vec`` [B, p, p]). Raises ``torch.linalg.LinAlgError`` or
+    ``RuntimeError`` when the solver fails; callers check finiteness themselves.
+    """
+    lam, vec = torch.linalg.eigh(k)
+    return lam.flip(-1), vec.flip(-1)
+
+
+def damped_eigen_root(c: Tensor, alpha: List[float], *, name: str, damping_max: float,
+                      growth: float, fn: str = "") -> Tuple[Tensor, List[float]]:
+    """A root ``S`` of ``c + α·I`` from its eigen-decomposition (works for singular ``c``).
+
+    ``c`` [B, k, k] normalised covariance; ``alpha`` B floats. Returns ``S = Q·diag(√max(d, 0))``
+    [B, k, k] with ``S Sᵀ = c + α·I`` (eigenvalues clamped at 0), and the α used; α escalates
+    only when the eigen solver fails or returns non-finite values.
+    """
+    alpha = list(alpha)
+    while True:
+        try:
+            d, q = torch.linalg.eigh(add_damping(c, alpha))
+            ok = torch.isfinite(d).all(-1) & torch.isfinite(q).flatten(1).all(1)
+            failed = [i for i, o in enumerate(ok.tolist()) if not o]
+        except (torch.linalg.LinAlgError, RuntimeError):  # which element failed is unknown
+            failed = list(range(c.shape[0]))
+        if not failed:
+            top = d[:, -1:].clamp_min(0)
+            if bool((d[:, :1] < -(torch.finfo(d.dtype).eps ** 0.5) * top).any()):
+                logger.warning("%s is indefinite (eigenvalue %.3g against a largest %.3g); its negative part is "
+                               "clamped to 0", name, float(d[:, 0].min()), float(top.max()))
+            return q * d.clamp_min(0).sqrt()[:, None, :], alpha
+        _escalate(alpha, failed, name=name, reason="eigen-decomposition failed (non-finite results)",
+                  damping_max=damping_max, growth=growth, fn=fn)
+
+
+def try_cholesky(c: Tensor, alpha: List[float]) -> Optional[Tensor]:
+    """Lower Cholesky factor of ``c + α·I`` [B, k, k] if it exists for every element, else None (no escalation)."""
+    L, info = torch.linalg.cholesky_ex(add_damping(c, alpha))
+    if bool((info != 0).any()) or not bool(torch.isfinite(L).all()):
+        return None
+    return L

