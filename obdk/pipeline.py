@@ -186,21 +186,89 @@ class Plan:
     extra: dict = field(default_factory=dict)
 
     def allocate(self, keep: Optional[float] = None, alloc: Optional[str] = None):
-        """Ranks for ``keep`` (default the config's) → an ``obdk.allocate`` Allocation."""
+        """Ranks for ``keep`` (default the config's) → an :class:`obdk.allocate.Allocation`."""
         from . import allocate as A
         keep = self.config.keep if keep is None else keep
         alloc = alloc or self.config.resolved_alloc
-        specs = [A.MatrixSpec(t.name, t.m, t.n, costs=self.spectra[t.name].costs) for t in self.targets]
         mult = self.config.rank_multiple
+        specs = []
+        for t in self.targets:
+            spec = self.spectra[t.name]
+            kw = {"costs": (spec.eigenvalues / 2).double().cpu()}
+            if alloc == "zero-sum":
+                kw["deltas"] = self.extra["deltas"][t.name]
+            if alloc == "bsi":
+                kw["importance"] = self.extra["bsi"][t.name].importance
+            specs.append(A.MatrixSpec(t.name, t.m, t.n, **kw))
         if alloc == "uniform":
             return A.allocate_uniform(specs, keep, multiple=mult)
         if alloc == "global":
             return A.allocate_global(specs, keep, floor=self.config.floor, multiple=mult)
         if alloc == "zero-sum":
-            return A.allocate_zero_sum(self.extra["zs_specs"], keep)
+            return A.allocate_zero_sum(specs, keep)
         if alloc == "bsi":
-            return A.allocate_bsi(self.extra["bsi_specs"], keep, multiple=mult)
+            return A.allocate_bsi(specs, keep, multiple=mult, floor=self.config.floor)
         raise ValueError(f"unknown allocation {alloc!r}")
+
+    def factors(self, name: str, rank: int, kept_indices=None):
+        """``(a [r, n], b [m, r], predicted_loss)`` of target ``name`` at ``rank`` (or exactly ``kept_indices``)."""
+        spec = self.spectra[name]
+        if kept_indices is not None:
+            a, b = spectrum_as_svd(spec).factors(indices=kept_indices)
+            dropped = torch.ones(spec.eigenvalues.numel(), dtype=torch.bool)
+            dropped[torch.as_tensor(kept_indices, dtype=torch.long)] = False
+            return a, b, 0.5 * float(spec.eigenvalues[dropped].sum())
+        fac = spec.truncate(int(rank), keep_dense_at_break_even=False)
+        return fac.a, fac.b, float(fac.predicted_loss)
+
+    def _zs_correct(self, model: nn.Module, factors: dict[str, tuple]) -> dict[str, tuple]:
+        """ZS-SVD's one-step projected-gradient correction, then re-truncation in the same whitening.
+
+        With every target at its truncation ``W_r = b a`` (dense, temporarily), one loss gradient
+        ``g`` at ``W_r`` over the calibration windows; per matrix ``W ← W_r + (⟨g,Δ⟩/⟨g,g⟩)·g`` with
+        ``Δ = W − W_r``; then the decomposition of the corrected weight is truncated to the same rank.
+        """
+        from .allocate import summed_weight_grads
+        from .decompose import factorize
+        data = self.extra["data"]
+        names = list(factors)
+        originals = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+        try:
+            with torch.no_grad():
+                for n in names:
+                    a, b, _ = factors[n]
+                    w = model.get_submodule(n).weight
+                    w.copy_((b.double() @ a.double()).to(w.dtype))
+            grads = summed_weight_grads(model, data.input_ids, names, attention_mask=data.attention_mask)
+        finally:
+            with torch.no_grad():
+                for n in names:
+                    model.get_submodule(n).weight.copy_(originals[n])
+        out = {}
+        whitening = self.config.resolved_whitening
+        cdtype = torch.float64 if self.config.compute_dtype == "float64" else torch.float32
+        for n in names:
+            a, b, _ = factors[n]
+            w = originals[n].to(cdtype)
+            wr = b.to(cdtype) @ a.to(cdtype)
+            g = grads[n].to(cdtype)
+            gg = float((g * g).sum())
+            coef = float((g * (w - wr)).sum()) / gg if gg > 0 else 0.0
+            wc = wr + coef * g
+            cx = self.stats.cx_for(n) if whitening in ("svd-llm", "obd") else None
+            cg = self.stats.cg[n] if whitening == "obd" else None
+            fac = factorize(wc.to(originals[n].dtype), a.shape[0], method=whitening if whitening != "asvd" else "svd",
+                            cx=cx, cg=cg, solver=self.config.solver, compute_dtype=cdtype,
+                            damping=self.config.damping, keep_dense_at_break_even=False)
+            pred = float(fac.predicted_loss)
+            if whitening == "obd":  # predicted loss of the corrected truncation against the original W
+                from .decompose import damp_covariance, kfac_loss
+                delta = w - fac.b.to(cdtype) @ fac.a.to(cdtype)
+                d = self.spectra[n].damping
+                pred = kfac_loss(delta, damp_covariance(cx.to(cdtype), d.get("cx", 0.0)),
+                                       damp_covariance(cg.to(cdtype), d.get("cg", 0.0)))
+            out[n] = (fac.a, fac.b, pred)
+        return out
 
     def apply(self, model: nn.Module, keep: Optional[float] = None, alloc: Optional[str] = None,
               model_params_before: Optional[int] = None) -> CompressionReport:
@@ -211,6 +279,17 @@ class Plan:
         with timer("allocation"):
             allocation = self.allocate(keep, alloc)
         mods: list[ModuleReport] = []
+        kept_map = (allocation.meta or {}).get("kept_indices", {}) if allocation.strategy == "bsi" else {}
+        factors: dict[str, tuple] = {}
+        with timer("truncation"):
+            for t in self.targets:
+                rank = allocation.ranks.get(t.name)
+                if rank is not None:
+                    factors[t.name] = self.factors(t.name, rank, kept_map.get(t.name))
+        if self.config.correct == "zs" and factors:
+            with timer("correction"):
+                factors = self._zs_correct(model, factors)
+        mods: list[ModuleReport] = []
         with timer("packing"):
             for t in self.targets:
                 t0 = time.perf_counter()
@@ -219,16 +298,15 @@ class Plan:
                 lin = model.get_submodule(t.name)
                 if rank is None:
                     mods.append(ModuleReport(t.name, t.m, t.n, None, t.m * t.n, t.m * t.n, 0.0,
-                                             spec.damping, time.perf_counter() - t0))
+                                             dict(spec.damping), time.perf_counter() - t0))
                     continue
-                kept_idx = allocation.meta.get("kept_indices", {}).get(t.name) if allocation.meta else None
-                fac = spec.truncate(rank, indices=kept_idx)
+                a, b, pred = factors[t.name]
                 bias = lin.bias.detach() if lin.bias is not None else None
-                new = LowRankLinear.from_factors(fac.a.to(lin.weight.dtype), fac.b.to(lin.weight.dtype), bias)
+                new = LowRankLinear.from_factors(a.to(lin.weight.dtype), b.to(lin.weight.dtype), bias)
                 new.to(lin.weight.device)
                 _set_module(model, t.name, new)
                 mods.append(ModuleReport(t.name, t.m, t.n, int(rank), int(rank) * (t.m + t.n), t.m * t.n,
-                                         float(fac.predicted_loss), spec.damping, time.perf_counter() - t0))
+                                         pred, dict(spec.damping), time.perf_counter() - t0))
         stages = dict(self.timer.to_dict())
         stages.update(timer.to_dict())
         cfg = self.config.to_dict()
@@ -242,8 +320,10 @@ class Plan:
             model_params_before=before, model_params_after=_nparams(model),
             predicted_loss=sum(m.predicted_loss for m in mods),
             stages=stages, calibration=self.calibration,
-            allocation={"strategy": allocation.strategy, "budget": allocation.budget, **(allocation.meta_summary()
-                        if hasattr(allocation, "meta_summary") else {})},
+            allocation={"strategy": allocation.strategy, "budget": allocation.budget,
+                        "params": allocation.params, "predicted_loss": allocation.predicted_loss,
+                        **{k: v for k, v in (allocation.meta or {}).items()
+                           if isinstance(v, (int, float, str, bool)) or v is None}},
         )
         model._obdk_report = report
         model._obdk_config = LowRankConfig.from_dict(cfg)
@@ -256,6 +336,8 @@ def _calibration_windows(calibration, tokenizer, nsamples, seqlen, seed, data_di
         raise ValueError("compress: this method needs calibration data (calibration=...)")
     if hasattr(calibration, "input_ids"):
         return calibration
+    if isinstance(calibration, torch.Tensor) and calibration.dim() == 2:
+        nsamples, seqlen = calibration.shape  # already windows: take them as they are
     return get_calibration_windows(calibration, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
                                    data_dir=data_dir)
 
@@ -276,10 +358,12 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
     targets = select_targets(model, config)
     need = config.needed_stats
     fingerprint = None
+    data = None
+    if (need and stats is None) or config.resolved_alloc == "bsi" or config.correct == "zs":
+        data = _calibration_windows(calibration, tokenizer, nsamples, seqlen, seed, data_dir)
     if need and stats is None:
         with timer("calibration"):
             from .calibrate.stats import calibrate
-            data = _calibration_windows(calibration, tokenizer, nsamples, seqlen, seed, data_dir)
             stats = calibrate(model, data, stats=need, fisher=config.fisher, seed=seed, progress=progress)
     if stats is not None:
         fingerprint = getattr(stats, "fingerprint", None)
@@ -299,44 +383,71 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
                 w, method=whitening, cx=cx if whitening != "svd" else None, cg=cg if whitening == "obd" else None,
                 solver=config.solver, compute_dtype=cdtype, damping=config.damping, device=device)
     plan = Plan(config, targets, spectra, stats, fingerprint, timer)
-    alloc = config.resolved_alloc
-    if alloc in ("zero-sum", "bsi") or config.correct == "zs":
-        _prepare_gradient_scores(plan, model, calibration, tokenizer, nsamples, seqlen, seed, data_dir, progress)
+    if data is not None:
+        plan.extra["data"] = data
+    if config.resolved_alloc in ("zero-sum", "bsi"):
+        _prepare_gradient_scores(plan, model, data, progress)
     return plan
 
 
 def _asvd_spectrum(w, cx, config, cdtype, device):
-    """ASVD: scale input channels by (diag C_x)^(α/2) (RMS activation), plain SVD, unscale."""
+    """ASVD: plain SVD of ``W·D`` with ``D = diag(rms activation)^α`` (from diag C_x), factors unscaled.
+
+    The returned spectrum's ``factor_a`` is divided by ``D`` so truncations approximate ``W``
+    itself; its eigenvalues are those of ``W·D`` (not loss units: use uniform allocation).
+    """
     from .decompose import spectrum as decompose_spectrum
     d = torch.diagonal(cx).to(cdtype).clamp_min(0).sqrt().pow(config.asvd_alpha)
-    d = torch.where(d > 0, d, torch.ones_like(d) * d[d > 0].min() if (d > 0).any() else torch.ones_like(d))
-    spec = decompose_spectrum((w.to(cdtype) * d), method="svd", compute_dtype=cdtype, device=device)
-    return _ScaledSpectrum(spec, d)
+    pos = d > 0
+    d = torch.where(pos, d, d[pos].min() if pos.any() else torch.ones_like(d))
+    spec = decompose_spectrum(w.to(cdtype) * d.to(w.device), method="svd", compute_dtype=cdtype, device=device)
+    spec.factor_a = spec.factor_a / d.to(spec.factor_a.device, spec.factor_a.dtype)
+    spec.weight = w
+    spec.method = "asvd"
+    return spec
 
 
-class _ScaledSpectrum:
-    """A spectrum of W·D whose factors are unscaled (a ← a·D⁻¹, D diagonal) on truncation."""
+def spectrum_as_svd(spec):
+    """View a :class:`obdk.decompose.Spectrum` as an :class:`obdk.allocate.WhitenedSVD`.
 
-    def __init__(self, spec, d):
-        self.spec, self.d = spec, d
-        self.damping = getattr(spec, "damping", {})
+    Component i of any whitening is ``b_i a_iᵀ``; with ``σ_i = ‖b_i‖‖a_i‖`` and unit
+    ``u_i = b_i/‖b_i‖``, ``x_i = a_i/‖a_i‖`` the weight is ``Σ σ_i u_i x_iᵀ``, so ZS-SVD's
+    ``δ_i = −σ_i ∂L/∂σ_i`` and BSI's importance are defined for SVD, SVD-LLM and OBD alike
+    (for SVD-LLM this is exactly ZS-SVD's whitened-coordinate score).
+    """
+    from .allocate import WhitenedSVD
+    cached = getattr(spec, "_obdk_svd", None)
+    if cached is not None:
+        return cached
+    b, a = spec.factor_b.double(), spec.factor_a.double()
+    nb, na = b.norm(dim=0), a.norm(dim=1)
+    tiny = torch.finfo(torch.float64).tiny
+    u = b / nb.clamp_min(tiny)
+    x = a / na.clamp_min(tiny)[:, None]
+    ws = WhitenedSVD(u=u, sigma=nb * na, v=x.T.contiguous(), chol=None)
+    spec._obdk_svd = ws
+    return ws
 
-    @property
-    def costs(self):
-        return self.spec.costs
 
-    def truncate(self, rank, indices=None):
-        fac = self.spec.truncate(rank, indices=indices)
-        fac.a = (fac.a.to(self.d.dtype) / self.d).to(fac.a.dtype)
-        return fac
-
-
-def _prepare_gradient_scores(plan, model, calibration, tokenizer, nsamples, seqlen, seed, data_dir, progress):
-    """Scores for zero-sum / BSI allocation; filled in by obdk.allocate (see there)."""
-    from .allocate import model_scores
-    with plan.timer("scores"):
-        data = _calibration_windows(calibration, tokenizer, nsamples, seqlen, seed, data_dir)
-        model_scores(plan, model, data, progress=progress)
+def _prepare_gradient_scores(plan: Plan, model, data, progress) -> None:
+    """Per-component scores for ``zero-sum`` (δ from calibration weight gradients) and ``bsi``."""
+    from .allocate import bsi_scores
+    plan.extra["data"] = data
+    alloc = plan.config.resolved_alloc
+    if alloc == "zero-sum":
+        with plan.timer("scores"):
+            deltas = {}
+            for t in plan.targets:
+                ws = spectrum_as_svd(plan.spectra[t.name])
+                g = plan.stats.grad[t.name].to(ws.u.device)
+                deltas[t.name] = (-ws.sigma * ws.grad_sigma(g)).cpu()
+            plan.extra["deltas"] = deltas
+    if alloc == "bsi":
+        with plan.timer("scores"):
+            decomps = {t.name: spectrum_as_svd(plan.spectra[t.name]) for t in plan.targets}
+            gen = torch.Generator().manual_seed(0)
+            plan.extra["bsi"] = bsi_scores(model, data.input_ids, decomps, probes=plan.config.probes,
+                                           eps=plan.config.eps, attention_mask=data.attention_mask, generator=gen)
 
 
 def compress(model: nn.Module, config: Optional[LowRankConfig] = None, calibration: Any = None, *,

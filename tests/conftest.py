@@ -48,3 +48,25 @@ def data_dir():
     if not (DATA_DIR / "wikitext-2-raw" / "wiki.test.raw").exists():
         pytest.skip(f"real data not found under {DATA_DIR} (set OBDK_DATA_DIR)")
     return DATA_DIR
+
+
+def make_char_tokenizer(vocab: int = 128):
+    """A character-level fast tokenizer over ASCII (ids 0..vocab-1; unknown → '?'), no hub needed."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    chars = [chr(i) for i in range(32, 32 + vocab - 2)]
+    table = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    tk = Tokenizer(models.WordLevel(vocab=table, unk_token="?"))
+    tk.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    from tokenizers import decoders
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="?")
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A tiny Llama + char tokenizer saved as a plain HF model directory."""
+    d = tmp_path / "tiny-llama"
+    make_tiny_llama().save_pretrained(d)
+    make_char_tokenizer().save_pretrained(d)
+    return d
