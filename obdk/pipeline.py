@@ -198,7 +198,11 @@ class Plan:
             if alloc == "zero-sum":
                 kw["deltas"] = self.extra["deltas"][t.name]
             if alloc == "bsi":
-                kw["importance"] = self.extra["bsi"][t.name].importance
+                # BSI removes bases only until the budget is met (its greedy never removes more);
+                # a negative estimate (Hutchinson noise) must not make removing extra bases "profitable".
+                # Clamp at 0 and break ties by the spectral cost, so equal scores drop the tail first.
+                imp = self.extra["bsi"][t.name].importance.double().cpu().clamp_min(0)
+                kw["importance"] = imp + 1e-12 * kw["costs"][: imp.numel()]
             specs.append(A.MatrixSpec(t.name, t.m, t.n, **kw))
         if alloc == "uniform":
             return A.allocate_uniform(specs, keep, multiple=mult)

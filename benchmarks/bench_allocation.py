@@ -1,0 +1,311 @@
+"""Rank allocation grid: {svd-llm, obd} whitening × {uniform, global, zero-sum, bsi} (± ZS correction).
+
+Issue #5 item 2. SmolLM2-135M at ``--keeps`` (0.8, 0.6), calibrated on ``--nsamples`` ×
+``--seqlen`` tokens (32 × 512) of each ``--calib`` set, perplexity on the first ``--windows``
+(64) windows of each ``--eval`` set (calibrating on one and evaluating on the other gives the
+crossed cells), plus the compression time of every combination.
+
+Sharing (one calibration per calibration set): the statistics ``cx``, ``cg``, ``grad`` are
+collected ONCE per calibration set (one forward + backward pass over the windows) and passed
+with ``stats=`` to one ``prepare`` per whitening (decomposition only). On each whitening's plan:
+
+* ``zero-sum`` deltas come from ``stats.grad`` (no extra pass);
+* ``bsi`` scores cost 1 + 2·``--bsi-probes`` forward+backward passes over the first
+  ``--bsi-windows`` calibration windows (``obdk.pipeline._prepare_gradient_scores`` on a
+  ``CalibrationData`` slice; the plan keeps all windows for the correction);
+* ``+zs`` (``config.correct="zs"``) costs one more forward+backward pass over all calibration
+  windows per (combination, keep), inside ``Plan.apply``.
+
+Columns: ``calib_s`` (the shared calibration of cx+cg+grad), ``decompose_s`` (the whitening's
+plan, shared by its allocations and keeps), ``scores_s`` (zero-sum deltas or BSI scores, shared
+by the keeps), ``apply_s`` (allocation + truncation + correction + packing of this row; the
+correction alone in ``correct_s``), ``compress_s`` = the sum, ``eval_s``.
+
+Grids (``--grid``; any of ``--calib/--eval/--keeps/--whitenings/--allocs/--correct`` overrides):
+
+* ``quick`` (default): calibration ``wikitext2:validation``; eval ``wikitext2`` and ``c4``;
+  keep {0.8, 0.6} × whitening {svd-llm, obd} × alloc {uniform, global, zero-sum, bsi}, plus the
+  correction for ``obd:global`` only;
+* ``full``: calibration ``wikitext2:validation`` and ``c4`` (each evaluated on both: crossed),
+  the correction for every whitening:alloc.
+
+C4 calibration windows are drawn after the evaluated C4 tokens (see bench_quality.py,
+``--no-holdout``). Rows are appended and flushed after every evaluation; ``--resume`` skips
+rows (and calibrations/plans/scores) already done. At the end a markdown table
+(whitening/alloc → ppl per eval × keep; best per column in bold, best row starred) is printed.
+
+    python benchmarks/bench_allocation.py --resume                        # quick grid (hours on CPU)
+    python benchmarks/bench_allocation.py --grid full --resume
+    python benchmarks/bench_allocation.py --model tiny --windows 2 --nsamples 2 --seqlen 128 \\
+        --keeps 0.8 --bsi-windows 1 --out /tmp/a.csv                      # seconds: smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import logging
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_quality import (REPO, CsvLog, EvalSets, calibration_data, data_dir_of, free,  # noqa: E402
+                           load, model_label, read_rows, set_threads)
+
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "allocation_smollm2.csv"
+WHITENINGS = ("svd-llm", "obd")
+ALLOCS = ("uniform", "global", "zero-sum", "bsi")
+GRIDS = {
+    "quick": {"calib": ["wikitext2:validation"], "eval": ["wikitext2", "c4"], "keeps": [0.8, 0.6],
+              "whitenings": list(WHITENINGS), "allocs": list(ALLOCS), "correct": ["obd:global"]},
+    "full": {"calib": ["wikitext2:validation", "c4"], "eval": ["wikitext2", "c4"], "keeps": [0.8, 0.6],
+             "whitenings": list(WHITENINGS), "allocs": list(ALLOCS), "correct": ["all"]},
+}
+KEY_COLS = ("model", "calib", "eval", "whitening", "alloc", "correct", "keep", "windows_req", "seqlen",
+            "nsamples", "seed", "bsi_windows", "bsi_probes")
+STATS = ("cx", "cg", "grad")
+
+
+def label(whitening: str, alloc: str, correct: str) -> str:
+    if whitening == "dense":
+        return "dense"
+    return f"{whitening} / {alloc}" + (" + zs" if correct == "zs" else "")
+
+
+def combos(args) -> list[tuple[str, str, str]]:
+    """(whitening, alloc, correct) in run order."""
+    corr = set(args.correct)
+    out = []
+    for w in args.whitenings:
+        for a in args.allocs:
+            out.append((w, a, ""))
+            if "all" in corr or f"{w}:{a}" in corr:
+                out.append((w, a, "zs"))
+    return out
+
+
+def run(args) -> list[dict]:
+    set_threads(args.threads)
+    from obdk import LowRankConfig
+    from obdk.calibrate.data import CalibrationData
+    from obdk.calibrate.stats import calibrate
+    from obdk.pipeline import _nparams, _prepare_gradient_scores, prepare
+
+    mname = model_label(args.model)
+    data_dir = data_dir_of(args.data_dir)
+    out = CsvLog(args.out, KEY_COLS, args.resume)
+    keeps = [float(k) for k in args.keeps]
+    wreq = str(args.windows)
+    grid = combos(args)
+
+    def base(calib, ev, w, a, c, keep) -> dict:
+        bsi = a == "bsi"
+        return {"model": mname, "calib": calib, "eval": ev, "whitening": w, "alloc": a, "correct": c, "keep": keep,
+                "windows_req": wreq, "seqlen": args.seqlen, "nsamples": args.nsamples if w != "dense" else "",
+                "seed": args.seed, "bsi_windows": args.bsi_windows if bsi else "",
+                "bsi_probes": args.bsi_probes if bsi else ""}
+
+    def todo(calib, w, a, c, keep) -> bool:
+        return any(not out.has(**base(calib, ev, w, a, c, keep)) for ev in args.eval)
+
+    t_load = time.perf_counter()
+    model, tok = load(args.model)
+    model.eval()
+    before = _nparams(model)
+    print(f"[model] {mname}: {before:,} params, loaded in {time.perf_counter() - t_load:.1f}s; "
+          f"threads {torch.get_num_threads()}; {len(grid)} combinations × {len(keeps)} keeps × "
+          f"{len(args.calib)} calibrations × {len(args.eval)} evals", flush=True)
+    evals = EvalSets(tok, data_dir)
+
+    def evaluate(m, b_kw: dict, extra: dict) -> None:
+        for ev in args.eval:
+            b = base(ev=ev, **b_kw)
+            if out.has(**b):
+                continue
+            ppl = evals.perplexity(m, ev, args.seqlen, args.windows, progress=args.progress)
+            row = {"model": mname, "calib": b["calib"], "calib_source": extra.get("calib_source", ""), "eval": ev,
+                   "method": label(b["whitening"], b["alloc"], b["correct"]), "whitening": b["whitening"],
+                   "alloc": b["alloc"], "correct": b["correct"], "keep": b["keep"],
+                   "keep_actual": extra.get("keep_actual", 1.0), "ppl": ppl["ppl"], "nll": ppl["nll"],
+                   "windows": ppl["windows"], "windows_req": wreq, "seqlen": args.seqlen, "tokens": ppl["tokens"],
+                   "nsamples": b["nsamples"], "seed": args.seed, "bsi_windows": b["bsi_windows"],
+                   "bsi_probes": b["bsi_probes"], "predicted_loss": extra.get("predicted_loss", ""),
+                   "calib_s": extra.get("calib_s", 0.0), "calib_stats": extra.get("calib_stats", ""),
+                   "decompose_s": extra.get("decompose_s", 0.0), "scores_s": extra.get("scores_s", 0.0),
+                   "apply_s": extra.get("apply_s", 0.0), "correct_s": extra.get("correct_s", 0.0)}
+            row["compress_s"] = sum(float(row[k] or 0) for k in ("calib_s", "decompose_s", "scores_s", "apply_s"))
+            row["eval_s"] = ppl["seconds"]
+            row["model_params_after"] = extra.get("model_params_after", before)
+            out.write(row)
+            print(f"  {row['calib']:>22} → {ev:<10} {row['method']:<22} keep {float(row['keep']):.2f} "
+                  f"(actual {float(row['keep_actual']):.3f})  ppl {row['ppl']:9.3f}  [calib {float(row['calib_s']):.0f}s, "
+                  f"decomp {float(row['decompose_s']):.0f}s, scores {float(row['scores_s']):.0f}s, "
+                  f"apply {float(row['apply_s']):.1f}s (corr {float(row['correct_s']):.1f}s), eval {row['eval_s']:.0f}s]",
+                  flush=True)
+
+    if not args.no_dense:
+        evaluate(model, dict(calib="none", w="dense", a="", c="", keep=1.0), {})
+
+    for calib in args.calib:
+        if not any(todo(calib, w, a, c, k) for (w, a, c) in grid for k in keeps):
+            print(f"[calib] {calib}: all rows done", flush=True)
+            continue
+        t0 = time.perf_counter()
+        data, source = calibration_data(calib, tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                                        data_dir=data_dir, evals=list(args.eval),
+                                        eval_tokens=args.windows * args.seqlen, holdout=args.holdout)
+        print(f"[calib] {calib}: {len(data)}×{data.input_ids.shape[1]} tokens from {source} "
+              f"({time.perf_counter() - t0:.1f}s to load/tokenise, not counted)", flush=True)
+        t0 = time.perf_counter()
+        stats = calibrate(model, data, stats=STATS, seed=args.seed, progress=args.progress)
+        calib_s = time.perf_counter() - t0
+        print(f"[calib] {'+'.join(STATS)} in {calib_s:.1f}s", flush=True)
+        k_bsi = min(args.bsi_windows, len(data))
+        subset = CalibrationData(input_ids=data.input_ids[:k_bsi],
+                                 attention_mask=None if data.attention_mask is None else data.attention_mask[:k_bsi],
+                                 fingerprint={**data.fingerprint, "nsamples": k_bsi, "bsi_subset_of": len(data)})
+        for w in args.whitenings:
+            mine = [(a, c) for (ww, a, c) in grid if ww == w and any(todo(calib, w, a, c, k) for k in keeps)]
+            if not mine:
+                continue
+            cfg = LowRankConfig(method=w, alloc="uniform", probes=args.bsi_probes)
+            plan = prepare(model, cfg, data, stats=stats, seed=args.seed, progress=args.progress)
+            plan.extra["data"] = data
+            decompose_s = sum(v.seconds for k, v in plan.timer.stages.items() if k != "calibration")
+            print(f"[plan] {w}: decomposed in {decompose_s:.1f}s", flush=True)
+            scores_s = {"uniform": 0.0, "global": 0.0}
+            for a in dict.fromkeys(a for a, _ in mine):
+                if a not in ("zero-sum", "bsi"):
+                    continue
+                t0 = time.perf_counter()
+                scorer = dataclasses.replace(plan, config=dataclasses.replace(cfg, alloc=a))  # shares plan.extra
+                _prepare_gradient_scores(scorer, model, subset if a == "bsi" else data, args.progress)
+                plan.extra["data"] = data  # the correction uses every calibration window
+                scores_s[a] = time.perf_counter() - t0
+                print(f"[plan] {w}: {a} scores in {scores_s[a]:.1f}s"
+                      + (f" ({k_bsi} windows, {args.bsi_probes} probes)" if a == "bsi" else ""), flush=True)
+            shared = {"calib_source": source, "calib_s": calib_s, "calib_stats": "+".join(STATS),
+                      "decompose_s": decompose_s}
+            for keep in keeps:
+                for a, c in mine:
+                    if not todo(calib, w, a, c, keep):
+                        continue
+                    p = plan if not c else dataclasses.replace(plan, config=dataclasses.replace(cfg, correct=c))
+                    m = copy.deepcopy(model)
+                    t0 = time.perf_counter()
+                    rep = p.apply(m, keep=keep, alloc=a, model_params_before=before)
+                    apply_s = time.perf_counter() - t0
+                    extra = {**shared, "scores_s": scores_s.get(a, 0.0), "apply_s": apply_s,
+                             "correct_s": rep.stages.get("correction", {}).get("seconds", 0.0),
+                             "keep_actual": rep.keep_actual, "predicted_loss": rep.predicted_loss,
+                             "model_params_after": rep.model_params_after}
+                    evaluate(m, dict(calib=calib, w=w, a=a, c=c, keep=keep), extra)
+                    del m
+                    free()
+            del plan
+            free()
+        del stats, data, subset
+        free()
+    return out.rows
+
+
+def markdown_table(rows: list[dict], model: str) -> str:
+    """Per calibration set: whitening/alloc(+zs) × (eval, keep) → ppl; best per column bold, best row ★."""
+    rows = [r for r in rows if r.get("model") == model]
+    dense = {r["eval"]: float(r["ppl"]) for r in rows if r.get("whitening") == "dense"}
+    out = []
+    for calib in dict.fromkeys(r["calib"] for r in rows if r["calib"] != "none"):
+        sel = [r for r in rows if r["calib"] == calib]
+        cols = sorted({(r["eval"], float(r["keep"])) for r in sel}, key=lambda t: (t[0] != "wikitext2", t[0], -t[1]))
+        labels = list(dict.fromkeys(r["method"] for r in sel))
+        cell = {(r["method"], r["eval"], float(r["keep"])): r for r in sel}
+        best_col = {c: min((float(cell[(l, *c)]["ppl"]) for l in labels if (l, *c) in cell), default=None) for c in cols}
+        # best row: lowest mean NLL over the columns it has all of
+        full = [l for l in labels if all((l, *c) in cell for c in cols)]
+        best_row = min(full, key=lambda l: sum(float(cell[(l, *c)]["nll"]) for c in cols), default=None)
+        src = sel[0].get("calib_source", calib)
+        cs = sel[0].get("calib_s", "")
+        out.append(f"\nCalibrated on {src} ({sel[0].get('nsamples')}×{sel[0].get('seqlen')} tokens; "
+                   f"cx+cg+grad in {float(cs or 0):.0f}s, shared); perplexity on the first "
+                   f"{sel[0].get('windows')} windows of {sel[0].get('seqlen')} tokens:\n")
+        out.append("| whitening / allocation | " + " | ".join(f"{e} @ {k:g}" for e, k in cols)
+                   + " | scores + apply (s) |")
+        out.append("|---|" + "---:|" * (len(cols) + 1))
+        if dense:
+            out.append("| dense | " + " | ".join(f"{dense[e]:.2f}" if e in dense else "" for e, _ in cols) + " | |")
+        for l in labels:
+            cells = []
+            for c in cols:
+                r = cell.get((l, *c))
+                if r is None:
+                    cells.append("")
+                    continue
+                v = float(r["ppl"])
+                cells.append(f"**{v:.2f}**" if v == best_col[c] else f"{v:.2f}")
+            extra = [float(cell[(l, *c)]["scores_s"] or 0) + float(cell[(l, *c)]["apply_s"] or 0)
+                     for c in cols if (l, *c) in cell]
+            secs = f"{sum(extra) / len(extra):.0f}" if extra else ""
+            out.append(f"| {l}{' ★' if l == best_row else ''} | " + " | ".join(cells) + f" | {secs} |")
+        out.append("\n★ lowest mean log-perplexity over the columns; **bold**: best in the column. "
+                   "scores + apply: zero-sum/BSI scoring + allocation/truncation/correction/packing, "
+                   "mean over the keeps (calibration and decomposition are shared and not included).")
+    return "\n".join(out)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--grid", choices=sorted(GRIDS), default="quick")
+    ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), tiny, or any obdk.hub spec")
+    ap.add_argument("--calib", nargs="+", default=None, help="calibration sets (grid default)")
+    ap.add_argument("--eval", nargs="+", default=None, help="evaluation sets (grid default: wikitext2 c4)")
+    ap.add_argument("--keeps", nargs="+", type=float, default=None, help="(grid default: 0.8 0.6)")
+    ap.add_argument("--whitenings", nargs="+", default=None, choices=WHITENINGS)
+    ap.add_argument("--allocs", nargs="+", default=None, choices=ALLOCS)
+    ap.add_argument("--correct", nargs="+", default=None,
+                    help="WHITENING:ALLOC combinations also run with correct='zs', or 'all' or 'none' "
+                         "(quick: obd:global; full: all)")
+    ap.add_argument("--windows", type=int, default=64, help="first N evaluation windows of --seqlen tokens")
+    ap.add_argument("--nsamples", type=int, default=32, help="calibration windows")
+    ap.add_argument("--seqlen", type=int, default=512, help="tokens per calibration and evaluation window")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bsi-probes", type=int, default=2, help="Hutchinson probes (cost 1 + 2·probes passes)")
+    ap.add_argument("--bsi-windows", type=int, default=8, help="first K calibration windows for the BSI scores")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense reference rows")
+    ap.add_argument("--no-holdout", dest="holdout", action="store_false",
+                    help="let calibration windows of an evaluated corpus/split overlap the evaluated tokens")
+    ap.add_argument("--out", default=str(DEFAULT_OUT))
+    ap.add_argument("--resume", action="store_true", help="skip rows already in --out")
+    ap.add_argument("--data-dir", default=None, help="default $OBDK_DATA_DIR, else ../shared/data")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--progress", action="store_true", help="tqdm bars")
+    ap.add_argument("--table-only", action="store_true", help="print the markdown table from --out and exit")
+    args = ap.parse_args(argv)
+    for k, v in GRIDS[args.grid].items():
+        if getattr(args, k) is None:
+            setattr(args, k, list(v))
+    if args.correct == ["none"]:
+        args.correct = []
+    bad = [c for c in args.correct if c != "all" and (c.count(":") != 1 or c.split(":")[0] not in WHITENINGS
+                                                      or c.split(":")[1] not in ALLOCS)]
+    if bad:
+        ap.error(f"--correct: {bad} are not WHITENING:ALLOC (e.g. obd:global), 'all' or 'none'")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.table_only:
+        t0 = time.perf_counter()
+        run(args)
+        print(f"[done] {time.perf_counter() - t0:.0f}s; rows in {args.out}", flush=True)
+    print(markdown_table(read_rows(args.out), model_label(args.model)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
