@@ -27,7 +27,7 @@ from .nn import LowRankLinear  # noqa: E402
 __all__ = [
     "__version__", "ops", "calibrate", "LowRankConfig", "LowRankLinear", "factorize", "spectrum",
     "compress", "compress_many", "prepare", "CompressionReport", "save_pretrained", "load_pretrained",
-    "perplexity", "load_model",
+    "perplexity", "load_model", "PackedLowRankLinear", "pack_shared_inputs",
 ]
 
 _LAZY = {
@@ -42,6 +42,8 @@ _LAZY = {
     "load_pretrained": ("obdk.io", "load_pretrained"),
     "perplexity": ("obdk.eval", "perplexity"),
     "load_model": ("obdk.hub", "load_model"),
+    "PackedLowRankLinear": ("obdk.nn", "PackedLowRankLinear"),
+    "pack_shared_inputs": ("obdk.nn", "pack_shared_inputs"),
 }
 
 

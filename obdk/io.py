@@ -104,6 +104,10 @@ def save_pretrained(model: nn.Module, save_dir: str | os.PathLike, *, tokenizer=
     config = config if config is not None else getattr(model, "_obdk_config", None)
     if fingerprint is None and report is not None:
         fingerprint = getattr(report, "calibration", None)
+    from .nn import PackedSlice
+    if any(isinstance(m, PackedSlice) for m in model.modules()):
+        raise ValueError("save_pretrained: the model has packed shared-input factors; call "
+                         "obdk.nn.unpack_shared_inputs(model) before saving")
     ranks = {n: m.rank for n, m in lowrank_modules(model).items()}
     save_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = save_dir.parent / f".{save_dir.name}.obdk-tmp-{uuid.uuid4().hex[:8]}"
@@ -243,7 +247,7 @@ def _safetensors_data_end(f: Path) -> Optional[int]:
 
 
 def load_pretrained(path: str | os.PathLike, *, device: str | torch.device = "cpu",
-                    dtype: Optional[torch.dtype] = None) -> nn.Module:
+                    dtype: Optional[torch.dtype] = None, pack: Optional[bool] = None) -> nn.Module:
     """Load an obdk checkpoint written by :func:`save_pretrained`.
 
     The model is built from ``config.json`` with its parameters on the meta
@@ -251,7 +255,10 @@ def load_pretrained(path: str | os.PathLike, *, device: str | torch.device = "cp
     ``quantization_config.ranks`` becomes a ``LowRankLinear`` of that rank, and the
     safetensors tensors are assigned after checking names and shapes. ``dtype``
     casts floating tensors; ``device`` places the model. Returns the model in eval
-    mode. Raises :class:`CheckpointError` naming the file and tensor at fault.
+    mode. ``pack`` packs the factors of modules that read one input (q/k/v, gate/up) so
+    the input is read once (:func:`obdk.nn.pack_shared_inputs`); default: on CUDA only,
+    where it saves launches and reads (on CPU it does not pay). Raises
+    :class:`CheckpointError` naming the file and tensor at fault.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -307,7 +314,13 @@ def load_pretrained(path: str | os.PathLike, *, device: str | torch.device = "cp
         raise CheckpointError(f"{path}: parameters {still_meta[:5]} were not found in the checkpoint")
     model.config.quantization_config = q
     model._obdk_quantization_config = q
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if pack is None:
+        pack = torch.device(device).type == "cuda"
+    if pack:
+        from .nn import pack_shared_inputs
+        pack_shared_inputs(model)
+    return model
 
 
 def _tied_names(model: nn.Module) -> set[str]:

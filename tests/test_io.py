@@ -135,3 +135,23 @@ def test_atomic_write_leaves_nothing_on_crash(tmp_path, monkeypatch):
     with pytest.raises(Boom):
         io.save_pretrained(m, tmp_path / "fresh")
     assert not (tmp_path / "fresh").exists()
+
+
+def test_load_packed_identical_and_packed_save_refused(tmp_path):
+    from obdk.nn import PackedSlice, unpack_shared_inputs
+    m = _lowrank_model()
+    for name in ("model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.v_proj"):
+        lin = m.get_submodule(name)
+        u, s, vh = torch.linalg.svd(lin.weight.detach(), full_matrices=False)
+        io._set_module(m, name, LowRankLinear.from_factors(vh[:8], u[:, :8] * s[:8], None))
+    d = io.save_pretrained(m, tmp_path / "ck")
+    m2 = obdk.load_pretrained(d, pack=True)
+    assert any(isinstance(x, PackedSlice) for x in m2.modules())
+    ids = torch.randint(0, 128, (2, 10))
+    torch.testing.assert_close(_logits(m2, ids), _logits(m, ids))
+    with pytest.raises(ValueError, match="unpack_shared_inputs"):
+        obdk.save_pretrained(m2, tmp_path / "packed")
+    assert not (tmp_path / "packed").exists()
+    unpack_shared_inputs(m2)
+    obdk.save_pretrained(m2, tmp_path / "unpacked")
+    torch.testing.assert_close(_logits(obdk.load_pretrained(tmp_path / "unpacked"), ids), _logits(m, ids))
