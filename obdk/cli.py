@@ -122,6 +122,12 @@ def cmd_compress(args) -> int:
     with timer("load"):
         model, tok = _load(args.model, args.dtype, args.device)
     before = _nparams(model)
+    dense_eval = None
+    if args.eval_windows:  # the dense model on the same windows, for the measured loss increase
+        from .eval import perplexity
+        with torch.inference_mode():
+            dense_eval = perplexity(model, tok, "wikitext2", seqlen=args.seqlen, windows=args.eval_windows,
+                                    data_dir=args.data_dir)
     plan = prepare(model, cfg, args.calib, tokenizer=tok, nsamples=args.nsamples, seqlen=args.seqlen,
                    seed=args.seed, data_dir=args.data_dir, timer=timer)
     results = []
@@ -149,6 +155,9 @@ def cmd_compress(args) -> int:
             with torch.inference_mode():
                 row["eval"] = perplexity(m, tok, "wikitext2", seqlen=args.seqlen, windows=args.eval_windows,
                                          data_dir=args.data_dir)
+            if dense_eval is not None:
+                report.record_measurement(dense_eval, row["eval"])
+                row["measured"] = report.measured
         # rewrite the report with the save stage included
         (out / "obdk_report.json").write_text(json.dumps({**report.to_dict(), "cli": row}, indent=2, default=str))
         results.append(row)
@@ -158,7 +167,9 @@ def cmd_compress(args) -> int:
             if idx > 0:
                 print(f"  marginal cost of this ratio: {marginal:.1f}s")
             if "eval" in row:
-                print(f"  wikitext2 ppl ({row['eval']['windows']}×{args.seqlen}): {row['eval']['ppl']:.2f}")
+                print(f"  wikitext2 ppl ({row['eval']['windows']}×{args.seqlen}): {row['eval']['ppl']:.2f} "
+                      f"(dense {dense_eval['ppl']:.2f}; loss increase measured {report.measured['loss_increase']:.3f} "
+                      f"vs predicted {report.predicted_loss:.3f} nats)")
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else {"results": results}, default=str))
     return 0

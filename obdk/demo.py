@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     import torch
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import obdk
+    import obdk.io
     from obdk.eval import perplexity
     from obdk.hub import load_model
 
@@ -48,6 +49,8 @@ def main(argv=None) -> int:
     out = obdk.save_pretrained(model, args.out, tokenizer=tok, report=report)
     model2 = obdk.load_pretrained(out)
     comp = perplexity(model2, tok, "wikitext2", seqlen=args.seqlen, windows=args.windows, data_dir=args.data_dir)
+    report.record_measurement(dense, comp)
+    obdk.io.update_report(out, report)
     print(f"compressed wikitext2 ppl {comp['ppl']:.2f} ({comp['windows']} windows × {args.seqlen}); "
           f"measured loss increase {comp['nll'] - dense['nll']:.3f} nats vs predicted {report.predicted_loss:.3f}")
     enc = tok(args.prompt, return_tensors="pt")

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import shutil
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Optional
@@ -334,10 +333,17 @@ def _tied_names(model: nn.Module) -> set[str]:
     return names
 
 
+def update_report(path: str | os.PathLike, report: Any) -> None:
+    """Rewrite ``obdk_report.json`` of a saved checkpoint (e.g. after an evaluation), atomically."""
+    f = Path(path) / REPORT_FILE
+    rep = report.to_dict() if hasattr(report, "to_dict") else report
+    tmp = f.with_name(f".{f.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(rep, indent=2, default=str))
+    os.replace(tmp, f)
+
+
 def load_report(path: str | os.PathLike) -> Optional[dict]:
     """The ``obdk_report.json`` of a checkpoint directory, or None."""
     f = Path(path) / REPORT_FILE
     return json.loads(f.read_text()) if f.is_file() else None
 
-
-_ = time  # reserved for stage timing of save in reports

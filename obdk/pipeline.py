@@ -101,6 +101,14 @@ class CompressionReport:
     allocation: dict = field(default_factory=dict)
     measured: dict = field(default_factory=dict)
 
+    def record_measurement(self, dense: dict, compressed: dict) -> None:
+        """Store a measured loss increase (two :func:`obdk.eval.perplexity` results on the same windows)."""
+        self.measured = {
+            "dataset": compressed.get("dataset"), "seqlen": compressed.get("seqlen"),
+            "windows": compressed.get("windows"), "dense_ppl": dense["ppl"], "ppl": compressed["ppl"],
+            "loss_increase": compressed["nll"] - dense["nll"], "predicted_loss_increase": self.predicted_loss,
+        }
+
     @property
     def keep_actual(self) -> float:
         """Kept fraction of the targeted Linear parameters."""

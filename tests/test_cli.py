@@ -101,3 +101,16 @@ def test_console_script_entry_point():
     assert out.returncode == 0
     for verb in ("compress", "eval", "generate", "inspect", "env"):
         assert verb in out.stdout
+
+
+def test_compress_with_eval_records_measured_loss(tiny_model_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "e"
+    code, stdout, err = _run(["compress", tiny_model_dir, "--method", "obd", "--keep", "0.5", "--calib",
+                              "wikitext2:validation", "--nsamples", "2", "--seqlen", "32", "--rank-multiple", "4",
+                              "--eval-windows", "2", "--out", out, "--json", "--data-dir", data_dir], capsys)
+    assert code == 0, err
+    res = json.loads(stdout.strip().splitlines()[-1])
+    meas = res["measured"]
+    assert meas["windows"] == 2 and meas["dense_ppl"] > 1 and abs(meas["loss_increase"]) < 50
+    rep = json.loads((out / "obdk_report.json").read_text())
+    assert rep["measured"]["loss_increase"] == pytest.approx(meas["loss_increase"])
