@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--rank-multiple", type=int, default=8)
     c.add_argument("--damping", type=float, default=0.01)
-    c.add_argument("--floor", type=float, default=0.5)
+    c.add_argument("--floor", type=float, default=0.2,
+                   help="global allocation: per-matrix rank floor as a fraction of the uniform rank")
     c.add_argument("--fisher", default="empirical", choices=["empirical", "true"])
     c.add_argument("--correct", default=None, choices=["zs"])
     c.add_argument("--probes", type=int, default=4)

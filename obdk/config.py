@@ -56,7 +56,7 @@ class LowRankConfig:
     ignore: list[str] = field(default_factory=list)
     rank_multiple: int = 8
     damping: float = 0.01
-    floor: float = 0.5
+    floor: float = 0.2
     compute_dtype: str = "float64"
     solver: str = "eig"
     fisher: str = "empirical"
