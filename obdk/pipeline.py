@@ -123,7 +123,7 @@ class CompressionReport:
         """A short human-readable summary (totals and stage times)."""
         c = self.config
         lines = [
-            f"method={c['method']} alloc={c.get('alloc') or '(default)'} keep={c['keep']} → kept {self.keep_actual:.4f} of targeted Linear params",
+            f"method={c['method']} alloc={c.get('alloc')} keep={c['keep']} → kept {self.keep_actual:.4f} of targeted Linear params",
             f"targeted params {self.targeted_params_before:,} → {self.targeted_params_after:,}; "
             f"model params {self.model_params_before:,} → {self.model_params_after:,}",
             f"modules: {sum(m.rank is not None for m in self.modules)} low-rank, {sum(m.rank is None for m in self.modules)} dense; "
@@ -323,8 +323,7 @@ class Plan:
         stages.update(timer.to_dict())
         cfg = self.config.to_dict()
         cfg["keep"] = keep
-        if alloc:
-            cfg["alloc"] = alloc
+        cfg["alloc"] = alloc or self.config.resolved_alloc  # record what was used, not "default"
         report = CompressionReport(
             config=cfg, modules=mods,
             targeted_params_before=sum(m.dense_params for m in mods),
