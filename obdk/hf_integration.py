@@ -67,7 +67,7 @@ def register() -> bool:
                 raise ValueError(f"obdk checkpoint format_version={ver!r} is unknown (this obdk reads 1..{FORMAT_VERSION})")
 
         def _process_model_before_weight_loading(self, model, **kwargs):
-            from .io import _set_module
+            from .models import set_module
             from .nn import LowRankLinear
             modules = dict(model.named_modules())
             for name, rank in self.quantization_config.ranks.items():
@@ -78,7 +78,7 @@ def register() -> bool:
                 with torch.device(dev):
                     new = LowRankLinear(old.in_features, old.out_features, int(rank), bias=old.bias is not None,
                                         dtype=old.weight.dtype)
-                _set_module(model, name, new)
+                set_module(model, name, new)
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):

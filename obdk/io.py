@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from . import __version__
 from .config import FORMAT_VERSION
+from .models import set_module
 from .nn import LowRankLinear
 
 log = logging.getLogger(__name__)
@@ -41,10 +42,6 @@ class CheckpointError(ValueError):
 # --------------------------------------------------------------------------- helpers
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def lowrank_modules(model: nn.Module) -> dict[str, LowRankLinear]:
@@ -280,7 +277,7 @@ def load_pretrained(path: str | os.PathLike, *, device: str | torch.device = "cp
             raise CheckpointError(f"{path}: tensor {a_key!r} missing for low-rank module {name} (rank {rank})")
         with torch.device("meta"):
             new = LowRankLinear(old.in_features, old.out_features, int(rank), bias=old.bias is not None)
-        _set_module(model, name, new)
+        set_module(model, name, new)
     expected = model.state_dict()
     tied = _tied_names(model)
     sd: dict[str, torch.Tensor] = {}

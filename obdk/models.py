@@ -49,6 +49,13 @@ class LinearGroup:
         return self.names[0] + ":in"
 
 
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted ``name`` (e.g. ``model.layers.3.mlp.up_proj``) by ``new``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
 def _get(model: nn.Module, path: str) -> nn.Module | None:
     mod = model
     for part in path.split("."):

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .config import LowRankConfig
-from .models import linear_groups
+from .models import linear_groups, set_module
 from .nn import LowRankLinear
 
 log = logging.getLogger(__name__)
@@ -173,10 +173,6 @@ def select_targets(model: nn.Module, config: LowRankConfig) -> list[Target]:
     return out
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 # --------------------------------------------------------------------------- plan
@@ -316,7 +312,7 @@ class Plan:
                 bias = lin.bias.detach() if lin.bias is not None else None
                 new = LowRankLinear.from_factors(a.to(lin.weight.dtype), b.to(lin.weight.dtype), bias)
                 new.to(lin.weight.device)
-                _set_module(model, t.name, new)
+                set_module(model, t.name, new)
                 mods.append(ModuleReport(t.name, t.m, t.n, int(rank), int(rank) * (t.m + t.n), t.m * t.n,
                                          pred, dict(spec.damping), time.perf_counter() - t0))
         stages = dict(self.timer.to_dict())

@@ -7,6 +7,7 @@ import torch
 
 import obdk
 from obdk import io
+from obdk.models import set_module
 from obdk.nn import LowRankLinear
 from tests.conftest import make_tiny_llama
 
@@ -18,7 +19,7 @@ def _lowrank_model(rank=8, bias_model=None):
         u, s, vh = torch.linalg.svd(lin.weight.detach(), full_matrices=False)
         new = LowRankLinear.from_factors(vh[:rank], u[:, :rank] * s[:rank],
                                          lin.bias.detach() if lin.bias is not None else None)
-        io._set_module(m, name, new)
+        set_module(m, name, new)
     return m
 
 
@@ -143,7 +144,7 @@ def test_load_packed_identical_and_packed_save_refused(tmp_path):
     for name in ("model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.v_proj"):
         lin = m.get_submodule(name)
         u, s, vh = torch.linalg.svd(lin.weight.detach(), full_matrices=False)
-        io._set_module(m, name, LowRankLinear.from_factors(vh[:8], u[:, :8] * s[:8], None))
+        set_module(m, name, LowRankLinear.from_factors(vh[:8], u[:, :8] * s[:8], None))
     d = io.save_pretrained(m, tmp_path / "ck")
     m2 = obdk.load_pretrained(d, pack=True)
     assert any(isinstance(x, PackedSlice) for x in m2.modules())

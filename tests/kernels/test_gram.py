@@ -23,25 +23,15 @@ from obdk.ops import gram_reference
 
 triton = pytest.importorskip("triton")
 
+from tests.kernels.conftest import interpreted_kernel_module  # noqa: E402
+
 MOD = "obdk.kernels.gram"
 
 
 @pytest.fixture(scope="module")
 def gram():
-    import obdk.kernels as pkg
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TRITON_INTERPRET", "1")
-    mp.delitem(sys.modules, MOD, raising=False)
-    mp.delattr(pkg, "gram", raising=False)
-    try:
-        mod = importlib.import_module(MOD)
-        assert mod.interpreted(), "kernels were not defined under TRITON_INTERPRET=1"
+    with interpreted_kernel_module("gram") as mod:
         yield mod
-    finally:
-        sys.modules.pop(MOD, None)
-        if hasattr(pkg, "gram"):
-            delattr(pkg, "gram")
-        mp.undo()
 
 
 def _sym(n: int, seed: int = 0) -> torch.Tensor:

@@ -28,26 +28,16 @@ from obdk.ops import lowrank_linear_reference
 
 triton = pytest.importorskip("triton")
 
+from tests.kernels.conftest import interpreted_kernel_module  # noqa: E402
+
 MOD = "obdk.kernels.lowrank"
 CUDA = torch.cuda.is_available()
 
 
 @pytest.fixture(scope="module")
 def lowrank():
-    import obdk.kernels as pkg
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TRITON_INTERPRET", "1")
-    mp.delitem(sys.modules, MOD, raising=False)
-    mp.delattr(pkg, "lowrank", raising=False)
-    try:
-        mod = importlib.import_module(MOD)
-        assert mod.interpreted(), "kernels were not defined under TRITON_INTERPRET=1"
+    with interpreted_kernel_module("lowrank") as mod:
         yield mod
-    finally:
-        sys.modules.pop(MOD, None)
-        if hasattr(pkg, "lowrank"):
-            delattr(pkg, "lowrank")
-        mp.undo()
 
 
 @pytest.fixture(scope="module")
