@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decompose_problems import F64, batched_loss, correlated_cov, gen, low_rank_cov, problem
+from tests.decompose.decompose_problems import F64, batched_loss, correlated_cov, gen, low_rank_cov, problem
 from obdk.decompose import damp_covariance, factorize, kfac_loss
 
 SHAPES = [(24, 40), (40, 24)]  # m < n takes the m×m eigen form, m > n the n×n form

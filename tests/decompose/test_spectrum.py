@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decompose_problems import F64, correlated_cov, gen, problem
+from tests.decompose.decompose_problems import F64, correlated_cov, gen, problem
 from obdk.decompose import break_even_rank, damp_covariance, factorize, kfac_loss, spectra, spectrum
 
 
