@@ -28,6 +28,11 @@ PROVENANCE = {"device_name", "torch", "triton", "obdk", "transformers", "cuda", 
               "loadavg_1m", "python"}
 
 
+
+#: one colour per method in every panel and figure
+METHOD_COLORS = {"svd": "tab:green", "svd-llm": "tab:orange", "asvd": "tab:purple", "obd-uniform": "tab:blue",
+                 "obd": "tab:red", "zs-svd": "tab:brown", "bsi": "tab:pink"}
+
 def _plt():
     import matplotlib
     matplotlib.use("Agg")
@@ -97,7 +102,8 @@ def plot_quality(path: Path) -> list[Path]:
                 if method == "dense":
                     ax.axhline(pts[0][1], color="k", ls="--", lw=1, label=f"dense ({pts[0][1]:.2f})")
                     continue
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method,
+                        color=METHOD_COLORS.get(method))
             ax.set_yscale("log")
             ax.set_xlabel("keep (fraction of targeted Linear parameters)")
             ax.set_ylabel("perplexity")
