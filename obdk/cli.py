@@ -22,17 +22,6 @@ def _add_data_dir(p: argparse.ArgumentParser) -> None:
                    help="local data directory laid out like shared/data (default: $OBDK_DATA_DIR, else the HF hub)")
 
 
-def _dtype(name):
-    import torch
-    if name is None:
-        return None
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
-        raise SystemExit(f"obdk: --dtype {name!r} is not one of {', '.join(table)}")
-    return table[name]
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="obdk", description="Low-rank LLM compression (Optimal Brain Decomposition)")
     ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -102,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load(spec: str, dtype, device):
     from .hub import load_model
-    return load_model(spec, dtype=_dtype(dtype), device=device)
+    return load_model(spec, dtype=dtype, device=device)  # dtype names are parsed (and checked) there
 
 
 def cmd_compress(args) -> int:
@@ -140,9 +129,10 @@ def cmd_compress(args) -> int:
         m = copy.deepcopy(base) if base is not None else model
         report = plan.apply(m, keep=keep, model_params_before=before)
         out = Path(args.out if len(args.keep) == 1 else f"{args.out}-keep{keep:g}")
-        t_save = time.perf_counter()
-        obdk.save_pretrained(m, out, tokenizer=tok, report=report)
-        report.stages["save"] = {"seconds": time.perf_counter() - t_save, "peak_rss_mib": None, "peak_cuda_mib": None}
+        save_timer = StageTimer()
+        with save_timer("save"):
+            obdk.save_pretrained(m, out, tokenizer=tok, report=report)
+        report.stages.update(save_timer.to_dict())
         marginal = time.perf_counter() - t0
         row = {"out": str(out), "keep": keep, "keep_actual": report.keep_actual,
                "targeted_params_before": report.targeted_params_before,

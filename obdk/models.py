@@ -87,11 +87,12 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-def linear_groups(model: nn.Module) -> list[LinearGroup]:
+def linear_groups(model: nn.Module, types: tuple[type, ...] = (nn.Linear,)) -> list[LinearGroup]:
     """All targeted Linears of ``model``, grouped by shared input, in forward order.
 
     Known architectures use :data:`ARCHITECTURES`; modules of a layer that the map
-    does not name (or an unknown architecture) become singleton groups.
+    does not name (or an unknown architecture) become singleton groups. ``types``:
+    the module classes that count as members (add ``LowRankLinear`` for a compressed model).
     """
     path, layers = decoder_layers(model)
     mtype = getattr(getattr(model, "config", None), "model_type", None)
@@ -100,7 +101,7 @@ def linear_groups(model: nn.Module) -> list[LinearGroup]:
         log.info("architecture %r is not in obdk's map: targeting every nn.Linear in %s, no shared inputs", mtype, path)
     groups: list[LinearGroup] = []
     for i, layer in enumerate(layers):
-        linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        linears = {n: m for n, m in layer.named_modules() if isinstance(m, types)}
         seen: set[str] = set()
         for grp in known:
             present = tuple(n for n in grp if n in linears)

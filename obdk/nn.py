@@ -28,6 +28,7 @@ from torch import Tensor
 
 from . import ops
 from .backends import select
+from .models import set_module
 
 log = logging.getLogger(__name__)
 
@@ -286,20 +287,11 @@ class PackedSlice(nn.Module):
 def shared_input_groups(model: nn.Module) -> list:
     """The shared-input groups (``LinearGroup``) of ``model`` counting ``LowRankLinear`` members.
 
-    Same map as :func:`obdk.models.linear_groups` (which sees only ``nn.Linear``, i.e.
-    the model before compression); unknown architectures have no shared groups.
+    :func:`obdk.models.linear_groups` over ``nn.Linear`` and ``LowRankLinear`` (the map that
+    calibration uses sees only ``nn.Linear``, i.e. the model before compression).
     """
-    from .models import ARCHITECTURES, LinearGroup, decoder_layers
-    path, layers = decoder_layers(model)
-    mtype = getattr(getattr(model, "config", None), "model_type", None)
-    groups = []
-    for i, layer in enumerate(layers):
-        present_mods = {n for n, m in layer.named_modules() if isinstance(m, (nn.Linear, LowRankLinear))}
-        for grp in ARCHITECTURES.get(mtype, (None, ()))[1]:
-            present = tuple(n for n in grp if n in present_mods)
-            if present:
-                groups.append(LinearGroup(i, tuple(f"{path}.{i}.{n}" for n in present)))
-    return groups
+    from .models import linear_groups
+    return linear_groups(model, types=(nn.Linear, LowRankLinear))
 
 
 def pack_shared_inputs(model: nn.Module, groups: Optional[Iterable] = None) -> list[PackedLowRankLinear]:
@@ -327,9 +319,7 @@ def pack_shared_inputs(model: nn.Module, groups: Optional[Iterable] = None) -> l
         packed = PackedLowRankLinear.from_modules(members)
         packed.train(members[0].training)
         for i, name in enumerate(names):
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attr, PackedSlice(packed, i, owner=i == 0))
+            set_module(model, name, PackedSlice(packed, i, owner=i == 0))
         created.append(packed)
     log.info("packed %d shared-input groups of low-rank Linears", len(created))
     return created
@@ -349,9 +339,7 @@ def unpack_shared_inputs(model: nn.Module) -> int:
     """
     slots = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, PackedSlice)]
     for name, sl in slots:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         new = sl.shared.member(sl.index)
         new.train(sl.training)
-        setattr(parent, attr, new)
+        set_module(model, name, new)
     return len(slots)
