@@ -13,6 +13,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
   m.def("gram_acc_cpu", &obdk::gram_acc_cpu, "acc += alpha * x^T x (CPU, BLAS)",
         py::arg("acc"), py::arg("x"), py::arg("alpha") = 1.0);
+  m.def("gram_cpu_blas", &obdk::gram_cpu_blas,
+        "BLAS routine of gram_acc_cpu: 'mkl-syrk' (one triangle, mirrored) or 'gemm'");
   m.def("lowrank_linear_cpu", &obdk::lowrank_linear_cpu, "y = (x a^T) b^T + bias (CPU)",
         py::arg("x"), py::arg("a"), py::arg("b"), py::arg("bias") = py::none());
 #ifdef OBDK_WITH_CUDA

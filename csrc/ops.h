@@ -8,6 +8,8 @@ namespace obdk {
 
 // acc[n, n] (fp32 or fp64, contiguous) += alpha * x^T x, with x[T, n] of any float dtype.
 void gram_acc_cpu(at::Tensor acc, const at::Tensor& x, double alpha);
+// Which BLAS routine gram_acc_cpu uses: "mkl-syrk" (one triangle, mirrored) or "gemm".
+std::string gram_cpu_blas();
 
 // y[M, m] = (x[M, n] a[r, n]^T) b[m, r]^T + bias[m]
 at::Tensor lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,

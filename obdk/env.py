@@ -31,7 +31,8 @@ def report() -> dict[str, Any]:
         "triton": _version("triton"),
         "transformers": _version("transformers"),
         "gpu": torch.cuda.get_device_name(0) if cuda else None,
-        "extension": {"loaded": _ext.loaded(), "devices": _ext.devices(), "error": _ext.load_error},
+        "extension": {"loaded": _ext.loaded(), "devices": _ext.devices(), "error": _ext.load_error,
+                      "cpu_gram_blas": _ext._C.gram_cpu_blas() if _ext.has("gram_cpu_blas") else None},
         "backend_override": backends.forced_backend() if _safe_forced() else "invalid",
         "ops": backends.report(),
     }
@@ -57,6 +58,7 @@ def format_report(rep: dict[str, Any]) -> str:
         f"transformers  {rep['transformers']}",
         f"gpu           {rep['gpu'] or 'none'}",
         f"obdk._C       {'loaded, devices: ' + ', '.join(ext['devices']) if ext['loaded'] else 'NOT loaded: ' + str(ext['error'])}",
+        f"CPU Gram BLAS {ext.get('cpu_gram_blas') or 'n/a'} (OBDK_CPU_SYRK=0 forces gemm)",
         f"OBDK_BACKEND  {rep['backend_override'] or 'auto'}",
         "op backends:",
     ]
