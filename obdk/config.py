@@ -43,7 +43,8 @@ class LowRankConfig:
     * ``compute_dtype``: ``float64`` or ``float32`` for the decompositions.
     * ``solver``: ``eig`` (exact eigen form) or ``cholesky``.
     * ``fisher``: ``empirical`` or ``true`` (labels sampled from the model).
-    * ``correct``: None or ``zs`` (ZS-SVD one-step projected-gradient correction).
+    * ``correct``: None, ``zs`` (ZS-SVD one-step projected-gradient correction) or ``seq``
+      (sequential refit of each target on the compressed model's inputs, :mod:`obdk.refit`).
     * ``probes`` / ``eps``: BSI Hutchinson probes and perturbation size.
     * ``asvd_alpha``: ASVD activation-scaling exponent.
     """
@@ -116,8 +117,11 @@ class LowRankConfig:
             raise ValueError(f"LowRankConfig.solver={self.solver!r}: eig or cholesky")
         if self.fisher not in ("empirical", "true"):
             raise ValueError(f"LowRankConfig.fisher={self.fisher!r}: empirical or true")
-        if self.correct not in (None, "zs"):
-            raise ValueError(f"LowRankConfig.correct={self.correct!r}: None or 'zs'")
+        if self.correct not in (None, "zs", "seq"):
+            raise ValueError(f"LowRankConfig.correct={self.correct!r}: None, 'zs' or 'seq'")
+        if self.correct == "seq" and self.resolved_whitening not in ("svd-llm", "obd"):
+            raise ValueError(f"LowRankConfig.correct='seq' refits under input whitening: use whitening "
+                             f"svd-llm or obd, not {self.resolved_whitening!r}")
         if int(self.probes) < 1 or not self.eps > 0:
             raise ValueError(f"LowRankConfig.probes/eps={self.probes}/{self.eps}: need probes ≥ 1 and eps > 0")
         if self.version > FORMAT_VERSION:

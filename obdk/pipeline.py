@@ -297,6 +297,11 @@ class Plan:
         if self.config.correct == "zs" and factors:
             with timer("correction"):
                 factors = self._zs_correct(model, factors)
+        if self.config.correct == "seq" and factors:
+            from .refit import sequential_refit
+            with timer("correction"):
+                factors = sequential_refit(model, self, {n: factors[n][0].shape[0] for n in factors},
+                                           self.extra["data"], progress=self.extra.get("progress", False))
         mods: list[ModuleReport] = []
         with timer("packing"):
             for t in self.targets:
@@ -309,12 +314,14 @@ class Plan:
                                              dict(spec.damping), time.perf_counter() - t0))
                     continue
                 a, b, pred = factors[t.name]
+                damping = dict(spec.damping)
+                damping.update({f"refit_{k}": v for k, v in self.extra.get("refit_damping", {}).get(t.name, {}).items()})
                 bias = lin.bias.detach() if lin.bias is not None else None
                 new = LowRankLinear.from_factors(a.to(lin.weight.dtype), b.to(lin.weight.dtype), bias)
                 new.to(lin.weight.device)
                 set_module(model, t.name, new)
                 mods.append(ModuleReport(t.name, t.m, t.n, int(rank), int(rank) * (t.m + t.n), t.m * t.n,
-                                         pred, dict(spec.damping), time.perf_counter() - t0))
+                                         pred, damping, time.perf_counter() - t0))
         stages = dict(self.timer.to_dict())
         stages.update(timer.to_dict())
         cfg = self.config.to_dict()
@@ -366,7 +373,7 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
     need = config.needed_stats
     fingerprint = None
     data = None
-    if (need and stats is None) or config.resolved_alloc == "bsi" or config.correct == "zs":
+    if (need and stats is None) or config.resolved_alloc == "bsi" or config.correct in ("zs", "seq"):
         data = _calibration_windows(calibration, tokenizer, nsamples, seqlen, seed, data_dir)
     if need and stats is None:
         with timer("calibration"):
@@ -392,6 +399,7 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
     plan = Plan(config, targets, spectra, stats, fingerprint, timer)
     if data is not None:
         plan.extra["data"] = data
+    plan.extra["progress"] = progress
     if config.resolved_alloc in ("zero-sum", "bsi"):
         _prepare_gradient_scores(plan, model, data, progress)
     return plan

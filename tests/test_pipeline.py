@@ -45,6 +45,7 @@ def test_compress_save_load_identical_and_generate(make, tmp_path):
 @pytest.mark.parametrize("method,extra", [
     ("svd", {}), ("svd-llm", {}), ("asvd", {}), ("obd", {}), ("obd", {"alloc": "uniform"}),
     ("zs-svd", {}), ("bsi", {"probes": 2}), ("obd", {"correct": "zs"}), ("svd-llm", {"alloc": "zero-sum"}),
+    ("obd", {"correct": "seq"}), ("svd-llm", {"correct": "seq"}),
 ])
 def test_every_method_honours_budget(method, extra):
     m = make_tiny_llama()
