@@ -11,8 +11,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   });
-  m.def("gram_acc_cpu", &obdk::gram_acc_cpu, "acc += alpha * x^T x (CPU, BLAS)",
-        py::arg("acc"), py::arg("x"), py::arg("alpha") = 1.0);
+  m.def("gram_acc_cpu", &obdk::gram_acc_cpu,
+        "acc += alpha * x^T x (CPU, BLAS); mirror=False leaves the upper triangle to symmetrize_lower_cpu",
+        py::arg("acc"), py::arg("x"), py::arg("alpha") = 1.0, py::arg("mirror") = true);
+  m.def("symmetrize_lower_cpu", &obdk::symmetrize_lower_cpu, "copy acc's lower triangle onto its upper one",
+        py::arg("acc"));
   m.def("gram_cpu_blas", &obdk::gram_cpu_blas,
         "BLAS routine of gram_acc_cpu: 'mkl-syrk' (one triangle, mirrored) or 'gemm'");
   m.def("lowrank_linear_cpu", &obdk::lowrank_linear_cpu, "y = (x a^T) b^T + bias (CPU)",

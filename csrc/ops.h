@@ -7,7 +7,10 @@
 namespace obdk {
 
 // acc[n, n] (fp32 or fp64, contiguous) += alpha * x^T x, with x[T, n] of any float dtype.
-void gram_acc_cpu(at::Tensor acc, const at::Tensor& x, double alpha);
+// mirror=false: only the lower triangle is guaranteed updated; call symmetrize_lower_cpu later.
+void gram_acc_cpu(at::Tensor acc, const at::Tensor& x, double alpha, bool mirror = true);
+// acc[n, n] (fp32/fp64, contiguous): copy the lower triangle onto the upper one.
+void symmetrize_lower_cpu(at::Tensor acc);
 // Which BLAS routine gram_acc_cpu uses: "mkl-syrk" (one triangle, mirrored) or "gemm".
 std::string gram_cpu_blas();
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .. import _ext
 from .. import ops  # noqa: F401  (declares torch.ops.obdk.gram_acc_)
 
 __all__ = ["CalibrationContext", "GroupState", "ModuleSlot", "CalibrationLinear", "SharedInputMismatch", "gram_acc"]
@@ -59,10 +60,31 @@ def _exact_16bit_math(t: Tensor, acc: Tensor) -> Iterator[None]:
         mm.fp32_precision = old
 
 
-def gram_acc(acc: Tensor, t: Tensor) -> None:
-    """``acc += tᵀt`` via ``torch.ops.obdk.gram_acc_`` (``acc`` [n, n] fp32/fp64, ``t`` [K, n])."""
+def gram_acc(acc: Tensor, t: Tensor, ctx: Optional["CalibrationContext"] = None) -> None:
+    """``acc += tᵀt`` via ``torch.ops.obdk.gram_acc_`` (``acc`` [n, n] fp32/fp64, ``t`` [K, n]).
+
+    With a ``ctx`` that defers symmetrisation (:meth:`CalibrationContext.defer_symmetry`) and the
+    C++ CPU backend, only the lower triangle is updated now and ``ctx.symmetrize()`` mirrors it
+    later, once for the whole pass instead of once per call.
+    """
+    if ctx is not None and ctx._deferred is not None and acc.device.type == "cpu" and _cpu_lower_only():
+        with _exact_16bit_math(t, acc):
+            _ext._C.gram_acc_cpu(acc, t, 1.0, False)
+        ctx._deferred[id(acc)] = acc
+        return
     with _exact_16bit_math(t, acc):
         torch.ops.obdk.gram_acc_(acc, t, 1.0)
+
+
+def _cpu_lower_only() -> bool:
+    """True when CPU Grams run in obdk._C (not forced elsewhere) and it can defer the mirror."""
+    from ..backends import select
+    if not _ext.has("symmetrize_lower_cpu"):
+        return False
+    try:
+        return select("gram_acc_", torch.device("cpu"), torch.float32).backend == "cpp"
+    except Exception:  # noqa: BLE001 - no CPU backend at all: the op call reports it
+        return False
 
 
 class SharedInputMismatch(RuntimeError):
@@ -80,6 +102,25 @@ class CalibrationContext:
         self._rows: Optional[Tensor] = None
         self._rows_on: dict[torch.device, Tensor] = {}
         self.batch_tokens = 0  # B*T of the current batch (checked against each input)
+        self._deferred: Optional[dict[int, Tensor]] = None  # accumulators awaiting their mirror
+
+    @contextlib.contextmanager
+    def defer_symmetry(self) -> Iterator[None]:
+        """Within this block CPU Grams update lower triangles only; :meth:`symmetrize` (also run on
+        exit, even on error) makes every touched accumulator exactly symmetric again."""
+        self._deferred = {}
+        try:
+            yield
+        finally:
+            self.symmetrize()
+            self._deferred = None
+
+    def symmetrize(self) -> None:
+        """Mirror the lower triangle of every accumulator updated lower-only since the last call."""
+        if self._deferred:
+            for acc in self._deferred.values():
+                _ext._C.symmetrize_lower_cpu(acc)
+            self._deferred.clear()
 
     def set_batch(self, attention_mask: Optional[Tensor], batch_tokens: int) -> None:
         """Declare the next batch: ``attention_mask`` [B, T] (0 = padding) or None."""
@@ -139,7 +180,7 @@ class GroupState:
         self._leader, self._sig = name, self._signature(x)
         self._pending = set(self.names) - {name}
         if self.cx is not None:
-            gram_acc(self.cx, self.ctx.select(x))
+            gram_acc(self.cx, self.ctx.select(x), self.ctx)
 
     def check_complete(self) -> None:
         """Raise if a member of the group was not called on the last shared input."""
@@ -184,10 +225,11 @@ class CalibrationLinear(torch.autograd.Function):
         saved = ctx.saved_tensors
         weight = saved[0]
         if slot.cg is not None or slot.grad is not None:
-            sel = slot.group.ctx.select
+            cctx = slot.group.ctx
+            sel = cctx.select
             g2 = sel(gy)
             if slot.cg is not None:
-                gram_acc(slot.cg, g2)
+                gram_acc(slot.cg, g2, cctx)
             if slot.grad is not None:
                 x2 = sel(saved[1])
                 dt = slot.grad.dtype

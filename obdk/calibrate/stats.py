@@ -489,7 +489,7 @@ def calibrate(model: nn.Module, data: Any, *, stats: Sequence[str] = ("cx", "cg"
     from tqdm.auto import tqdm
     patch = _Patch(model, slots, linears, anchor)
     try:
-        with tqdm(total=len(mine), initial=done, desc=f"obdk calibrate [{'+'.join(want)}]", unit="window",
+        with ctx.defer_symmetry(), tqdm(total=len(mine), initial=done, desc=f"obdk calibrate [{'+'.join(want)}]", unit="window",
                   disable=not progress, leave=False) as bar:
             last_ckpt = done
             while done < len(mine):
@@ -503,6 +503,7 @@ def calibrate(model: nn.Module, data: Any, *, stats: Sequence[str] = ("cx", "cg"
                 done += len(idx)
                 bar.update(len(idx))
                 if checkpoint_every is not None and done - last_ckpt >= int(checkpoint_every) and done < len(mine):
+                    ctx.symmetrize()
                     cache.save_partial(key, accs, {"done": done, "tokens": tokens, "loss_tokens": loss_tokens,
                                                    "windows": len(mine)}, rank, world)
                     last_ckpt = done

@@ -97,3 +97,29 @@ def test_gemm_and_syrk_paths_agree():
 def test_mkl_torch_uses_syrk():
     """On the MKL CPU builds of torch (pip wheels for x86-64), the half-FLOP SYRK path is the one in use."""
     assert _run(None)["blas"] == "mkl-syrk"
+
+
+def test_deferred_mirror_equals_per_call_mirror():
+    """mirror=False over many calls + one symmetrize_lower_cpu == mirroring after every call."""
+    n = 130
+    a, b = torch.zeros(n, n), torch.zeros(n, n)
+    for i in range(6):
+        x = _x(50 + i, n, torch.float32, seed=i)
+        _ext._C.gram_acc_cpu(a, x, 1.0)
+        _ext._C.gram_acc_cpu(b, x, 1.0, False)
+    _ext._C.symmetrize_lower_cpu(b)
+    assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="symmetrize_lower_cpu"):
+        _ext._C.symmetrize_lower_cpu(torch.zeros(3, 4))
+
+
+def test_calibration_statistics_exactly_symmetric():
+    """obdk.calibrate defers the CPU mirror to the end of the pass; every statistic leaves symmetric."""
+    import obdk
+    from tests.conftest import make_tiny_llama
+    m = make_tiny_llama(hidden=96, inter=200)
+    ids = torch.randint(0, 128, (3, 40), generator=torch.Generator().manual_seed(0))
+    st = obdk.calibrate(m, ids, stats=("cx", "cg"), progress=False)
+    for d in (st.cx, st.cg):
+        for k, v in d.items():
+            assert torch.equal(v, v.T), k
