@@ -2,7 +2,7 @@
 
 One calibration (C_x, C_g and the summed weight gradient, 32 × 512 tokens of WikiText-2
 validation, cached on disk) and one OBD decomposition of SmolLM2-135M; then, for each
-candidate (allocation × floor × rank multiple) and keep, ``Plan.apply`` on a fresh copy
+candidate (allocation × floor × rank multiple × correction) and keep, ``Plan.apply`` on a fresh copy
 and WikiText-2 test perplexity on the first ``--windows`` windows of 512. Rows are
 appended to the CSV as they are measured (``--resume`` skips those already there).
 
@@ -27,7 +27,10 @@ import torch  # noqa: E402
 from _common import env_fields, write_csv  # noqa: E402
 
 CANDIDATES = {
-    # name: (alloc, floor, rank_multiple)
+    # name: (alloc, floor, rank_multiple[, correct])
+    "global-f0.2-m8-seq": ("global", 0.2, 8, "seq"),
+    "global-f0.2-m8-zs": ("global", 0.2, 8, "zs"),
+    "uniform-m8-seq": ("uniform", 0.5, 8, "seq"),
     "global-f0.5-m8": ("global", 0.5, 8),
     "global-f0.5-m1": ("global", 0.5, 1),
     "global-f0.3-m8": ("global", 0.3, 8),
@@ -74,12 +77,14 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     base_cfg = obdk.LowRankConfig(method="obd")
     plan = prepare(model, base_cfg, data, stats=stats, progress=True)
+    plan.extra["data"] = data  # the calibration windows, for the corrections (zs, seq)
     decomp_s = time.perf_counter() - t0
     print(f"calibration {calib_s:.0f}s (cache: {args.cache_dir}), decomposition {decomp_s:.0f}s", flush=True)
     env = env_fields("cpu")
     for name in args.candidates:
-        alloc, floor, mult = CANDIDATES[name]
-        plan.config = dataclasses.replace(base_cfg, alloc=alloc, floor=floor, rank_multiple=mult)
+        alloc, floor, mult, *rest = CANDIDATES[name]
+        correct = rest[0] if rest else None
+        plan.config = dataclasses.replace(base_cfg, alloc=alloc, floor=floor, rank_multiple=mult, correct=correct)
         if alloc == "zero-sum" and "deltas" not in plan.extra:
             _prepare_gradient_scores(plan, model, data, progress=False)
         for keep in args.keeps:
@@ -93,7 +98,7 @@ def main(argv=None) -> int:
                 ev = perplexity(m, tok, "wikitext2", seqlen=args.seqlen, windows=args.windows,
                                 data_dir=args.data_dir, progress=False)
             row = {"model": args.model, "whitening": "obd", "candidate": name, "alloc": alloc, "floor": floor,
-                   "rank_multiple": mult, "keep": keep, "keep_actual": round(rep.keep_actual, 5),
+                   "rank_multiple": mult, "correct": correct or "", "keep": keep, "keep_actual": round(rep.keep_actual, 5),
                    "ppl": round(ev["ppl"], 4), "nll": round(ev["nll"], 5), "windows": ev["windows"],
                    "seqlen": args.seqlen, "predicted_loss": round(rep.predicted_loss, 5),
                    "dense_modules": sum(x.rank is None for x in rep.modules), "calib_s": round(calib_s, 1),
