@@ -358,14 +358,18 @@ def _calibration_windows(calibration, tokenizer, nsamples, seqlen, seed, data_di
 
 def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibration: Any = None, *,
             tokenizer=None, nsamples: int = 32, seqlen: int = 512, seed: int = 0, data_dir=None,
-            stats=None, device=None, progress: bool = True, timer: Optional[StageTimer] = None) -> Plan:
+            stats=None, device=None, progress: bool = True, timer: Optional[StageTimer] = None,
+            batch: Optional[int] = None) -> Plan:
     """Calibrate ``model`` once and decompose every target fully (see :class:`Plan`).
 
     ``calibration``: a ``CalibrationData``, a dataset name (``wikitext2:validation``),
     a file path, a ``list[str]`` or a LongTensor [N, T] of token ids. ``stats`` may
     pass precomputed :class:`obdk.calibrate.stats.Statistics`. ``device`` runs the
-    decompositions elsewhere (e.g. ``"cuda"``).
+    decompositions elsewhere (e.g. ``"cuda"``). ``batch``: how many same-shaped targets share one
+    batched decomposition call (:func:`obdk.decompose.spectra`; default 8 on CUDA, where it fills
+    the GPU, and 1 on CPU, where LAPACK runs a batch as a loop anyway); results are identical.
     """
+    from .decompose import spectra as decompose_spectra
     from .decompose import spectrum as decompose_spectrum
     config = config or LowRankConfig()
     timer = timer or StageTimer()
@@ -386,16 +390,30 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
     spectra: dict[str, Any] = {}
     with timer("factorisation"):
         from tqdm.auto import tqdm
-        for t in tqdm(targets, desc="decompose", disable=not progress):
-            w = model.get_submodule(t.name).weight.detach()
-            cx = stats.cx_for(t.name) if "cx" in need else None
-            cg = stats.cg[t.name] if "cg" in need else None
+        bar = tqdm(total=len(targets), desc="decompose", disable=not progress)
+        where = torch.device(device) if device is not None else model.get_submodule(targets[0].name).weight.device
+        on_gpu = where.type == "cuda"
+        size = int(batch) if batch is not None else (8 if on_gpu else 1)
+        if size < 1:
+            raise ValueError(f"prepare: batch={batch} must be ≥ 1")
+        for chunk in _decomposition_batches(targets, size if whitening != "asvd" else 1):
+            ws = [model.get_submodule(t.name).weight.detach() for t in chunk]
+            cxs = [stats.cx_for(t.name) for t in chunk] if "cx" in need and whitening != "svd" else None
+            cgs = [stats.cg[t.name] for t in chunk] if whitening == "obd" else None
             if whitening == "asvd":
-                spectra[t.name] = _asvd_spectrum(w, cx, config, cdtype, device)
-                continue
-            spectra[t.name] = decompose_spectrum(
-                w, method=whitening, cx=cx if whitening != "svd" else None, cg=cg if whitening == "obd" else None,
-                solver=config.solver, compute_dtype=cdtype, damping=config.damping, device=device)
+                spectra[chunk[0].name] = _asvd_spectrum(ws[0], cxs[0] if cxs else None, config, cdtype, device)
+            elif len(chunk) == 1:
+                spectra[chunk[0].name] = decompose_spectrum(
+                    ws[0], method=whitening, cx=cxs[0] if cxs else None, cg=cgs[0] if cgs else None,
+                    solver=config.solver, compute_dtype=cdtype, damping=config.damping, device=device)
+            else:
+                # same-shaped targets (e.g. every layer's q_proj): one batched call per linear-algebra step
+                out = decompose_spectra(ws, method=whitening, cxs=cxs, cgs=cgs, solver=config.solver,
+                                        compute_dtype=cdtype, damping=config.damping, device=device)
+                for t, sp in zip(chunk, out):
+                    spectra[t.name] = sp
+            bar.update(len(chunk))
+        bar.close()
     plan = Plan(config, targets, spectra, stats, fingerprint, timer)
     if data is not None:
         plan.extra["data"] = data
@@ -403,6 +421,14 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
     if config.resolved_alloc in ("zero-sum", "bsi"):
         _prepare_gradient_scores(plan, model, data, progress)
     return plan
+
+
+def _decomposition_batches(targets: list[Target], size: int) -> list[list[Target]]:
+    """Targets grouped by shape (m, n), in first-seen order, cut into chunks of ≤ ``size``."""
+    by_shape: dict[tuple[int, int], list[Target]] = {}
+    for t in targets:
+        by_shape.setdefault((t.m, t.n), []).append(t)
+    return [grp[i:i + size] for grp in by_shape.values() for i in range(0, len(grp), size)]
 
 
 def _asvd_spectrum(w, cx, config, cdtype, device):

@@ -147,3 +147,19 @@ def test_unknown_architecture_falls_back_to_all_decoder_linears():
     m.config.model_type = "my-new-arch"
     rep = obdk.compress(m, LowRankConfig(method="svd", keep=0.5, rank_multiple=4), progress=False)
     assert len(rep.modules) == 2 * 7
+
+
+@pytest.mark.parametrize("method", ["obd", "svd-llm", "svd"])
+def test_batched_decomposition_equals_per_matrix(method):
+    """prepare(batch=k) decomposes same-shaped targets in batched calls; the spectra are the same."""
+    m = make_tiny_llama(layers=3)
+    one = prepare(m, LowRankConfig(method=method), IDS, progress=False, batch=1)
+    many = prepare(m, LowRankConfig(method=method), IDS, stats=one.stats, progress=False, batch=4)
+    assert set(one.spectra) == set(many.spectra)
+    for name, s1 in one.spectra.items():
+        s2 = many.spectra[name]
+        torch.testing.assert_close(s2.eigenvalues, s1.eigenvalues, rtol=1e-9, atol=1e-12)
+        f1, f2 = s1.truncate(8, keep_dense_at_break_even=False), s2.truncate(8, keep_dense_at_break_even=False)
+        torch.testing.assert_close(f2.b @ f2.a, f1.b @ f1.a, rtol=1e-6, atol=1e-8)
+    with pytest.raises(ValueError, match="batch"):
+        prepare(m, LowRankConfig(method=method), IDS, stats=one.stats, progress=False, batch=0)
