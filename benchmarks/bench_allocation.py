@@ -65,7 +65,7 @@ GRIDS = {
              "whitenings": list(WHITENINGS), "allocs": list(ALLOCS), "correct": ["all"]},
 }
 KEY_COLS = ("model", "calib", "eval", "whitening", "alloc", "correct", "keep", "windows_req", "seqlen",
-            "nsamples", "seed", "bsi_windows", "bsi_probes")
+            "nsamples", "seed", "bsi_windows", "bsi_probes", "bsi_order")
 STATS = ("cx", "cg", "grad")
 
 
@@ -106,7 +106,8 @@ def run(args) -> list[dict]:
         return {"model": mname, "calib": calib, "eval": ev, "whitening": w, "alloc": a, "correct": c, "keep": keep,
                 "windows_req": wreq, "seqlen": args.seqlen, "nsamples": args.nsamples if w != "dense" else "",
                 "seed": args.seed, "bsi_windows": args.bsi_windows if bsi else "",
-                "bsi_probes": args.bsi_probes if bsi else ""}
+                "bsi_probes": args.bsi_probes if bsi else "",
+                "bsi_order": args.bsi_order if bsi and args.bsi_order != "importance" else ""}
 
     def todo(calib, w, a, c, keep) -> bool:
         return any(not out.has(**base(calib, ev, w, a, c, keep)) for ev in args.eval)
@@ -127,12 +128,13 @@ def run(args) -> list[dict]:
                 continue
             ppl = evals.perplexity(m, ev, args.seqlen, args.windows, progress=args.progress)
             row = {"model": mname, "calib": b["calib"], "calib_source": extra.get("calib_source", ""), "eval": ev,
-                   "method": label(b["whitening"], b["alloc"], b["correct"]), "whitening": b["whitening"],
+                   "method": label(b["whitening"], b["alloc"], b["correct"])
+                   + (f" ({b['bsi_order']})" if b["bsi_order"] else ""), "whitening": b["whitening"],
                    "alloc": b["alloc"], "correct": b["correct"], "keep": b["keep"],
                    "keep_actual": extra.get("keep_actual", 1.0), "ppl": ppl["ppl"], "nll": ppl["nll"],
                    "windows": ppl["windows"], "windows_req": wreq, "seqlen": args.seqlen, "tokens": ppl["tokens"],
                    "nsamples": b["nsamples"], "seed": args.seed, "bsi_windows": b["bsi_windows"],
-                   "bsi_probes": b["bsi_probes"], "predicted_loss": extra.get("predicted_loss", ""),
+                   "bsi_probes": b["bsi_probes"], "bsi_order": b["bsi_order"], "predicted_loss": extra.get("predicted_loss", ""),
                    "calib_s": extra.get("calib_s", 0.0), "calib_stats": extra.get("calib_stats", ""),
                    "decompose_s": extra.get("decompose_s", 0.0), "scores_s": extra.get("scores_s", 0.0),
                    "apply_s": extra.get("apply_s", 0.0), "correct_s": extra.get("correct_s", 0.0)}
@@ -171,7 +173,7 @@ def run(args) -> list[dict]:
             mine = [(a, c) for (ww, a, c) in grid if ww == w and any(todo(calib, w, a, c, k) for k in keeps)]
             if not mine:
                 continue
-            cfg = LowRankConfig(method=w, alloc="uniform", probes=args.bsi_probes)
+            cfg = LowRankConfig(method=w, alloc="uniform", probes=args.bsi_probes, bsi_order=args.bsi_order)
             plan = prepare(model, cfg, data, stats=stats, seed=args.seed, progress=args.progress)
             plan.extra["data"] = data
             decompose_s = sum(v.seconds for k, v in plan.timer.stages.items() if k != "calibration")
@@ -273,6 +275,8 @@ def parse_args(argv=None):
     ap.add_argument("--seqlen", type=int, default=512, help="tokens per calibration and evaluation window")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bsi-probes", type=int, default=2, help="Hutchinson probes (cost 1 + 2·probes passes)")
+    ap.add_argument("--bsi-order", default="importance", choices=["importance", "spectral"],
+                    help="bsi allocation: BSI's any-order selection, or ranks only (spectral)")
     ap.add_argument("--bsi-windows", type=int, default=8, help="first K calibration windows for the BSI scores")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense reference rows")
     ap.add_argument("--no-holdout", dest="holdout", action="store_false",

@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--correct", default=None, choices=["zs", "seq"])
     c.add_argument("--probes", type=int, default=4)
     c.add_argument("--eps", type=float, default=1e-3)
+    c.add_argument("--bsi-order", default="importance", choices=["importance", "spectral"],
+                   help="bsi allocation: keep the most important bases (BSI) or only choose ranks (spectral)")
     c.add_argument("--targets", nargs="*", default=None, help="fnmatch patterns of module names to compress")
     c.add_argument("--ignore", nargs="*", default=[], help="fnmatch patterns of module names to keep dense")
     c.add_argument("--compute-dtype", default="float64", choices=["float64", "float32"])
@@ -105,7 +107,7 @@ def cmd_compress(args) -> int:
                         targets=args.targets, ignore=args.ignore, rank_multiple=args.rank_multiple,
                         damping=args.damping, floor=args.floor, compute_dtype=args.compute_dtype,
                         solver=args.solver, fisher=args.fisher, correct=args.correct, probes=args.probes,
-                        eps=args.eps)
+                        eps=args.eps, bsi_order=args.bsi_order)
     for k in args.keep:
         LowRankConfig(method=args.method, keep=k)  # validates every --keep
     timer = StageTimer()

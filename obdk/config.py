@@ -46,6 +46,9 @@ class LowRankConfig:
     * ``correct``: None, ``zs`` (ZS-SVD one-step projected-gradient correction) or ``seq``
       (sequential refit of each target on the compressed model's inputs, :mod:`obdk.refit`).
     * ``probes`` / ``eps``: BSI Hutchinson probes and perturbation size.
+    * ``bsi_order``: ``importance`` (BSI's rule: keep each matrix's most important bases, in any
+      order) or ``spectral`` (BSI importances decide only the ranks; each matrix keeps its top
+      components).
     * ``asvd_alpha``: ASVD activation-scaling exponent.
     """
 
@@ -64,6 +67,7 @@ class LowRankConfig:
     correct: Optional[str] = None
     probes: int = 4
     eps: float = 1e-3
+    bsi_order: str = "importance"
     asvd_alpha: float = 0.5
     version: int = FORMAT_VERSION
 
@@ -122,6 +126,8 @@ class LowRankConfig:
         if self.correct == "seq" and self.resolved_whitening not in ("svd-llm", "obd"):
             raise ValueError(f"LowRankConfig.correct='seq' refits under input whitening: use whitening "
                              f"svd-llm or obd, not {self.resolved_whitening!r}")
+        if self.bsi_order not in ("importance", "spectral"):
+            raise ValueError(f"LowRankConfig.bsi_order={self.bsi_order!r}: importance or spectral")
         if int(self.probes) < 1 or not self.eps > 0:
             raise ValueError(f"LowRankConfig.probes/eps={self.probes}/{self.eps}: need probes ≥ 1 and eps > 0")
         if self.version > FORMAT_VERSION:

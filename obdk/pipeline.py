@@ -215,7 +215,7 @@ class Plan:
         if alloc == "zero-sum":
             return A.allocate_zero_sum(specs, keep)
         if alloc == "bsi":
-            return A.allocate_bsi(specs, keep, multiple=mult, floor=self.config.floor)
+            return A.allocate_bsi(specs, keep, multiple=mult, floor=self.config.floor, order=self.config.bsi_order)
         raise ValueError(f"unknown allocation {alloc!r}")
 
     def factors(self, name: str, rank: int, kept_indices=None):

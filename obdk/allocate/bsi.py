@@ -99,7 +99,7 @@ class BSIScores:
 
 
 def allocate_bsi(specs: Sequence[MatrixSpec], keep: float, multiple: int = 1, *, floor: float = 0.0,
-                 method: str = "auto", dp_limit: int = DP_LIMIT) -> Allocation:
+                 method: str = "auto", dp_limit: int = DP_LIMIT, order: str = "importance") -> Allocation:
     """Keep the most important bases of each matrix under the budget ``keep·Σ mn``.
 
     ``specs[*].importance`` [≤ min(m, n)] (index = spectral component; missing entries
@@ -113,9 +113,18 @@ def allocate_bsi(specs: Sequence[MatrixSpec], keep: float, multiple: int = 1, *,
     paper's globally-sorted greedy removal by the (near-)optimal choice under
     the same objective; negative-importance bases are dropped when that helps.
 
+    ``order="spectral"`` keeps the spectral order instead: a matrix at rank ``r`` keeps its top
+    ``r`` components and its predicted loss is the sum of the importances of the tail, so BSI
+    only decides *how many* components each matrix keeps (ranks), never *which*. With few
+    Hutchinson probes the second-order estimate of removing a top component (a large move in
+    σ) is noisy and can be small or negative; in importance order such a component can be
+    dropped first.
+
     ``meta["kept_indices"][name]``: ascending LongTensor of kept component indices
     (all ``min(m, n)`` when dense); ``ranks[name]`` is its length or ``None``.
     """
+    if order not in ("importance", "spectral"):
+        raise ValueError(f"allocate_bsi: order must be 'importance' or 'spectral', got {order!r}")
     _check_specs(specs)
     missing = [s.name for s in specs if s.importance is None]
     if missing:
@@ -127,17 +136,18 @@ def allocate_bsi(specs: Sequence[MatrixSpec], keep: float, multiple: int = 1, *,
     for s in specs:
         imp = torch.zeros(s.full_rank, dtype=torch.float64)
         imp[: s.importance.numel()] = s.importance
-        order = torch.sort(imp, descending=True, stable=True).indices
-        orders.append(order)
-        tails = suffix_sums(imp[order], s.full_rank)
+        idx = (torch.sort(imp, descending=True, stable=True).indices if order == "importance"
+               else torch.arange(s.full_rank))
+        orders.append(idx)
+        tails = suffix_sums(imp[idx], s.full_rank)
         lo, hi = floor_rank(s.m, s.n, keep, floor, multiple), max_factored_rank(s.m, s.n, multiple)
         opts.append(rank_choices(s, tails, lo, hi, multiple))
     labels, meta = solve_choices(opts, B, method=method, dp_limit=dp_limit)
     ranks_out, kept = {}, {}
-    for s, r, order in zip(specs, labels, orders):
+    for s, r, idx in zip(specs, labels, orders):
         ranks_out[s.name] = r
-        kept[s.name] = torch.sort(order if r is None else order[:r]).values
-    meta.update(kept_indices=kept, floor=floor, multiple=multiple)
+        kept[s.name] = torch.sort(idx if r is None else idx[:r]).values
+    meta.update(kept_indices=kept, floor=floor, multiple=multiple, order=order)
     log.info("BSI allocation at keep=%.4f: %d of %.0f params, predicted loss %.6g, %d dense",
              keep, meta["params"], B, meta["loss"], sum(r is None for r in labels))
     return Allocation(ranks=ranks_out, params=meta["params"], budget=B, total_params=total_params(specs),

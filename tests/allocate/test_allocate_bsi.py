@@ -150,3 +150,20 @@ def test_allocate_bsi_non_spectral_order_and_harmful_bases():
     assert alloc.meta["kept_indices"]["w"].tolist() == [0, 2, 5]
     assert alloc.predicted_loss == pytest.approx(0.1 + 0.2 - 1.0 + 0.05 + 0.01)
     assert math.isclose(alloc.params, 96)
+
+
+def test_allocate_bsi_spectral_order_keeps_top_components():
+    """order='spectral': the same importances, but a matrix keeps its top-r components; the loss is the tail sum."""
+    imp = torch.tensor([5.0, 0.1, 3.0, 0.2, -1.0, 4.0, 0.05, 0.01])
+    alloc = allocate_bsi([MatrixSpec("w", 16, 16, importance=imp)], 3 * 32 / 256, 1, order="spectral")
+    assert alloc.ranks == {"w": 3}
+    assert alloc.meta["kept_indices"]["w"].tolist() == [0, 1, 2]
+    assert alloc.predicted_loss == pytest.approx(float(imp[3:].sum()))
+    # across matrices the budget goes where the tail costs more
+    a = MatrixSpec("a", 16, 16, importance=torch.tensor([9.0, 8.0, 7.0, 6.0] + [0.0] * 12))
+    b = MatrixSpec("b", 16, 16, importance=torch.tensor([1.0, 0.5, 0.1, 0.0] + [0.0] * 12))
+    alloc = allocate_bsi([a, b], 4 * 32 / 512, 1, order="spectral")
+    assert alloc.ranks == {"a": 3, "b": 1}  # rank ≥ 1 each; a's tail is the expensive one
+    assert alloc.predicted_loss == pytest.approx(6.0 + 0.6)
+    with pytest.raises(ValueError, match="order"):
+        allocate_bsi([a], 0.5, 1, order="random")
