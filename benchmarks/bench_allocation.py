@@ -173,7 +173,8 @@ def run(args) -> list[dict]:
             mine = [(a, c) for (ww, a, c) in grid if ww == w and any(todo(calib, w, a, c, k) for k in keeps)]
             if not mine:
                 continue
-            cfg = LowRankConfig(method=w, alloc="uniform", probes=args.bsi_probes, bsi_order=args.bsi_order)
+            cfg = LowRankConfig(method=w, alloc="uniform", probes=args.bsi_probes, bsi_order=args.bsi_order,
+                                correct="none")  # a row's correction is its own column
             plan = prepare(model, cfg, data, stats=stats, seed=args.seed, progress=args.progress)
             plan.extra["data"] = data
             decompose_s = sum(v.seconds for k, v in plan.timer.stages.items() if k != "calibration")

@@ -19,7 +19,7 @@ Pipelines
     ``LowRankConfig(method="svd-llm", keep, alloc="uniform", rank_multiple=1)``, other fields
     at their defaults (fp64 exact eigen form, relative damping 0.01).
 ``obdk obd``
-    ``LowRankConfig(method="obd", keep)``: defaults, i.e. global allocation (rank multiple 8,
+    ``LowRankConfig(method="obd", keep, correct="none")``: one-shot, global allocation (rank multiple 8,
     floor 0.5); calibration also runs backward passes for ``C_g``.
 ``obdk obd-uniform``
     ``LowRankConfig(method="obd", keep, alloc="uniform", rank_multiple=1)``: like for like with
@@ -441,9 +441,9 @@ def _config(pipe: str, keep: float) -> LowRankConfig:
     if pipe == "svd-llm":
         return LowRankConfig(method="svd-llm", keep=keep, alloc="uniform", rank_multiple=1)
     if pipe == "obd":
-        return LowRankConfig(method="obd", keep=keep)
+        return LowRankConfig(method="obd", keep=keep, correct="none")
     if pipe == "obd-uniform":
-        return LowRankConfig(method="obd", keep=keep, alloc="uniform", rank_multiple=1)
+        return LowRankConfig(method="obd", keep=keep, alloc="uniform", rank_multiple=1, correct="none")
     raise ValueError(pipe)
 
 

@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     env = env_fields("cpu")
     for name in args.candidates:
         alloc, floor, mult, *rest = CANDIDATES[name]
-        correct = rest[0] if rest else None
+        correct = rest[0] if rest else "none"
         plan.config = dataclasses.replace(base_cfg, alloc=alloc, floor=floor, rank_multiple=mult, correct=correct)
         if alloc == "zero-sum" and "deltas" not in plan.extra:
             _prepare_gradient_scores(plan, model, data, progress=False)
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
                 ev = perplexity(m, tok, "wikitext2", seqlen=args.seqlen, windows=args.windows,
                                 data_dir=args.data_dir, progress=False)
             row = {"model": args.model, "whitening": "obd", "candidate": name, "alloc": alloc, "floor": floor,
-                   "rank_multiple": mult, "correct": correct or "", "keep": keep, "keep_actual": round(rep.keep_actual, 5),
+                   "rank_multiple": mult, "correct": "" if correct == "none" else correct, "keep": keep, "keep_actual": round(rep.keep_actual, 5),
                    "ppl": round(ev["ppl"], 4), "nll": round(ev["nll"], 5), "windows": ev["windows"],
                    "seqlen": args.seqlen, "predicted_loss": round(rep.predicted_loss, 5),
                    "dense_modules": sum(x.rank is None for x in rep.modules), "calib_s": round(calib_s, 1),

@@ -16,15 +16,18 @@ from typing import Any, Optional
 
 FORMAT_VERSION = 1
 
-#: method -> (whitening used to decompose, default allocation, statistics needed)
-METHODS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "svd": ("svd", "uniform", ()),
-    "svd-llm": ("svd-llm", "uniform", ("cx",)),
-    "asvd": ("asvd", "uniform", ("cx",)),
-    "obd": ("obd", "global", ("cx", "cg")),
-    "zs-svd": ("svd-llm", "zero-sum", ("cx", "grad")),
-    "bsi": ("svd-llm", "bsi", ("cx", "grad")),
+#: method -> (whitening used to decompose, default allocation, statistics needed, default correction)
+#: ``obd``'s default (global allocation + the one-step ZS correction) is the best combination
+#: measured on SmolLM2-135M (benchmarks/results/allocation_smollm2.csv).
+METHODS: dict[str, tuple[str, str, tuple[str, ...], Optional[str]]] = {
+    "svd": ("svd", "uniform", (), None),
+    "svd-llm": ("svd-llm", "uniform", ("cx",), None),
+    "asvd": ("asvd", "uniform", ("cx",), None),
+    "obd": ("obd", "global", ("cx", "cg"), "zs"),
+    "zs-svd": ("svd-llm", "zero-sum", ("cx", "grad"), None),
+    "bsi": ("svd-llm", "bsi", ("cx", "grad"), None),
 }
+CORRECTIONS = ("none", "zs", "seq")
 ALLOCATIONS = ("uniform", "global", "zero-sum", "bsi")
 
 
@@ -43,8 +46,9 @@ class LowRankConfig:
     * ``compute_dtype``: ``float64`` or ``float32`` for the decompositions.
     * ``solver``: ``eig`` (exact eigen form) or ``cholesky``.
     * ``fisher``: ``empirical`` or ``true`` (labels sampled from the model).
-    * ``correct``: None, ``zs`` (ZS-SVD one-step projected-gradient correction) or ``seq``
-      (sequential refit of each target on the compressed model's inputs, :mod:`obdk.refit`).
+    * ``correct``: None (the method's default: ``zs`` for ``obd``, none otherwise), ``none``,
+      ``zs`` (ZS-SVD's one-step projected-gradient correction, then re-truncation in the same
+      whitening) or ``seq`` (sequential refit on the compressed model's inputs, :mod:`obdk.refit`).
     * ``probes`` / ``eps``: BSI Hutchinson probes and perturbation size.
     * ``bsi_order``: ``importance`` (BSI's rule: keep each matrix's most important bases, in any
       order) or ``spectral`` (BSI importances decide only the ranks; each matrix keeps its top
@@ -86,6 +90,12 @@ class LowRankConfig:
         return self.alloc or METHODS[self.method][1]
 
     @property
+    def resolved_correct(self) -> Optional[str]:
+        """The correction actually applied after truncation: None, ``zs`` or ``seq``."""
+        c = self.correct if self.correct is not None else METHODS[self.method][3]
+        return None if c in (None, "none") else c
+
+    @property
     def needed_stats(self) -> tuple[str, ...]:
         """Calibration statistics this config needs (subset of ``cx``, ``cg``, ``grad``)."""
         need = set(METHODS[self.method][2])
@@ -94,8 +104,8 @@ class LowRankConfig:
             need.add("cx")
         if w == "obd":
             need.add("cg")
-        if self.resolved_alloc in ("zero-sum", "bsi") or self.correct == "zs":
-            need.update(("cx", "grad"))
+        if self.resolved_alloc in ("zero-sum", "bsi"):
+            need.update(("cx", "grad"))  # (the ZS correction takes its own gradient at the truncation)
         return tuple(s for s in ("cx", "cg", "grad") if s in need)
 
     # ------------------------------------------------------------------ checks
@@ -121,9 +131,9 @@ class LowRankConfig:
             raise ValueError(f"LowRankConfig.solver={self.solver!r}: eig or cholesky")
         if self.fisher not in ("empirical", "true"):
             raise ValueError(f"LowRankConfig.fisher={self.fisher!r}: empirical or true")
-        if self.correct not in (None, "zs", "seq"):
-            raise ValueError(f"LowRankConfig.correct={self.correct!r}: None, 'zs' or 'seq'")
-        if self.correct == "seq" and self.resolved_whitening not in ("svd-llm", "obd"):
+        if self.correct is not None and self.correct not in CORRECTIONS:
+            raise ValueError(f"LowRankConfig.correct={self.correct!r}: None (the method's default), 'none', 'zs' or 'seq'")
+        if self.resolved_correct == "seq" and self.resolved_whitening not in ("svd-llm", "obd"):
             raise ValueError(f"LowRankConfig.correct='seq' refits under input whitening: use whitening "
                              f"svd-llm or obd, not {self.resolved_whitening!r}")
         if self.bsi_order not in ("importance", "spectral"):

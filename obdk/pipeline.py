@@ -294,10 +294,10 @@ class Plan:
                 rank = allocation.ranks.get(t.name)
                 if rank is not None:
                     factors[t.name] = self.factors(t.name, rank, kept_map.get(t.name))
-        if self.config.correct == "zs" and factors:
+        if self.config.resolved_correct == "zs" and factors:
             with timer("correction"):
                 factors = self._zs_correct(model, factors)
-        if self.config.correct == "seq" and factors:
+        if self.config.resolved_correct == "seq" and factors:
             from .refit import sequential_refit
             with timer("correction"):
                 factors = sequential_refit(model, self, {n: factors[n][0].shape[0] for n in factors},
@@ -377,7 +377,7 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
     need = config.needed_stats
     fingerprint = None
     data = None
-    if (need and stats is None) or config.resolved_alloc == "bsi" or config.correct in ("zs", "seq"):
+    if (need and stats is None) or config.resolved_alloc == "bsi" or config.resolved_correct in ("zs", "seq"):
         data = _calibration_windows(calibration, tokenizer, nsamples, seqlen, seed, data_dir)
     if need and stats is None:
         with timer("calibration"):

@@ -71,7 +71,7 @@ def test_obd_predicted_loss_matches_kfac_and_is_lowest():
     losses = {}
     for method in ("svd", "svd-llm", "obd"):
         m = make_tiny_llama()
-        cfg = LowRankConfig(method=method, keep=0.5, alloc="uniform", rank_multiple=4, damping=0.0)
+        cfg = LowRankConfig(method=method, keep=0.5, alloc="uniform", rank_multiple=4, damping=0.0, correct="none")
         rep = obdk.compress(m, cfg, stats=stats, progress=False)
         total = 0.0
         for r in rep.modules:
