@@ -344,10 +344,15 @@ class Plan:
         return report
 
 
-def _calibration_windows(calibration, tokenizer, nsamples, seqlen, seed, data_dir):
+def _calibration_windows(calibration, tokenizer, nsamples, seqlen, seed, data_dir, config=None):
     from .calibrate.data import get_calibration_windows
     if calibration is None:
-        raise ValueError("compress: this method needs calibration data (calibration=...)")
+        why = ""
+        if config is not None and config.resolved_correct in ("zs", "seq"):
+            why = (f" (method {config.method!r} with correct={config.resolved_correct!r} runs the model on the "
+                   f"calibration windows after truncation, even with precomputed stats=; pass calibration=..., "
+                   f"or correct='none')")
+        raise ValueError(f"compress: this method needs calibration data (calibration=...){why}")
     if hasattr(calibration, "input_ids"):
         return calibration
     if isinstance(calibration, torch.Tensor) and calibration.dim() == 2:
@@ -378,7 +383,7 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
     fingerprint = None
     data = None
     if (need and stats is None) or config.resolved_alloc == "bsi" or config.resolved_correct in ("zs", "seq"):
-        data = _calibration_windows(calibration, tokenizer, nsamples, seqlen, seed, data_dir)
+        data = _calibration_windows(calibration, tokenizer, nsamples, seqlen, seed, data_dir, config)
     if need and stats is None:
         with timer("calibration"):
             from .calibrate.stats import calibrate

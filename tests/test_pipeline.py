@@ -163,3 +163,12 @@ def test_batched_decomposition_equals_per_matrix(method):
         torch.testing.assert_close(f2.b @ f2.a, f1.b @ f1.a, rtol=1e-6, atol=1e-8)
     with pytest.raises(ValueError, match="batch"):
         prepare(m, LowRankConfig(method=method), IDS, stats=one.stats, progress=False, batch=0)
+
+
+def test_default_obd_correction_needs_windows_and_says_so():
+    m = make_tiny_llama()
+    stats = obdk.calibrate(m, IDS, stats=("cx", "cg"), progress=False)
+    with pytest.raises(ValueError, match="correct='none'"):
+        obdk.compress(m, LowRankConfig(method="obd", keep=0.6), stats=stats, progress=False)
+    rep = obdk.compress(m, LowRankConfig(method="obd", keep=0.6, correct="none"), stats=stats, progress=False)
+    assert "correction" not in rep.stages

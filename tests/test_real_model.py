@@ -37,7 +37,7 @@ def test_obd_beats_svd_llm_beats_svd_on_smollm2(smollm2, data_dir):
     for method in ("svd", "svd-llm", "obd"):
         m = copy.deepcopy(model)
         cfg = LowRankConfig(method=method, keep=0.9, targets=targets, compute_dtype="float32")  # method defaults
-        rep = obdk.compress(m, cfg, stats=stats, progress=False)
+        rep = obdk.compress(m, cfg, data, stats=stats, progress=False)  # obd's ZS correction reads the windows
         assert len(rep.modules) == 42 and rep.keep_actual <= 0.9 + 0.02
         with torch.inference_mode():
             ppl[method] = perplexity(m, tok, "wikitext2", seqlen=128, windows=4, data_dir=data_dir,
