@@ -289,6 +289,7 @@ class Plan:
         mods: list[ModuleReport] = []
         kept_map = (allocation.meta or {}).get("kept_indices", {}) if allocation.strategy == "bsi" else {}
         factors: dict[str, tuple] = {}
+        extra_damping: dict[str, dict] = {}  # per target, from a correction (seq refit's solves)
         with timer("truncation"):
             for t in self.targets:
                 rank = allocation.ranks.get(t.name)
@@ -300,8 +301,8 @@ class Plan:
         if self.config.resolved_correct == "seq" and factors:
             from .refit import sequential_refit
             with timer("correction"):
-                factors = sequential_refit(model, self, {n: factors[n][0].shape[0] for n in factors},
-                                           self.extra["data"], progress=self.extra.get("progress", False))
+                factors, extra_damping = sequential_refit(model, self, {n: factors[n][0].shape[0] for n in factors},
+                                                          self.extra["data"], progress=self.extra.get("progress", False))
         mods: list[ModuleReport] = []
         with timer("packing"):
             for t in self.targets:
@@ -315,7 +316,7 @@ class Plan:
                     continue
                 a, b, pred = factors[t.name]
                 damping = dict(spec.damping)
-                damping.update({f"refit_{k}": v for k, v in self.extra.get("refit_damping", {}).get(t.name, {}).items()})
+                damping.update({f"refit_{k}": v for k, v in extra_damping.get(t.name, {}).items()})
                 bias = lin.bias.detach() if lin.bias is not None else None
                 new = LowRankLinear.from_factors(a.to(lin.weight.dtype), b.to(lin.weight.dtype), bias)
                 new.to(lin.weight.device)
@@ -327,6 +328,7 @@ class Plan:
         cfg = self.config.to_dict()
         cfg["keep"] = keep
         cfg["alloc"] = alloc or self.config.resolved_alloc  # record what was used, not "default"
+        cfg["correct"] = self.config.resolved_correct or "none"
         report = CompressionReport(
             config=cfg, modules=mods,
             targeted_params_before=sum(m.dense_params for m in mods),

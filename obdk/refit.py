@@ -135,7 +135,7 @@ def _damped_cholesky(c: Tensor, damping: float, what: str) -> tuple[Tensor, floa
 
 
 def sequential_refit(model: nn.Module, plan: Any, ranks: dict[str, int], data: Any, *,
-                     progress: bool = False) -> dict[str, tuple[Tensor, Tensor, float]]:
+                     progress: bool = False) -> tuple[dict[str, tuple[Tensor, Tensor, float]], dict[str, dict]]:
     """Factors of every ranked target, refitted layer by layer on the compressed model's inputs.
 
     ``model``: the dense model the plan was prepared on (its weights are used and left unchanged:
@@ -144,9 +144,9 @@ def sequential_refit(model: nn.Module, plan: Any, ranks: dict[str, int], data: A
     give ``C_g``). ``ranks``: target name → rank (targets not in it stay dense and are not refitted).
     ``data``: the calibration windows (``input_ids`` [N, T], optional ``attention_mask``).
 
-    Returns ``{name: (a [r, n], b [m, r], predicted_loss)}`` where ``predicted_loss`` is ``½Σλ`` of
-    what the truncation of ``W*`` discarded under ``C'`` (and ``C_g``). Damping of each ``C'`` is
-    recorded in ``plan.extra["refit_damping"][name]``.
+    Returns ``(factors, damping)``: ``factors[name] = (a [r, n], b [m, r], predicted_loss)`` where
+    ``predicted_loss`` is ``½Σλ`` of what the truncation of ``W*`` discarded under ``C'`` (and
+    ``C_g``); ``damping[name] = {"cx_shifted_solve": α, **the decomposition's damping}``.
     """
     from .decompose import factorize
 
@@ -175,7 +175,7 @@ def sequential_refit(model: nn.Module, plan: Any, ranks: dict[str, int], data: A
 
     out: dict[str, tuple[Tensor, Tensor, float]] = {}
     originals: dict[str, Tensor] = {}
-    refit_damping = plan.extra.setdefault("refit_damping", {})
+    refit_damping: dict[str, dict] = {}
     last = max(by_layer) if by_layer else -1
     from tqdm.auto import tqdm
     try:
@@ -214,7 +214,7 @@ def sequential_refit(model: nn.Module, plan: Any, ranks: dict[str, int], data: A
                         # W* = W (C_× + λI)(C' + λI)⁻¹ ⇔ W*ᵀ = (C' + λI)⁻¹ (C_× + λI)ᵀ Wᵀ (Cholesky solve)
                         wstar = torch.cholesky_solve(cx_d.T @ w.to(torch.float64).cpu().T, chol).T
                         cg = plan.stats.cg[t.name] if whitening == "obd" else None
-                        fac = factorize(wstar.to(w.dtype) if w.dtype == torch.float64 else wstar.float(),
+                        fac = factorize(wstar if w.dtype == torch.float64 else wstar.float(),
                                         int(ranks[t.name]), method=whitening, cx=cpp.float(), cg=cg,
                                         solver=plan.config.solver, compute_dtype=cdtype, damping=damping,
                                         keep_dense_at_break_even=False)
@@ -237,4 +237,4 @@ def sequential_refit(model: nn.Module, plan: Any, ranks: dict[str, int], data: A
         with torch.no_grad():
             for name, w in originals.items():
                 model.get_submodule(name).weight.copy_(w)
-    return out
+    return out, refit_damping

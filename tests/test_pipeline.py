@@ -172,3 +172,7 @@ def test_default_obd_correction_needs_windows_and_says_so():
         obdk.compress(m, LowRankConfig(method="obd", keep=0.6), stats=stats, progress=False)
     rep = obdk.compress(m, LowRankConfig(method="obd", keep=0.6, correct="none"), stats=stats, progress=False)
     assert "correction" not in rep.stages
+    assert rep.config["correct"] == "none"
+    m2 = make_tiny_llama()
+    rep2 = obdk.compress(m2, LowRankConfig(method="obd", keep=0.6), IDS, progress=False)
+    assert "correction" in rep2.stages and rep2.config["correct"] == "zs"  # the report records what ran

@@ -67,7 +67,7 @@ def gram_acc(acc: Tensor, t: Tensor, ctx: Optional["CalibrationContext"] = None)
     C++ CPU backend, only the lower triangle is updated now and ``ctx.symmetrize()`` mirrors it
     later, once for the whole pass instead of once per call.
     """
-    if ctx is not None and ctx._deferred is not None and acc.device.type == "cpu" and _cpu_lower_only():
+    if ctx is not None and ctx._deferred is not None and acc.device.type == "cpu":
         with _exact_16bit_math(t, acc):
             _ext._C.gram_acc_cpu(acc, t, 1.0, False)
         ctx._deferred[id(acc)] = acc
@@ -106,9 +106,10 @@ class CalibrationContext:
 
     @contextlib.contextmanager
     def defer_symmetry(self) -> Iterator[None]:
-        """Within this block CPU Grams update lower triangles only; :meth:`symmetrize` (also run on
-        exit, even on error) makes every touched accumulator exactly symmetric again."""
-        self._deferred = {}
+        """Within this block CPU Grams update lower triangles only (when they run in obdk._C; decided
+        once here, not per call); :meth:`symmetrize` (also run on exit, even on error) makes every
+        touched accumulator exactly symmetric again."""
+        self._deferred = {} if _cpu_lower_only() else None
         try:
             yield
         finally:
