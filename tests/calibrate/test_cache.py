@@ -17,11 +17,15 @@ def _ids(n=4, t=12, seed=0):
 
 
 class _Counter:
-    """Counts (and optionally fails) the model's forward calls."""
+    """Counts (and optionally fails) the model's forward calls.
+
+    Hooks the trunk (``model.model``), which runs once per window both in a pass with gradients
+    and in a ``C_x``-only pass (that one skips the LM head: see ``stats._trunk``).
+    """
 
     def __init__(self, model, fail_at=None):
         self.calls, self.fail_at = 0, fail_at
-        self.h = model.register_forward_pre_hook(self)
+        self.h = model.model.register_forward_pre_hook(self)
 
     def __call__(self, mod, args):
         self.calls += 1

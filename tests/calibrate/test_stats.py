@@ -201,6 +201,20 @@ def test_cx_only_skips_backward_and_matches():
         torch.testing.assert_close(only.cx[k], full.cx[k], rtol=1e-6, atol=1e-7)
 
 
+def test_cx_only_pass_skips_the_lm_head_but_not_with_gradients():
+    model = make_tiny_llama()
+    calls = []
+    h = model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    ids = _ids(2, 12, seed=9)
+    try:
+        calibrate(model, ids, stats=("cx",), progress=False)
+        assert calls == []  # the trunk (model.model) ran, not the head
+        calibrate(model, ids, stats=("cx", "cg"), progress=False)
+        assert len(calls) == 2  # one forward per window: the loss needs the logits
+    finally:
+        h.remove()
+
+
 def test_batching_does_not_change_the_result():
     model = make_tiny_llama().double()
     ids = _ids(5, 10, seed=9)
