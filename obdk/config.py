@@ -27,7 +27,7 @@ METHODS: dict[str, tuple[str, str, tuple[str, ...], Optional[str]]] = {
     "zs-svd": ("svd-llm", "zero-sum", ("cx", "grad"), None),
     "bsi": ("svd-llm", "bsi", ("cx", "grad"), None),
 }
-CORRECTIONS = ("none", "zs", "seq")
+CORRECTIONS = ("none", "zs", "kfac", "seq")
 ALLOCATIONS = ("uniform", "global", "zero-sum", "bsi")
 
 
@@ -48,7 +48,8 @@ class LowRankConfig:
     * ``fisher``: ``empirical`` or ``true`` (labels sampled from the model).
     * ``correct``: None (the method's default: ``zs`` for ``obd``, none otherwise), ``none``,
       ``zs`` (ZS-SVD's one-step projected-gradient correction, then re-truncation in the same
-      whitening) or ``seq`` (sequential refit on the compressed model's inputs, :mod:`obdk.refit`).
+      whitening), ``kfac`` (the same step along the K-FAC natural gradient ``C_g⁻¹ G C_x⁻¹``,
+      projected in the metric the truncation minimises; :meth:`Plan._gradient_correct`) or ``seq`` (sequential refit on the compressed model's inputs, :mod:`obdk.refit`).
     * ``probes`` / ``eps``: BSI Hutchinson probes and perturbation size.
     * ``bsi_order``: ``importance`` (BSI's rule: keep each matrix's most important bases, in any
       order) or ``spectral`` (BSI importances decide only the ranks; each matrix keeps its top
@@ -91,7 +92,7 @@ class LowRankConfig:
 
     @property
     def resolved_correct(self) -> Optional[str]:
-        """The correction actually applied after truncation: None, ``zs`` or ``seq``."""
+        """The correction actually applied after truncation: None, ``zs``, ``kfac`` or ``seq``."""
         c = self.correct if self.correct is not None else METHODS[self.method][3]
         return None if c in (None, "none") else c
 

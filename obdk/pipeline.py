@@ -229,15 +229,29 @@ class Plan:
         fac = spec.truncate(int(rank), keep_dense_at_break_even=False)
         return fac.a, fac.b, float(fac.predicted_loss)
 
-    def _zs_correct(self, model: nn.Module, factors: dict[str, tuple]) -> dict[str, tuple]:
-        """ZS-SVD's one-step projected-gradient correction, then re-truncation in the same whitening.
+    def _gradient_correct(self, model: nn.Module, factors: dict[str, tuple], kind: str) -> dict[str, tuple]:
+        """One-step gradient correction of every truncation, then re-truncation in the same whitening.
 
         With every target at its truncation ``W_r = b a`` (dense, temporarily), one loss gradient
-        ``g`` at ``W_r`` over the calibration windows; per matrix ``W ← W_r + (⟨g,Δ⟩/⟨g,g⟩)·g`` with
-        ``Δ = W − W_r``; then the decomposition of the corrected weight is truncated to the same rank.
+        ``G = ∂L/∂W`` at ``W_r`` over the calibration windows (one forward + backward pass: it
+        sees what the truncation of *every* matrix did to the loss, which no per-matrix model
+        does). Per matrix, with ``Δ = W − W_r``, a direction ``P`` and the projection of ``Δ``
+        on it:
+
+        * ``kind="zs"`` (ZS-SVD): ``P = G``, step ``c = ⟨G,Δ⟩/⟨G,G⟩`` (Euclidean projection);
+        * ``kind="kfac"``: the K-FAC natural gradient ``P = C_g⁻¹ G C_x⁻¹`` (damped covariances as
+          the decomposition used them; identity for a side the whitening lacks), step
+          ``c = ⟨G,Δ⟩/⟨G,P⟩``: the projection of ``Δ`` on ``P`` in the metric ``C_x ⊗ C_g``
+          the truncation minimises (``⟨P, HΔ⟩_F / ⟨P, HP⟩_F`` with ``HP = G``). Solves use
+          Cholesky factors, no inverse. For plain SVD both covariances are ``I`` and it equals ``zs``.
+
+        ``W ← W_r + c·P``, truncated to the same rank. Returns ``{name: (a, b, predicted)}``
+        (for ``obd`` the predicted loss is measured against the original ``W``) and the
+        damping the ``kfac`` solves used per target (``{name: {"cx": α, "cg": α}}``).
         """
-        from .allocate import summed_weight_grads
-        from .decompose import factorize
+        from .allocate import gradient_step, summed_weight_grads
+        from .decompose import damp_covariance, factorize, kfac_loss
+        from .decompose.roots import damped_cholesky, normalize_cov
         data = self.extra["data"]
         names = list(factors)
         originals = {n: model.get_submodule(n).weight.detach().clone() for n in names}
@@ -252,31 +266,49 @@ class Plan:
             with torch.no_grad():
                 for n in names:
                     model.get_submodule(n).weight.copy_(originals[n])
-        out = {}
+        out, used = {}, {}
         whitening = self.config.resolved_whitening
         cdtype = torch.float64 if self.config.compute_dtype == "float64" else torch.float32
+        chol_x: dict[str, tuple[torch.Tensor, float]] = {}  # one factor per unique input
+
+        def chol(c: torch.Tensor, alpha: float, what: str) -> tuple[torch.Tensor, float]:
+            # of C/mean(diag C) + α·I: the step c·P does not depend on the scale of either factor
+            cn, _ = normalize_cov(c.to(cdtype).unsqueeze(0))
+            L, al = damped_cholesky(cn, [alpha], name=what, damping_max=1e3, growth=10.0, fn="correct='kfac'")
+            return L[0], al[0]
+
         for n in names:
             a, b, _ = factors[n]
             w = originals[n].to(cdtype)
             wr = b.to(cdtype) @ a.to(cdtype)
             g = grads[n].to(cdtype)
-            gg = float((g * g).sum())
-            coef = float((g * (w - wr)).sum()) / gg if gg > 0 else 0.0
-            wc = wr + coef * g
             cx = self.stats.cx_for(n) if whitening in ("svd-llm", "obd") else None
             cg = self.stats.cg[n] if whitening == "obd" else None
+            d = self.spectra[n].damping
+            lg = lx = None
+            if kind == "kfac":
+                used[n] = {}
+                if cg is not None:
+                    lg, used[n]["cg"] = chol(cg, d.get("cg", self.config.damping), f"{n} C_g")
+                if cx is not None:
+                    key = self.stats.input_key.get(n, n)
+                    if key not in chol_x:
+                        chol_x[key] = chol(cx, d.get("cx", self.config.damping), f"{n} C_x")
+                    lx, used[n]["cx"] = chol_x[key]
+            wc, _ = gradient_step(w, wr, g, chol_x=lx, chol_g=lg)
+            if not bool(torch.isfinite(wc).all()):
+                raise FloatingPointError(f"correct={kind!r}: {n}: the corrected weight is not finite "
+                                         f"(gradient or covariance with NaN/inf?)")
             fac = factorize(wc.to(originals[n].dtype), a.shape[0], method=whitening if whitening != "asvd" else "svd",
                             cx=cx, cg=cg, solver=self.config.solver, compute_dtype=cdtype,
                             damping=self.config.damping, keep_dense_at_break_even=False)
             pred = float(fac.predicted_loss)
             if whitening == "obd":  # predicted loss of the corrected truncation against the original W
-                from .decompose import damp_covariance, kfac_loss
                 delta = w - fac.b.to(cdtype) @ fac.a.to(cdtype)
-                d = self.spectra[n].damping
                 pred = kfac_loss(delta, damp_covariance(cx.to(cdtype), d.get("cx", 0.0)),
-                                       damp_covariance(cg.to(cdtype), d.get("cg", 0.0)))
+                                 damp_covariance(cg.to(cdtype), d.get("cg", 0.0)))
             out[n] = (fac.a, fac.b, pred)
-        return out
+        return out, used
 
     def apply(self, model: nn.Module, keep: Optional[float] = None, alloc: Optional[str] = None,
               model_params_before: Optional[int] = None) -> CompressionReport:
@@ -289,15 +321,16 @@ class Plan:
         mods: list[ModuleReport] = []
         kept_map = (allocation.meta or {}).get("kept_indices", {}) if allocation.strategy == "bsi" else {}
         factors: dict[str, tuple] = {}
-        extra_damping: dict[str, dict] = {}  # per target, from a correction (seq refit's solves)
+        extra_damping: dict[str, dict] = {}  # per target, from a correction's solves (kfac, seq refit)
+        corr = {"seq": "refit"}.get(self.config.resolved_correct, self.config.resolved_correct)
         with timer("truncation"):
             for t in self.targets:
                 rank = allocation.ranks.get(t.name)
                 if rank is not None:
                     factors[t.name] = self.factors(t.name, rank, kept_map.get(t.name))
-        if self.config.resolved_correct == "zs" and factors:
+        if self.config.resolved_correct in ("zs", "kfac") and factors:
             with timer("correction"):
-                factors = self._zs_correct(model, factors)
+                factors, extra_damping = self._gradient_correct(model, factors, self.config.resolved_correct)
         if self.config.resolved_correct == "seq" and factors:
             from .refit import sequential_refit
             with timer("correction"):
@@ -316,7 +349,7 @@ class Plan:
                     continue
                 a, b, pred = factors[t.name]
                 damping = dict(spec.damping)
-                damping.update({f"refit_{k}": v for k, v in extra_damping.get(t.name, {}).items()})
+                damping.update({f"{corr}_{k}": v for k, v in extra_damping.get(t.name, {}).items()})
                 bias = lin.bias.detach() if lin.bias is not None else None
                 new = LowRankLinear.from_factors(a.to(lin.weight.dtype), b.to(lin.weight.dtype), bias)
                 new.to(lin.weight.device)
@@ -350,7 +383,7 @@ def _calibration_windows(calibration, tokenizer, nsamples, seqlen, seed, data_di
     from .calibrate.data import get_calibration_windows
     if calibration is None:
         why = ""
-        if config is not None and config.resolved_correct in ("zs", "seq"):
+        if config is not None and config.resolved_correct in ("zs", "kfac", "seq"):
             why = (f" (method {config.method!r} with correct={config.resolved_correct!r} runs the model on the "
                    f"calibration windows after truncation, even with precomputed stats=; pass calibration=..., "
                    f"or correct='none')")
@@ -384,7 +417,7 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
     need = config.needed_stats
     fingerprint = None
     data = None
-    if (need and stats is None) or config.resolved_alloc == "bsi" or config.resolved_correct in ("zs", "seq"):
+    if (need and stats is None) or config.resolved_alloc == "bsi" or config.resolved_correct in ("zs", "kfac", "seq"):
         data = _calibration_windows(calibration, tokenizer, nsamples, seqlen, seed, data_dir, config)
     if need and stats is None:
         with timer("calibration"):

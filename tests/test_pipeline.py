@@ -45,7 +45,8 @@ def test_compress_save_load_identical_and_generate(make, tmp_path):
 @pytest.mark.parametrize("method,extra", [
     ("svd", {}), ("svd-llm", {}), ("asvd", {}), ("obd", {}), ("obd", {"alloc": "uniform"}),
     ("zs-svd", {}), ("bsi", {"probes": 2}), ("obd", {"correct": "zs"}), ("svd-llm", {"alloc": "zero-sum"}),
-    ("obd", {"correct": "seq"}), ("svd-llm", {"correct": "seq"}),
+    ("obd", {"correct": "seq"}), ("svd-llm", {"correct": "seq"}), ("obd", {"correct": "kfac"}),
+    ("svd-llm", {"correct": "kfac"}),
 ])
 def test_every_method_honours_budget(method, extra):
     m = make_tiny_llama()
@@ -176,3 +177,27 @@ def test_default_obd_correction_needs_windows_and_says_so():
     m2 = make_tiny_llama()
     rep2 = obdk.compress(m2, LowRankConfig(method="obd", keep=0.6), IDS, progress=False)
     assert "correction" in rep2.stages and rep2.config["correct"] == "zs"  # the report records what ran
+
+
+def test_kfac_correction_reduces_to_zs_without_covariances_and_reports_its_damping():
+    # plain SVD: both covariances are I, the natural step is the Euclidean one
+    outs = {}
+    for corr in ("zs", "kfac"):
+        m = make_tiny_llama()
+        rep = obdk.compress(m, LowRankConfig(method="svd", keep=0.6, rank_multiple=4, correct=corr), IDS,
+                            progress=False)
+        assert rep.config["correct"] == corr and "correction" in rep.stages
+        outs[corr] = m
+    for (n, p1), (_, p2) in zip(outs["zs"].named_parameters(), outs["kfac"].named_parameters()):
+        torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-6, msg=n)
+    # OBD: different from zs, finite, the solves' damping in every factored module's report
+    m, m2 = make_tiny_llama(), make_tiny_llama()
+    stats = obdk.calibrate(m, IDS, stats=("cx", "cg"), progress=False)
+    rep = obdk.compress(m, LowRankConfig(method="obd", keep=0.6, rank_multiple=4, correct="kfac"), IDS,
+                        stats=stats, progress=False)
+    obdk.compress(m2, LowRankConfig(method="obd", keep=0.6, rank_multiple=4, correct="zs"), IDS, stats=stats,
+                  progress=False)
+    factored = [x for x in rep.modules if x.rank is not None]
+    assert factored and all({"kfac_cx", "kfac_cg"} <= set(x.damping) for x in factored)
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    assert any(not torch.allclose(p1, p2) for p1, p2 in zip(m.parameters(), m2.parameters()))

@@ -25,7 +25,7 @@ from .svd import WhitenedSVD, whitened_svd
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ZSScores", "zero_sum_scores", "allocate_zero_sum", "zs_correct", "ZSCorrection"]
+__all__ = ["ZSScores", "zero_sum_scores", "allocate_zero_sum", "zs_correct", "ZSCorrection", "gradient_step"]
 
 
 @dataclass
@@ -172,6 +172,30 @@ class ZSCorrection(NamedTuple):
     coef: float
 
 
+def gradient_step(weight: Tensor, wr: Tensor, grad: Tensor, *, chol_x: Optional[Tensor] = None,
+                  chol_g: Optional[Tensor] = None) -> tuple[Tensor, float]:
+    """The dense step of a one-step correction: ``W' = W_r + c·P``, returns ``(W', c)``.
+
+    ``weight`` ``W`` [m, n], ``wr`` the truncation ``W_r`` [m, n], ``grad`` ``G = ∂L/∂W`` at
+    ``W_r`` [m, n], all in the compute dtype. ``chol_x`` [n, n] / ``chol_g`` [m, m]: lower
+    Cholesky factors of the damped ``C_x`` / ``C_g`` (None = identity). The direction is
+    ``P = C_g⁻¹ G C_x⁻¹`` (two triangular solves each, no inverse; ``P = G`` without factors,
+    ZS-SVD's step) and ``c = ⟨G, Δ⟩ / ⟨G, P⟩`` with ``Δ = W − W_r``: the ``c`` minimising
+    ``‖W_r + cP − W‖²`` in the metric ``H = C_x ⊗ C_g`` (``HP = G``), i.e. the projection of
+    what the truncation removed on the preconditioned gradient, in the geometry the
+    truncation itself minimises. Where the loss is that quadratic (``G ∝ C_g(W_r − W)C_x``) the
+    step lands on ``W`` exactly. A zero ``⟨G, P⟩`` gives ``c = 0``.
+    """
+    p = grad
+    if chol_g is not None:
+        p = torch.cholesky_solve(p, chol_g)
+    if chol_x is not None:
+        p = torch.cholesky_solve(p.T, chol_x).T
+    gp = float((grad * p).sum())
+    coef = float((grad * (weight - wr)).sum()) / gp if gp > 0 else 0.0
+    return wr + coef * p, coef
+
+
 def zs_correct(weight: Tensor, a: Tensor, b: Tensor, grad: Tensor, *, chol: Optional[Tensor] = None,
                compute_dtype: torch.dtype = torch.float64) -> ZSCorrection:
     """ZS-SVD's one-step correction of a truncation ``W_r = b a``, re-truncated to the same rank.
@@ -194,11 +218,10 @@ def zs_correct(weight: Tensor, a: Tensor, b: Tensor, grad: Tensor, *, chol: Opti
     w = weight.detach().to(compute_dtype)
     wr = b.detach().to(compute_dtype) @ a.detach().to(compute_dtype)
     g = grad.detach().to(w.device, compute_dtype)
-    gg = float((g * g).sum())
-    if gg == 0.0:
+    if float((g * g).sum()) == 0.0:
         return ZSCorrection(a.detach().clone(), b.detach().clone(), 0.0)
-    coef = float((g * (w - wr)).sum()) / gg
-    dec = whitened_svd(wr + coef * g, chol=chol, compute_dtype=compute_dtype)
+    wc, coef = gradient_step(w, wr, g)
+    dec = whitened_svd(wc, chol=chol, compute_dtype=compute_dtype)
     a2, b2 = dec.factors(rank=r)
     log.debug("zs_correct: rank %d, coef %.4g", r, coef)
     return ZSCorrection(a2.to(a.dtype), b2.to(b.dtype), coef)

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from obdk.allocate import (MatrixSpec, allocate_zero_sum, damped_cholesky, max_factored_rank, params,
-                           whitened_svd, zero_sum_scores, zs_correct)
+                           gradient_step, whitened_svd, zero_sum_scores, zs_correct)
+
+from obdk.decompose import kfac_loss
 
 F64 = torch.float64
 
@@ -222,3 +224,49 @@ def test_zs_correct_reduces_quadratic_loss(seed):
     a2, b2 = whitened_svd(w, chol=s).factors(rank=r)
     out2 = zs_correct(w, a2, b2, (b2 @ a2 - wstar) @ hx, chol=s)
     assert out2.a.shape == (r, n) and out2.b.shape == (m, r)
+
+
+def _spd(k, gen, lo=-2.0, hi=1.0):
+    q, _ = torch.linalg.qr(torch.randn(k, k, generator=gen, dtype=F64))
+    return q @ torch.diag(torch.logspace(lo, hi, k, dtype=F64)) @ q.T
+
+
+def test_gradient_step_without_factors_is_zs_step():
+    gen = torch.Generator().manual_seed(11)
+    w, wr, g = (torch.randn(6, 5, generator=gen, dtype=F64) for _ in range(3))
+    wc, c = gradient_step(w, wr, g)
+    assert c == pytest.approx(float((g * (w - wr)).sum() / (g * g).sum()))
+    torch.testing.assert_close(wc, wr + c * g)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_gradient_step_kfac_lands_on_w_for_a_kfac_quadratic(seed):
+    # L(X) = k/2 tr(Cg (X−W) Cx (X−W)ᵀ): G = k·Cg (Wr − W) Cx; the natural step recovers W exactly
+    gen = torch.Generator().manual_seed(seed)
+    m, n, k = 7, 9, 123.0
+    cx, cg = _spd(n, gen), _spd(m, gen)
+    w = torch.randn(m, n, generator=gen, dtype=F64)
+    wr = w + 0.5 * torch.randn(m, n, generator=gen, dtype=F64)
+    g = k * cg @ (wr - w) @ cx
+    lx, lg = torch.linalg.cholesky(cx), torch.linalg.cholesky(cg)
+    wc, c = gradient_step(w, wr, g, chol_x=lx, chol_g=lg)
+    assert c == pytest.approx(-1.0 / k)
+    torch.testing.assert_close(wc, w, rtol=1e-9, atol=1e-9)
+    # the factors' scale does not matter (the pipeline uses normalised covariances)
+    wc2, _ = gradient_step(w, wr, g, chol_x=lx * 3.0, chol_g=lg * 0.1)
+    torch.testing.assert_close(wc2, wc, rtol=1e-9, atol=1e-9)
+    # the Euclidean (ZS) step does not, on the same problem
+    wz, _ = gradient_step(w, wr, g)
+    assert float((wz - w).norm()) > 1e-3
+
+
+def test_gradient_step_kfac_coefficient_minimises_the_kfac_distance():
+    gen = torch.Generator().manual_seed(4)
+    m, n = 8, 6
+    cx, cg = _spd(n, gen), _spd(m, gen)
+    w, wr, g = (torch.randn(m, n, generator=gen, dtype=F64) for _ in range(3))  # g: any gradient
+    wc, c = gradient_step(w, wr, g, chol_x=torch.linalg.cholesky(cx), chol_g=torch.linalg.cholesky(cg))
+    p = (wc - wr) / c
+    torch.testing.assert_close(cg @ p @ cx, g)  # P = Cg⁻¹ G Cx⁻¹
+    dist = lambda t: kfac_loss(wr + t * p - w, cx, cg)  # noqa: E731
+    assert dist(c) <= min(dist(c * 1.01), dist(c * 0.99), dist(0.0))
