@@ -1,4 +1,4 @@
-"""Rank allocation grid: {svd-llm, obd} whitening × {uniform, global, zero-sum, bsi} (± ZS correction).
+"""Rank allocation grid: {svd-llm, obd} whitening × {uniform, global, zero-sum, bsi} (± a correction).
 
 Issue #5 item 2. SmolLM2-135M at ``--keeps`` (0.8, 0.6), calibrated on ``--nsamples`` ×
 ``--seqlen`` tokens (32 × 512) of each ``--calib`` set, perplexity on the first ``--windows``
@@ -13,8 +13,9 @@ with ``stats=`` to one ``prepare`` per whitening (decomposition only). On each w
 * ``bsi`` scores cost 1 + 2·``--bsi-probes`` forward+backward passes over the first
   ``--bsi-windows`` calibration windows (``obdk.pipeline._prepare_gradient_scores`` on a
   ``CalibrationData`` slice; the plan keeps all windows for the correction);
-* ``+zs`` (``config.correct="zs"``) costs one more forward+backward pass over all calibration
-  windows per (combination, keep), inside ``Plan.apply``.
+* ``+zs`` / ``+kfac`` (``config.correct``: ZS-SVD's Euclidean step or the K-FAC natural-gradient
+  step) costs one more forward+backward pass over all calibration windows per (combination,
+  keep), inside ``Plan.apply``.
 
 Columns: ``calib_s`` (the shared calibration of cx+cg+grad), ``decompose_s`` (the whitening's
 plan, shared by its allocations and keeps), ``scores_s`` (zero-sum deltas or BSI scores, shared
@@ -25,9 +26,9 @@ Grids (``--grid``; any of ``--calib/--eval/--keeps/--whitenings/--allocs/--corre
 
 * ``quick`` (default): calibration ``wikitext2:validation``; eval ``wikitext2`` and ``c4``;
   keep {0.8, 0.6} × whitening {svd-llm, obd} × alloc {uniform, global, zero-sum, bsi}, plus the
-  correction for ``obd:global`` only;
+  corrections zs, kfac and zs+kfac for ``obd:global`` only;
 * ``full``: calibration ``wikitext2:validation`` and ``c4`` (each evaluated on both: crossed),
-  the correction for every whitening:alloc.
+  the three corrections for every whitening:alloc.
 
 C4 calibration windows are drawn after the evaluated C4 tokens (see bench_quality.py,
 ``--no-holdout``). Rows are appended and flushed after every evaluation; ``--resume`` skips
@@ -60,30 +61,47 @@ WHITENINGS = ("svd-llm", "obd")
 ALLOCS = ("uniform", "global", "zero-sum", "bsi")
 GRIDS = {
     "quick": {"calib": ["wikitext2:validation"], "eval": ["wikitext2", "c4"], "keeps": [0.8, 0.6],
-              "whitenings": list(WHITENINGS), "allocs": list(ALLOCS), "correct": ["obd:global"]},
+              "whitenings": list(WHITENINGS), "allocs": list(ALLOCS), "correct": ["obd:global:zs,kfac,zs+kfac"]},
     "full": {"calib": ["wikitext2:validation", "c4"], "eval": ["wikitext2", "c4"], "keeps": [0.8, 0.6],
-             "whitenings": list(WHITENINGS), "allocs": list(ALLOCS), "correct": ["all"]},
+             "whitenings": list(WHITENINGS), "allocs": list(ALLOCS), "correct": ["all:zs,kfac,zs+kfac"]},
 }
 KEY_COLS = ("model", "calib", "eval", "whitening", "alloc", "correct", "keep", "windows_req", "seqlen",
             "nsamples", "seed", "bsi_windows", "bsi_probes", "bsi_order")
 STATS = ("cx", "cg", "grad")
+CORRECT_KINDS = ("zs", "kfac", "zs+kfac")
 
 
 def label(whitening: str, alloc: str, correct: str) -> str:
     if whitening == "dense":
         return "dense"
-    return f"{whitening} / {alloc}" + (" + zs" if correct == "zs" else "")
+    return f"{whitening} / {alloc}" + (f" + {correct}" if correct else "")
+
+
+def _corrections(spec: str) -> tuple[str, tuple[str, ...]]:
+    """``WHITENING:ALLOC[:KINDS]`` or ``all[:KINDS]`` → (``w:a`` or ``all``, kinds).
+
+    KINDS: comma-separated corrections (``zs``, ``kfac``, ``zs+kfac``), default ``zs``.
+    """
+    parts = spec.split(":")
+    kinds = parts[-1].split(",") if len(parts) > 1 else []
+    if kinds and all(k in CORRECT_KINDS for k in kinds):
+        parts.pop()
+        return ":".join(parts), tuple(kinds)
+    return spec, ("zs",)
 
 
 def combos(args) -> list[tuple[str, str, str]]:
     """(whitening, alloc, correct) in run order."""
-    corr = set(args.correct)
+    wanted: dict[str, list[str]] = {}
+    for spec in args.correct:
+        key, kinds = _corrections(spec)
+        wanted.setdefault(key, []).extend(k for k in kinds if k not in wanted.get(key, []))
     out = []
     for w in args.whitenings:
         for a in args.allocs:
             out.append((w, a, ""))
-            if "all" in corr or f"{w}:{a}" in corr:
-                out.append((w, a, "zs"))
+            for k in dict.fromkeys(wanted.get("all", []) + wanted.get(f"{w}:{a}", [])):
+                out.append((w, a, k))
     return out
 
 
@@ -269,8 +287,9 @@ def parse_args(argv=None):
     ap.add_argument("--whitenings", nargs="+", default=None, choices=WHITENINGS)
     ap.add_argument("--allocs", nargs="+", default=None, choices=ALLOCS)
     ap.add_argument("--correct", nargs="+", default=None,
-                    help="WHITENING:ALLOC combinations also run with correct='zs', or 'all' or 'none' "
-                         "(quick: obd:global; full: all)")
+                    help="WHITENING:ALLOC[:KINDS] combinations also run with corrections (KINDS: comma-separated "
+                         "zs, kfac, zs+kfac; default zs), or 'all[:KINDS]' or 'none' (quick: obd:global:zs,kfac,zs+kfac; "
+                         "full: all:zs,kfac,zs+kfac)")
     ap.add_argument("--windows", type=int, default=64, help="first N evaluation windows of --seqlen tokens")
     ap.add_argument("--nsamples", type=int, default=32, help="calibration windows")
     ap.add_argument("--seqlen", type=int, default=512, help="tokens per calibration and evaluation window")
@@ -294,10 +313,15 @@ def parse_args(argv=None):
             setattr(args, k, list(v))
     if args.correct == ["none"]:
         args.correct = []
-    bad = [c for c in args.correct if c != "all" and (c.count(":") != 1 or c.split(":")[0] not in WHITENINGS
-                                                      or c.split(":")[1] not in ALLOCS)]
+    bad = []
+    for c in args.correct:
+        key = _corrections(c)[0]
+        if key != "all" and (key.count(":") != 1 or key.split(":")[0] not in WHITENINGS
+                             or key.split(":")[1] not in ALLOCS):
+            bad.append(c)
     if bad:
-        ap.error(f"--correct: {bad} are not WHITENING:ALLOC (e.g. obd:global), 'all' or 'none'")
+        ap.error(f"--correct: {bad} are not WHITENING:ALLOC[:KINDS] (e.g. obd:global:zs,kfac; KINDS from "
+                 f"{', '.join(CORRECT_KINDS)}, default zs), 'all[:KINDS]' or 'none'")
     return args
 
 

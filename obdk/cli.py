@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--floor", type=float, default=0.2,
                    help="global allocation: per-matrix rank floor as a fraction of the uniform rank")
     c.add_argument("--fisher", default="empirical", choices=["empirical", "true"])
-    c.add_argument("--correct", default=None, choices=["none", "zs", "kfac", "seq"],
-                   help="after truncation: none, zs (one-step projected gradient) or seq (refit); default: the method's (obd: zs)")
+    c.add_argument("--correct", default=None, choices=["none", "zs", "kfac", "zs+kfac", "seq"],
+                   help="after truncation: none, zs (ZS-SVD's one-step projected gradient), kfac (the same step along the "
+                        "K-FAC natural gradient), zs+kfac (both in turn) or seq (refit); default: the method's")
     c.add_argument("--probes", type=int, default=4)
     c.add_argument("--eps", type=float, default=1e-3)
     c.add_argument("--bsi-order", default="importance", choices=["importance", "spectral"],

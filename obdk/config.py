@@ -27,7 +27,7 @@ METHODS: dict[str, tuple[str, str, tuple[str, ...], Optional[str]]] = {
     "zs-svd": ("svd-llm", "zero-sum", ("cx", "grad"), None),
     "bsi": ("svd-llm", "bsi", ("cx", "grad"), None),
 }
-CORRECTIONS = ("none", "zs", "kfac", "seq")
+CORRECTIONS = ("none", "zs", "kfac", "zs+kfac", "seq")
 ALLOCATIONS = ("uniform", "global", "zero-sum", "bsi")
 
 
@@ -49,7 +49,8 @@ class LowRankConfig:
     * ``correct``: None (the method's default: ``zs`` for ``obd``, none otherwise), ``none``,
       ``zs`` (ZS-SVD's one-step projected-gradient correction, then re-truncation in the same
       whitening), ``kfac`` (the same step along the K-FAC natural gradient ``C_g⁻¹ G C_x⁻¹``,
-      projected in the metric the truncation minimises; :meth:`Plan._gradient_correct`) or ``seq`` (sequential refit on the compressed model's inputs, :mod:`obdk.refit`).
+      projected in the metric the truncation minimises; :meth:`Plan._gradient_correct`),
+      ``zs+kfac`` (the two in turn, a fresh gradient for each) or ``seq`` (sequential refit on the compressed model's inputs, :mod:`obdk.refit`).
     * ``probes`` / ``eps``: BSI Hutchinson probes and perturbation size.
     * ``bsi_order``: ``importance`` (BSI's rule: keep each matrix's most important bases, in any
       order) or ``spectral`` (BSI importances decide only the ranks; each matrix keeps its top
@@ -92,7 +93,7 @@ class LowRankConfig:
 
     @property
     def resolved_correct(self) -> Optional[str]:
-        """The correction actually applied after truncation: None, ``zs``, ``kfac`` or ``seq``."""
+        """The correction actually applied after truncation: None, ``zs``, ``kfac``, ``zs+kfac`` or ``seq``."""
         c = self.correct if self.correct is not None else METHODS[self.method][3]
         return None if c in (None, "none") else c
 

@@ -229,7 +229,8 @@ class Plan:
         fac = spec.truncate(int(rank), keep_dense_at_break_even=False)
         return fac.a, fac.b, float(fac.predicted_loss)
 
-    def _gradient_correct(self, model: nn.Module, factors: dict[str, tuple], kind: str) -> dict[str, tuple]:
+    def _gradient_correct(self, model: nn.Module, factors: dict[str, tuple],
+                          kind: str) -> tuple[dict[str, tuple], dict[str, dict]]:
         """One-step gradient correction of every truncation, then re-truncation in the same whitening.
 
         With every target at its truncation ``W_r = b a`` (dense, temporarily), one loss gradient
@@ -322,15 +323,19 @@ class Plan:
         kept_map = (allocation.meta or {}).get("kept_indices", {}) if allocation.strategy == "bsi" else {}
         factors: dict[str, tuple] = {}
         extra_damping: dict[str, dict] = {}  # per target, from a correction's solves (kfac, seq refit)
-        corr = {"seq": "refit"}.get(self.config.resolved_correct, self.config.resolved_correct)
+        corr = {"seq": "refit"}.get(self.config.resolved_correct, "kfac")  # key prefix of a correction's damping
         with timer("truncation"):
             for t in self.targets:
                 rank = allocation.ranks.get(t.name)
                 if rank is not None:
                     factors[t.name] = self.factors(t.name, rank, kept_map.get(t.name))
-        if self.config.resolved_correct in ("zs", "kfac") and factors:
+        steps = (self.config.resolved_correct or "").split("+")
+        if factors and steps[0] in ("zs", "kfac"):
             with timer("correction"):
-                factors, extra_damping = self._gradient_correct(model, factors, self.config.resolved_correct)
+                for kind in steps:  # e.g. zs+kfac: one gradient pass per step, each at the previous result
+                    factors, used = self._gradient_correct(model, factors, kind)
+                    for n, d in used.items():
+                        extra_damping.setdefault(n, {}).update(d)
         if self.config.resolved_correct == "seq" and factors:
             from .refit import sequential_refit
             with timer("correction"):
@@ -383,7 +388,7 @@ def _calibration_windows(calibration, tokenizer, nsamples, seqlen, seed, data_di
     from .calibrate.data import get_calibration_windows
     if calibration is None:
         why = ""
-        if config is not None and config.resolved_correct in ("zs", "kfac", "seq"):
+        if config is not None and config.resolved_correct is not None:
             why = (f" (method {config.method!r} with correct={config.resolved_correct!r} runs the model on the "
                    f"calibration windows after truncation, even with precomputed stats=; pass calibration=..., "
                    f"or correct='none')")
@@ -417,7 +422,7 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
     need = config.needed_stats
     fingerprint = None
     data = None
-    if (need and stats is None) or config.resolved_alloc == "bsi" or config.resolved_correct in ("zs", "kfac", "seq"):
+    if (need and stats is None) or config.resolved_alloc == "bsi" or config.resolved_correct is not None:
         data = _calibration_windows(calibration, tokenizer, nsamples, seqlen, seed, data_dir, config)
     if need and stats is None:
         with timer("calibration"):

@@ -46,7 +46,7 @@ def test_compress_save_load_identical_and_generate(make, tmp_path):
     ("svd", {}), ("svd-llm", {}), ("asvd", {}), ("obd", {}), ("obd", {"alloc": "uniform"}),
     ("zs-svd", {}), ("bsi", {"probes": 2}), ("obd", {"correct": "zs"}), ("svd-llm", {"alloc": "zero-sum"}),
     ("obd", {"correct": "seq"}), ("svd-llm", {"correct": "seq"}), ("obd", {"correct": "kfac"}),
-    ("svd-llm", {"correct": "kfac"}),
+    ("svd-llm", {"correct": "kfac"}), ("obd", {"correct": "zs+kfac"}),
 ])
 def test_every_method_honours_budget(method, extra):
     m = make_tiny_llama()
