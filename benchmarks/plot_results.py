@@ -4,7 +4,7 @@
   one line per method, one panel per (calibration set, evaluation set); dense as a dashed line;
   the calibration-free ``svd`` is drawn in every panel. Full-length rows are left out.
 * ``allocation_*.csv`` (bench_allocation.py) → ``allocation_*_keep<K>.png``, one per keep: grouped
-  bars (group = allocation, bar = whitening ± ZS correction), one panel per (calibration, evaluation).
+  bars (group = allocation, bar = whitening ± a correction), one panel per (calibration, evaluation).
 * ``decompose_latency*.csv`` (bench_decompose_latency.py) → ``decompose_latency*.png``: stacked
   bars of the stage times per configuration (long format with a ``stage`` column and a seconds
   column, or wide format with ``*_s`` / ``*_ms`` stage columns).
@@ -125,6 +125,9 @@ def plot_quality(path: Path) -> list[Path]:
 # --------------------------------------------------------------------------- allocation
 
 
+HATCH = {"zs": "//", "kfac": "..", "zs+kfac": "xx"}  # a correction's bars
+
+
 def plot_allocation(path: Path) -> list[Path]:
     rows = _last(read(path), ("model", "calib", "eval", "whitening", "alloc", "correct", "keep", "windows_req",
                               "seqlen", "nsamples", "seed", "bsi_windows", "bsi_probes"))
@@ -158,19 +161,23 @@ def plot_allocation(path: Path) -> list[Path]:
                         vals.append(_f(hit[-1]["ppl"]) if hit else float("nan"))
                     seen += [v for v in vals if math.isfinite(v)]
                     bars = ax.bar(x + (i - (len(series) - 1) / 2) * width, vals, width, color=colours[w],
-                                  alpha=0.55 if c == "zs" else 1.0, edgecolor="k", linewidth=0.4,
-                                  label=w + (" + zs" if c == "zs" else ""), hatch="//" if c == "zs" else None)
+                                  alpha=0.55 if c else 1.0, edgecolor="k", linewidth=0.4,
+                                  label=w + (f" + {c}" if c else ""), hatch=HATCH.get(c))
                     for b, v in zip(bars, vals):
                         if math.isfinite(v):
                             ax.annotate(f"{v:.1f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom",
                                         fontsize=6, rotation=90)
                 if ev in dense:
                     ax.axhline(dense[ev], color="k", ls="--", lw=1, label=f"dense ({dense[ev]:.2f})")
-                if seen:  # bars start near the best value: the differences are what matters
+                logy = bool(seen) and max(seen) > 10 * min(seen)  # collapsed rows: a log axis keeps the rest legible
+                if logy:
+                    ax.set_yscale("log")
+                    ax.set_ylim(min(seen) / 1.5, max(seen) * 6)
+                elif seen:  # bars start near the best value: the differences are what matters
                     lo, hi = min(seen), max(seen)
                     ax.set_ylim(lo - 0.15 * (hi - lo) - 0.02 * lo, hi + 0.25 * (hi - lo) + 0.02 * hi)
                 ax.set_xticks(x, allocs)
-                ax.set_ylabel("perplexity (axis does not start at 0)")
+                ax.set_ylabel("perplexity (log axis)" if logy else "perplexity (axis does not start at 0)")
                 ax.set_title(f"calib {calib} → eval {ev}", fontsize=9)
                 ax.grid(True, axis="y", alpha=0.3)
                 ax.legend(fontsize=7)

@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fisher", default="empirical", choices=["empirical", "true"])
     c.add_argument("--correct", default=None, choices=["none", "zs", "kfac", "zs+kfac", "seq"],
                    help="after truncation: none, zs (ZS-SVD's one-step projected gradient), kfac (the same step along the "
-                        "K-FAC natural gradient), zs+kfac (both in turn) or seq (refit); default: the method's")
+                        "K-FAC natural gradient), zs+kfac (both in turn) or seq (refit); default: the method's "
+                        "(obd: zs+kfac)")
     c.add_argument("--probes", type=int, default=4)
     c.add_argument("--eps", type=float, default=1e-3)
     c.add_argument("--bsi-order", default="importance", choices=["importance", "spectral"],

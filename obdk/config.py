@@ -17,13 +17,13 @@ from typing import Any, Optional
 FORMAT_VERSION = 1
 
 #: method -> (whitening used to decompose, default allocation, statistics needed, default correction)
-#: ``obd``'s default (global allocation + the one-step ZS correction) is the best combination
+#: ``obd``'s default (global allocation + the ZS step and the K-FAC step) is the best combination
 #: measured on SmolLM2-135M (benchmarks/results/allocation_smollm2.csv).
 METHODS: dict[str, tuple[str, str, tuple[str, ...], Optional[str]]] = {
     "svd": ("svd", "uniform", (), None),
     "svd-llm": ("svd-llm", "uniform", ("cx",), None),
     "asvd": ("asvd", "uniform", ("cx",), None),
-    "obd": ("obd", "global", ("cx", "cg"), "zs"),
+    "obd": ("obd", "global", ("cx", "cg"), "zs+kfac"),
     "zs-svd": ("svd-llm", "zero-sum", ("cx", "grad"), None),
     "bsi": ("svd-llm", "bsi", ("cx", "grad"), None),
 }
@@ -46,7 +46,7 @@ class LowRankConfig:
     * ``compute_dtype``: ``float64`` or ``float32`` for the decompositions.
     * ``solver``: ``eig`` (exact eigen form) or ``cholesky``.
     * ``fisher``: ``empirical`` or ``true`` (labels sampled from the model).
-    * ``correct``: None (the method's default: ``zs`` for ``obd``, none otherwise), ``none``,
+    * ``correct``: None (the method's default: ``zs+kfac`` for ``obd``, none otherwise), ``none``,
       ``zs`` (ZS-SVD's one-step projected-gradient correction, then re-truncation in the same
       whitening), ``kfac`` (the same step along the K-FAC natural gradient ``C_g⁻¹ G C_x⁻¹``,
       projected in the metric the truncation minimises; :meth:`Plan._gradient_correct`),
@@ -134,7 +134,8 @@ class LowRankConfig:
         if self.fisher not in ("empirical", "true"):
             raise ValueError(f"LowRankConfig.fisher={self.fisher!r}: empirical or true")
         if self.correct is not None and self.correct not in CORRECTIONS:
-            raise ValueError(f"LowRankConfig.correct={self.correct!r}: None (the method's default), 'none', 'zs' or 'seq'")
+            raise ValueError(f"LowRankConfig.correct={self.correct!r}: None (the method's default) or one of "
+                             f"{', '.join(CORRECTIONS)}")
         if self.resolved_correct == "seq" and self.resolved_whitening not in ("svd-llm", "obd"):
             raise ValueError(f"LowRankConfig.correct='seq' refits under input whitening: use whitening "
                              f"svd-llm or obd, not {self.resolved_whitening!r}")

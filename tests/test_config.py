@@ -33,8 +33,8 @@ def test_needed_stats_and_defaults():
     assert LowRankConfig(method="obd").resolved_alloc == "global"
     assert set(LowRankConfig(method="zs-svd").needed_stats) == {"cx", "grad"}
     assert LowRankConfig(method="obd", alloc="zero-sum").needed_stats == ("cx", "cg", "grad")
-    # obd's default correction is ZS's one step (best measured); it takes its own gradient
-    assert LowRankConfig(method="obd").resolved_correct == "zs"
+    # obd's default correction: the ZS step, then the K-FAC step (best measured); each takes its own gradient
+    assert LowRankConfig(method="obd").resolved_correct == "zs+kfac"
     assert LowRankConfig(method="obd", correct="none").resolved_correct is None
     assert LowRankConfig(method="svd-llm").resolved_correct is None
     assert LowRankConfig(method="svd-llm", correct="seq").resolved_correct == "seq"

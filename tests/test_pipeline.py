@@ -176,7 +176,7 @@ def test_default_obd_correction_needs_windows_and_says_so():
     assert rep.config["correct"] == "none"
     m2 = make_tiny_llama()
     rep2 = obdk.compress(m2, LowRankConfig(method="obd", keep=0.6), IDS, progress=False)
-    assert "correction" in rep2.stages and rep2.config["correct"] == "zs"  # the report records what ran
+    assert "correction" in rep2.stages and rep2.config["correct"] == "zs+kfac"  # the report records what ran
 
 
 def test_kfac_correction_reduces_to_zs_without_covariances_and_reports_its_damping():
