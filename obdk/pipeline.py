@@ -322,8 +322,7 @@ class Plan:
         mods: list[ModuleReport] = []
         kept_map = (allocation.meta or {}).get("kept_indices", {}) if allocation.strategy == "bsi" else {}
         factors: dict[str, tuple] = {}
-        extra_damping: dict[str, dict] = {}  # per target, from a correction's solves (kfac, seq refit)
-        corr = {"seq": "refit"}.get(self.config.resolved_correct, "kfac")  # key prefix of a correction's damping
+        extra_damping: dict[str, dict] = {}  # per target, from a correction's solves ("kfac_cx", "refit_…")
         with timer("truncation"):
             for t in self.targets:
                 rank = allocation.ranks.get(t.name)
@@ -335,12 +334,13 @@ class Plan:
                 for kind in steps:  # e.g. zs+kfac: one gradient pass per step, each at the previous result
                     factors, used = self._gradient_correct(model, factors, kind)
                     for n, d in used.items():
-                        extra_damping.setdefault(n, {}).update(d)
+                        extra_damping.setdefault(n, {}).update({f"kfac_{k}": v for k, v in d.items()})
         if self.config.resolved_correct == "seq" and factors:
             from .refit import sequential_refit
             with timer("correction"):
-                factors, extra_damping = sequential_refit(model, self, {n: factors[n][0].shape[0] for n in factors},
-                                                          self.extra["data"], progress=self.extra.get("progress", False))
+                factors, used = sequential_refit(model, self, {n: factors[n][0].shape[0] for n in factors},
+                                                 self.extra["data"], progress=self.extra.get("progress", False))
+                extra_damping = {n: {f"refit_{k}": v for k, v in d.items()} for n, d in used.items()}
         mods: list[ModuleReport] = []
         with timer("packing"):
             for t in self.targets:
@@ -354,7 +354,7 @@ class Plan:
                     continue
                 a, b, pred = factors[t.name]
                 damping = dict(spec.damping)
-                damping.update({f"{corr}_{k}": v for k, v in extra_damping.get(t.name, {}).items()})
+                damping.update(extra_damping.get(t.name, {}))
                 bias = lin.bias.detach() if lin.bias is not None else None
                 new = LowRankLinear.from_factors(a.to(lin.weight.dtype), b.to(lin.weight.dtype), bias)
                 new.to(lin.weight.device)
