@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .roots import _escalate, add_damping, damped_cholesky, damped_eigen_root, eigh_desc, normalize_cov, try_cholesky
+from .roots import _escalate, add_damping, all_finite, damped_cholesky, damped_eigen_root, eigh_desc, try_cholesky
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def _check_weight(w, fn: str, name: str, batched: bool) -> None:
         raise ValueError(f"{fn}: {name} must be a non-empty {want}-D tensor {shape}, got shape {tuple(w.shape)}")
     if not w.is_floating_point():
         raise ValueError(f"{fn}: {name} must be floating point, got {w.dtype}")
-    if not bool(torch.isfinite(w).all()):
+    if not all_finite(w):
         raise ValueError(f"{fn}: {name} contains non-finite values (NaN or inf)")
 
 
@@ -249,18 +249,19 @@ def _check_cov(c, k: int, batch: Optional[int], fn: str, name: str, what: str) -
         raise ValueError(f"{fn}: {name} must be a square {want} covariance ({what}), got shape {tuple(c.shape)}")
     if not c.is_floating_point():
         raise ValueError(f"{fn}: {name} must be floating point, got {c.dtype}")
-    if not bool(torch.isfinite(c).all()):
+    if not all_finite(c):
         raise ValueError(f"{fn}: {name} contains non-finite values (NaN or inf)")
     c3 = c if c.dim() == 3 else c.unsqueeze(0)
-    c32 = c3.to(torch.float64 if c3.dtype == torch.float64 else torch.float32)
-    scale = c32.abs().amax((-2, -1))
-    asym = (c32 - c32.mT).abs().amax((-2, -1))
-    tol = max(1e-3, 4 * torch.finfo(c.dtype).eps)
-    if bool((asym > tol * scale).any()):
-        worst = float((asym / scale.clamp_min(torch.finfo(c32.dtype).tiny)).max())
-        raise ValueError(f"{fn}: {name} must be a symmetric covariance; max |C - Cᵀ| / max |C| = {worst:.3g} "
-                         f"exceeds tolerance {tol:g}")
-    if bool((torch.diagonal(c32, dim1=-2, dim2=-1) < 0).any()):
+    if not torch.equal(c3, c3.mT):  # obdk's own statistics are exactly symmetric: no temporaries then
+        c32 = c3.to(torch.float64 if c3.dtype == torch.float64 else torch.float32)
+        scale = c32.abs().amax((-2, -1))
+        asym = (c32 - c32.mT).abs().amax((-2, -1))
+        tol = max(1e-3, 4 * torch.finfo(c.dtype).eps)
+        if bool((asym > tol * scale).any()):
+            worst = float((asym / scale.clamp_min(torch.finfo(c32.dtype).tiny)).max())
+            raise ValueError(f"{fn}: {name} must be a symmetric covariance; max |C - Cᵀ| / max |C| = {worst:.3g} "
+                             f"exceeds tolerance {tol:g}")
+    if bool((torch.diagonal(c3, dim1=-2, dim2=-1) < 0).any()):
         raise ValueError(f"{fn}: {name} must be positive semi-definite but has negative diagonal entries")
     return c3
 
@@ -269,7 +270,7 @@ def _check_cov(c, k: int, batch: Optional[int], fn: str, name: str, what: str) -
 
 
 def _finite(*ts: Tensor) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in ts)
+    return all(all_finite(t) for t in ts)
 
 
 def _default_rtol(m: int, n: int, dtype: torch.dtype) -> float:
@@ -277,8 +278,35 @@ def _default_rtol(m: int, n: int, dtype: torch.dtype) -> float:
 
 
 def _gram(T: Tensor, C: Optional[Tensor], alpha: List[float]) -> Tensor:
-    """``T (C + αI) Tᵀ`` (or ``T Tᵀ`` when ``C`` is None). ``T`` [B, p, q], ``C`` [1|B, q, q] → [B, p, p]."""
-    return (T @ add_damping(C, alpha)) @ T.mT if C is not None else T @ T.mT
+    """``T (C + αI) Tᵀ`` (or ``T Tᵀ`` when ``C`` is None). ``T`` [B, p, q], ``C`` [1|B, q, q] → [B, p, p].
+
+    Formed as ``(T C + α T) Tᵀ``: the damping is added to the [p, q] product, never by copying
+    the (larger) [q, q] covariance.
+    """
+    if C is None:
+        return T @ T.mT
+    TC = T @ C
+    if len(set(alpha)) == 1:
+        if alpha[0] != 0.0:
+            TC.add_(T, alpha=alpha[0])
+    else:
+        TC.add_(T * torch.tensor(alpha, dtype=T.dtype, device=T.device)[:, None, None])
+    return TC @ T.mT
+
+
+def _prepare_cov(c: Tensor, dev, cd: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """``c`` [B, k, k] (validated) → (symmetric ``c / mean(diag c)`` in ``cd`` on ``dev``, scales [B]).
+
+    Equal to ``normalize_cov((c + cᵀ)/2)`` in ``cd``, with one [B, k, k] buffer instead of four:
+    an exactly symmetric input (obdk's own statistics always are) skips the symmetrisation, and
+    the scaling runs in place on the converted copy.
+    """
+    w = c.to(device=dev, dtype=cd, copy=True)
+    if not torch.equal(c, c.mT):
+        w = (w + w.mT).div_(2)
+    s = torch.diagonal(w, dim1=-2, dim2=-1).mean(-1)
+    s = torch.where((s > 0) & torch.isfinite(s), s, torch.ones_like(s))
+    return w.div_(s[:, None, None]), s
 
 
 class _Escalator:
@@ -371,22 +399,20 @@ def _decompose(weights: Tensor, cx: Optional[Tensor], cg: Optional[Tensor], *, m
     use_cx, use_cg = method in ("svd-llm", "obd"), method == "obd"
     esc = dict(damping_max=damping_max, growth=damping_growth, fn=fn)
 
-    W = weights.to(device=dev, dtype=cd)
-    s_w = W.abs().amax((-2, -1))
+    W = weights.to(device=dev, dtype=cd, copy=True)  # a copy of our own: scaled in place
+    s_w = torch.linalg.vector_norm(W, float("inf"), dim=(-2, -1))  # max |W|, no temporary
     s_w = torch.where(s_w > 0, s_w, torch.ones_like(s_w))
-    W = W / s_w[:, None, None]
+    W.div_(s_w[:, None, None])
     one = torch.ones(1, dtype=cd, device=dev)
     Cx = Cg = None
     s_x = s_g = one
     ax: List[float] = [0.0]
     ag: List[float] = [0.0]
     if use_cx:
-        c = cx.to(device=dev, dtype=cd)
-        Cx, s_x = normalize_cov((c + c.mT) / 2)
+        Cx, s_x = _prepare_cov(cx, dev, cd)
         ax = [float(damping)] * Cx.shape[0]
     if use_cg:
-        c = cg.to(device=dev, dtype=cd)
-        Cg, s_g = normalize_cov((c + c.mT) / 2)
+        Cg, s_g = _prepare_cov(cg, dev, cd)
         ag = [float(damping)] * Cg.shape[0]
 
     def mask_of(lam: Tensor) -> Tensor:
@@ -437,8 +463,8 @@ def _decompose(weights: Tensor, cx: Optional[Tensor], cg: Optional[Tensor], *, m
     ok = (nb > 0) & (na > 0)
     bal = torch.where(ok, (na / torch.where(ok, nb, torch.ones_like(nb))).sqrt(), torch.zeros_like(nb))
     root_w = s_w.sqrt()
-    fb = fb * (bal * root_w[:, None])[:, None, :]
-    fa = fa * (root_w[:, None] / torch.where(ok, bal, torch.ones_like(bal)) * ok)[:, :, None]
+    fb = fb.mul_((bal * root_w[:, None])[:, None, :])  # fb, fa are fresh results: scale in place
+    fa = fa.mul_((root_w[:, None] / torch.where(ok, bal, torch.ones_like(bal)) * ok)[:, :, None])
     lam = (lam.clamp_min(0) * (s_w.square() * s_x * s_g)[:, None]).to(torch.float64)
     if not _finite(fb, fa, lam):  # pragma: no cover - guarded by the checks above
         raise ValueError(f"{fn}: weight: decomposition produced non-finite factors (compute_dtype={cd})")
