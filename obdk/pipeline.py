@@ -404,7 +404,7 @@ def _calibration_windows(calibration, tokenizer, nsamples, seqlen, seed, data_di
 def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibration: Any = None, *,
             tokenizer=None, nsamples: int = 32, seqlen: int = 512, seed: int = 0, data_dir=None,
             stats=None, device=None, progress: bool = True, timer: Optional[StageTimer] = None,
-            batch: Optional[int] = None) -> Plan:
+            batch: Optional[int] = None, workers: Optional[int] = None) -> Plan:
     """Calibrate ``model`` once and decompose every target fully (see :class:`Plan`).
 
     ``calibration``: a ``CalibrationData``, a dataset name (``wikitext2:validation``),
@@ -413,6 +413,11 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
     decompositions elsewhere (e.g. ``"cuda"``). ``batch``: how many same-shaped targets share one
     batched decomposition call (:func:`obdk.decompose.spectra`; default 8 on CUDA, where it fills
     the GPU, and 1 on CPU, where LAPACK runs a batch as a loop anyway); results are identical.
+    ``workers``: on CPU, how many decompositions run at once, each on one intra-op thread
+    (default: ``torch.get_num_threads()``; the thread count is restored afterwards). LAPACK's
+    eigen-solvers at these sizes use a second core poorly, so independent problems side by side
+    fill the cores better than one problem on all of them; each result is the same
+    single-problem computation. On CUDA it is 1 (the GPU is filled by ``batch``).
     """
     from .decompose import spectra as decompose_spectra
     from .decompose import spectrum as decompose_spectrum
@@ -441,24 +446,36 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
         size = int(batch) if batch is not None else (8 if on_gpu else 1)
         if size < 1:
             raise ValueError(f"prepare: batch={batch} must be ≥ 1")
-        for chunk in _decomposition_batches(targets, size if whitening != "asvd" else 1):
+        nwork = 1 if on_gpu else (int(workers) if workers is not None else torch.get_num_threads())
+        if nwork < 1:
+            raise ValueError(f"prepare: workers={workers} must be ≥ 1")
+
+        def run(chunk: list[Target]) -> list[tuple[str, Any]]:
+            try:
+                return decompose(chunk)
+            except ValueError as e:  # name the module(s) at fault
+                raise ValueError(f"{', '.join(t.name for t in chunk)}: {e}") from e
+
+        def decompose(chunk: list[Target]) -> list[tuple[str, Any]]:
             ws = [model.get_submodule(t.name).weight.detach() for t in chunk]
             cxs = [stats.cx_for(t.name) for t in chunk] if "cx" in need and whitening != "svd" else None
             cgs = [stats.cg[t.name] for t in chunk] if whitening == "obd" else None
             if whitening == "asvd":
-                spectra[chunk[0].name] = _asvd_spectrum(ws[0], cxs[0] if cxs else None, config, cdtype, device)
-            elif len(chunk) == 1:
-                spectra[chunk[0].name] = decompose_spectrum(
+                return [(chunk[0].name, _asvd_spectrum(ws[0], cxs[0] if cxs else None, config, cdtype, device))]
+            if len(chunk) == 1:
+                return [(chunk[0].name, decompose_spectrum(
                     ws[0], method=whitening, cx=cxs[0] if cxs else None, cg=cgs[0] if cgs else None,
-                    solver=config.solver, compute_dtype=cdtype, damping=config.damping, device=device)
-            else:
-                # same-shaped targets (e.g. every layer's q_proj): one batched call per linear-algebra step
-                out = decompose_spectra(ws, method=whitening, cxs=cxs, cgs=cgs, solver=config.solver,
-                                        compute_dtype=cdtype, damping=config.damping, device=device)
-                for t, sp in zip(chunk, out):
-                    spectra[t.name] = sp
-            bar.update(len(chunk))
+                    solver=config.solver, compute_dtype=cdtype, damping=config.damping, device=device))]
+            # same-shaped targets (e.g. every layer's q_proj): one batched call per linear-algebra step
+            out = decompose_spectra(ws, method=whitening, cxs=cxs, cgs=cgs, solver=config.solver,
+                                    compute_dtype=cdtype, damping=config.damping, device=device)
+            return [(t.name, sp) for t, sp in zip(chunk, out)]
+
+        chunks = _decomposition_batches(targets, size if whitening != "asvd" else 1)
+        for name, sp in _run_chunks(run, chunks, nwork, bar):
+            spectra[name] = sp
         bar.close()
+        spectra = {t.name: spectra[t.name] for t in targets}  # target order, whatever finished first
     plan = Plan(config, targets, spectra, stats, fingerprint, timer)
     if data is not None:
         plan.extra["data"] = data
@@ -466,6 +483,28 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
     if config.resolved_alloc in ("zero-sum", "bsi"):
         _prepare_gradient_scores(plan, model, data, progress)
     return plan
+
+
+def _run_chunks(run, chunks: list, workers: int, bar):
+    """Yield ``run(chunk)``'s (name, spectrum) pairs; with ``workers > 1`` that many chunks run at once
+    in threads (ATen releases the GIL), each on one intra-op thread. The first error is re-raised."""
+    if workers == 1 or len(chunks) < 2:
+        for chunk in chunks:
+            yield from run(chunk)
+            bar.update(len(chunk))
+        return
+    from concurrent.futures import ThreadPoolExecutor
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ex = ThreadPoolExecutor(max_workers=min(workers, len(chunks)), thread_name_prefix="obdk-decompose")
+    try:
+        futures = [ex.submit(run, chunk) for chunk in chunks]
+        for chunk, fut in zip(chunks, futures):
+            yield from fut.result()
+            bar.update(len(chunk))
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)  # on an error, queued problems are not started
+        torch.set_num_threads(threads)
 
 
 def _decomposition_batches(targets: list[Target], size: int) -> list[list[Target]]:
@@ -483,7 +522,10 @@ def _asvd_spectrum(w, cx, config, cdtype, device):
     itself; its eigenvalues are those of ``W·D`` (not loss units: use uniform allocation).
     """
     from .decompose import spectrum as decompose_spectrum
-    d = torch.diagonal(cx).to(cdtype).clamp_min(0).sqrt().pow(config.asvd_alpha)
+    diag = torch.diagonal(cx)
+    if not bool(torch.isfinite(diag).all()):
+        raise ValueError("asvd: cx (the input covariance) has non-finite diagonal entries")
+    d = diag.to(cdtype).clamp_min(0).sqrt().pow(config.asvd_alpha)
     pos = d > 0
     d = torch.where(pos, d, d[pos].min() if pos.any() else torch.ones_like(d))
     spec = decompose_spectrum(w.to(cdtype) * d.to(w.device), method="svd", compute_dtype=cdtype, device=device)

@@ -166,6 +166,34 @@ def test_batched_decomposition_equals_per_matrix(method):
         prepare(m, LowRankConfig(method=method), IDS, stats=one.stats, progress=False, batch=0)
 
 
+@pytest.mark.parametrize("method", ["obd", "svd-llm", "asvd"])
+def test_parallel_decomposition_equals_sequential_and_restores_threads(method):
+    """prepare(workers=k) runs k decompositions at once on one intra-op thread each: same spectra, same
+    order, and the caller's thread count comes back, also after an error."""
+    m = make_tiny_llama(layers=3)
+    threads = torch.get_num_threads()
+    one = prepare(m, LowRankConfig(method=method), IDS, progress=False, workers=1)
+    many = prepare(m, LowRankConfig(method=method), IDS, stats=one.stats, progress=False, workers=3)
+    assert torch.get_num_threads() == threads
+    assert list(one.spectra) == list(many.spectra)
+    for name, s1 in one.spectra.items():
+        torch.testing.assert_close(many.spectra[name].eigenvalues, s1.eigenvalues, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="workers"):
+        prepare(m, LowRankConfig(method=method), IDS, stats=one.stats, progress=False, workers=0)
+    # a bad covariance in one layer: the error names it, and nothing is left changed
+    bad = one.stats
+    key = next(iter(bad.cx))
+    saved = bad.cx[key].clone()
+    bad.cx[key][0, 0] = float("nan")
+    try:
+        for workers in (1, 2):
+            with pytest.raises(ValueError, match=r"model\.layers\.0\.[\w.]+_proj: .*non-finite"):
+                prepare(m, LowRankConfig(method=method), IDS, stats=bad, progress=False, workers=workers)
+    finally:
+        bad.cx[key].copy_(saved)
+    assert torch.get_num_threads() == threads
+
+
 def test_default_obd_correction_needs_windows_and_says_so():
     m = make_tiny_llama()
     stats = obdk.calibrate(m, IDS, stats=("cx", "cg"), progress=False)
