@@ -17,7 +17,9 @@ Pipelines
     ``packing`` (factors, two ``nn.Linear`` per matrix, module swap).
 ``obdk svd-llm``
     ``LowRankConfig(method="svd-llm", keep, alloc="uniform", rank_multiple=1)``, other fields
-    at their defaults (fp64 exact eigen form, relative damping 0.01).
+    at their defaults (fp64 exact eigen form, relative damping 0.01). Its factorisation is
+    broken down in ``kind=detail`` rows ``factorisation/roots|products|eigen|solves`` (summed
+    over problems: with parallel workers on CPU they add up to more than the stage's wall time).
 ``obdk obd``
     ``LowRankConfig(method="obd", keep, correct="none")``: one-shot, global allocation (rank multiple 8,
     floor 0.5); calibration also runs backward passes for ``C_g``.
@@ -449,8 +451,8 @@ def _config(pipe: str, keep: float) -> LowRankConfig:
 
 def _stage_rows(common: dict, stages: dict, kind: str = "stage") -> list[dict]:
     rows = []
-    for name, st in stages.items():
-        rows.append({**common, "stage": name, "kind": kind, "seconds": st["seconds"],
+    for name, st in stages.items():  # "stage/sub" (e.g. obdk's factorisation/eigen) is a breakdown, not stacked
+        rows.append({**common, "stage": name, "kind": "detail" if "/" in name else kind, "seconds": st["seconds"],
                      "peak_rss_mib": st["peak_rss_mib"], "peak_cuda_mib": st.get("peak_cuda_mib")})
     return rows
 

@@ -8,6 +8,7 @@ swaps modules, costing only truncation and packing. :func:`compress` is
 """
 from __future__ import annotations
 
+import contextvars
 import copy
 import fnmatch
 import logging
@@ -128,9 +129,15 @@ class CompressionReport:
             f"model params {self.model_params_before:,} → {self.model_params_after:,}",
             f"modules: {sum(m.rank is not None for m in self.modules)} low-rank, {sum(m.rank is None for m in self.modules)} dense; "
             f"predicted loss increase {self.predicted_loss:.4f} nats",
-            "stages: " + ", ".join(f"{k} {v['seconds']:.1f}s" for k, v in self.stages.items()),
+            "stages: " + ", ".join(self._stage_text(k) for k in self.stages if "/" not in k),
         ]
         return "\n".join(lines)
+
+    def _stage_text(self, name: str) -> str:
+        """``factorisation 7.7s (roots 1.1s, …)``: a stage with its sub-stages (``name/sub``) in brackets."""
+        subs = [(k.split("/", 1)[1], v["seconds"]) for k, v in self.stages.items() if k.startswith(name + "/")]
+        text = f"{name} {self.stages[name]['seconds']:.1f}s"
+        return text + (" (" + ", ".join(f"{k} {v:.1f}s" for k, v in subs) + ")" if subs else "")
 
 
 def _nparams(model: nn.Module) -> int:
@@ -421,6 +428,7 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
     """
     from .decompose import spectra as decompose_spectra
     from .decompose import spectrum as decompose_spectrum
+    from .decompose.closed_form import phase_clock
     config = config or LowRankConfig()
     timer = timer or StageTimer()
     targets = select_targets(model, config)
@@ -472,10 +480,13 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
             return [(t.name, sp) for t, sp in zip(chunk, out)]
 
         chunks = _decomposition_batches(targets, size if whitening != "asvd" else 1)
-        for name, sp in _run_chunks(run, chunks, nwork, bar):
-            spectra[name] = sp
+        with phase_clock() as phases:
+            for name, sp in _run_chunks(run, chunks, nwork, bar):
+                spectra[name] = sp
         bar.close()
         spectra = {t.name: spectra[t.name] for t in targets}  # target order, whatever finished first
+    for ph, sec in phases.items():  # summed over problems (workers overlap): not added to the total
+        timer.stages[f"factorisation/{ph}"] = Stage(seconds=sec, peak_rss_mib=timer.stages["factorisation"].peak_rss_mib)
     plan = Plan(config, targets, spectra, stats, fingerprint, timer)
     if data is not None:
         plan.extra["data"] = data
@@ -498,7 +509,8 @@ def _run_chunks(run, chunks: list, workers: int, bar):
     torch.set_num_threads(1)
     ex = ThreadPoolExecutor(max_workers=min(workers, len(chunks)), thread_name_prefix="obdk-decompose")
     try:
-        futures = [ex.submit(run, chunk) for chunk in chunks]
+        # each task in a copy of this context, so a phase_clock() around the call sees its phases
+        futures = [ex.submit(contextvars.copy_context().run, run, chunk) for chunk in chunks]
         for chunk, fut in zip(chunks, futures):
             yield from fut.result()
             bar.update(len(chunk))

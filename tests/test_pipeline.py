@@ -176,6 +176,7 @@ def test_parallel_decomposition_equals_sequential_and_restores_threads(method):
     many = prepare(m, LowRankConfig(method=method), IDS, stats=one.stats, progress=False, workers=3)
     assert torch.get_num_threads() == threads
     assert list(one.spectra) == list(many.spectra)
+    assert many.timer.stages["factorisation/eigen"].seconds > 0  # the workers' phases are clocked too
     for name, s1 in one.spectra.items():
         torch.testing.assert_close(many.spectra[name].eigenvalues, s1.eigenvalues, rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="workers"):
@@ -229,3 +230,23 @@ def test_kfac_correction_reduces_to_zs_without_covariances_and_reports_its_dampi
     assert factored and all({"kfac_cx", "kfac_cg"} <= set(x.damping) for x in factored)
     assert all(torch.isfinite(p).all() for p in m.parameters())
     assert any(not torch.allclose(p1, p2) for p1, p2 in zip(m.parameters(), m2.parameters()))
+
+
+@pytest.mark.parametrize("solver", ["eig", "cholesky"])
+def test_factorisation_sub_stages_are_timed(solver):
+    """The report breaks the factorisation down into roots / products / eigen / solves (issue #7);
+    with one worker the parts add up to no more than the stage's wall time, and the summary
+    prints them in brackets after the stage."""
+    from obdk.decompose.closed_form import PHASES
+    m = make_tiny_llama(layers=2)
+    plan = prepare(m, LowRankConfig(method="obd", solver=solver, correct="none"), IDS, progress=False, workers=1)
+    st = plan.timer.to_dict()
+    parts = [st[f"factorisation/{p}"]["seconds"] for p in PHASES]
+    assert all(p > 0 for p in parts)
+    assert sum(parts) <= st["factorisation"]["seconds"] * 1.05 + 1e-3
+    rep = plan.apply(make_tiny_llama(layers=2), keep=0.7)
+    assert set(f"factorisation/{p}" for p in PHASES) <= set(rep.stages)
+    assert "factorisation " in rep.summary() and "(roots " in rep.summary()
+    # outside prepare, decompositions pay nothing for the clock and report nothing
+    from obdk.decompose.closed_form import _CLOCK
+    assert _CLOCK.get() is None

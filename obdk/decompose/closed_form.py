@@ -25,9 +25,13 @@ rank by slicing, so every ratio comes from one decomposition.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
 import numbers
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -37,6 +41,48 @@ from torch import Tensor
 from .roots import _escalate, add_damping, all_finite, damped_cholesky, damped_eigen_root, eigh_desc, try_cholesky
 
 logger = logging.getLogger(__name__)
+
+#: The sub-stages of a decomposition timed by :func:`phase_clock`.
+PHASES = ("roots", "products", "eigen", "solves")
+_CLOCK: contextvars.ContextVar[Optional[tuple[dict, threading.Lock]]] = contextvars.ContextVar("obdk_phase_clock",
+                                                                                                 default=None)
+
+
+@contextlib.contextmanager
+def phase_clock():
+    """Time the sub-stages of every decomposition run inside this block (and in threads started
+    with a copy of its context, ``contextvars.copy_context().run``). Yields a dict
+    ``{phase: seconds}`` over :data:`PHASES`: ``roots`` (covariance preparation, Cholesky or
+    eigen roots), ``products`` (the whitening products ``T = LᵀW`` and ``K = T C Tᵀ``), ``eigen``
+    (the eigen-decomposition or SVD), ``solves`` (triangular solves and assembling the factors).
+    Times are summed over problems, so with parallel workers they add up to more than the wall
+    time. On CUDA each phase synchronises the device at its end so the time is its own.
+    """
+    acc = {k: 0.0 for k in PHASES}
+    token = _CLOCK.set((acc, threading.Lock()))
+    try:
+        yield acc
+    finally:
+        _CLOCK.reset(token)
+
+
+@contextlib.contextmanager
+def _phase(name: str, dev: torch.device):
+    clock = _CLOCK.get()
+    if clock is None:
+        yield
+        return
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        dt = time.perf_counter() - t0
+        acc, lock = clock
+        with lock:
+            acc[name] += dt
+
 
 METHODS = ("svd", "svd-llm", "obd")
 SOLVERS = ("eig", "cholesky")
@@ -326,7 +372,9 @@ def _eigh_retry(make_k, on_fail: _Escalator, reason: str) -> Tuple[Tensor, Tenso
     """Eigen-decomposition (descending) of ``make_k()`` [B, p, p], calling ``on_fail`` until it succeeds."""
     while True:
         try:
-            lam, vec = eigh_desc(make_k())
+            k = make_k()
+            with _phase("eigen", k.device):
+                lam, vec = eigh_desc(k)
             if _finite(lam, vec):
                 return lam, vec
         except (torch.linalg.LinAlgError, RuntimeError):
@@ -351,37 +399,46 @@ def _eig_form(W: Tensor, Cr: Optional[Tensor], ar: List[float], r_name: str, Cq:
     on_fail = _Escalator(fn, aq if Cq is not None else (ar if Cr is not None else None),
                          q_name if Cq is not None else r_name, esc, W.dtype)
     reason = "eigen-decomposition of the whitened problem failed"
-    L = try_cholesky(Cr, ar) if Cr is not None else None
+    dev = W.device
+    with _phase("roots", dev):
+        L = try_cholesky(Cr, ar) if Cr is not None else None
     if Cr is None or L is not None:
         state = {"L": L, "calls": 0}
 
         def make_k():
             if state["calls"] and Cr is not None and on_fail.alpha is ar:  # ar escalated: refactor
-                state["L"], ar[:] = damped_cholesky(Cr, ar, name=r_name, **esc)
+                with _phase("roots", dev):
+                    state["L"], ar[:] = damped_cholesky(Cr, ar, name=r_name, **esc)
             state["calls"] += 1
-            state["T"] = state["L"].mT @ W if Cr is not None else W
-            return _gram(state["T"], Cq, aq)
+            with _phase("products", dev):
+                state["T"] = state["L"].mT @ W if Cr is not None else W
+                return _gram(state["T"], Cq, aq)
 
         lam, U = _eigh_retry(make_k, on_fail, reason)
-        b = torch.linalg.solve_triangular(state["L"].mT, U, upper=True) if Cr is not None else U
-        return lam, b, U.mT @ state["T"], torch.full((B,), p, dtype=torch.long)
+        with _phase("solves", dev):
+            b = torch.linalg.solve_triangular(state["L"].mT, U, upper=True) if Cr is not None else U
+            a = U.mT @ state["T"]
+        return lam, b, a, torch.full((B,), p, dtype=torch.long)
 
     logger.debug("%s: %s has no Cholesky factor at damping %s; using its eigen root", fn, r_name, ar)
     state = {}
 
     def make_k():
-        R, new_alpha = damped_eigen_root(Cr, ar, name=r_name, **esc)
+        with _phase("roots", dev):
+            R, new_alpha = damped_eigen_root(Cr, ar, name=r_name, **esc)
         ar[:] = new_alpha
-        state["T"] = R.mT @ W
-        return _gram(state["T"], Cq, aq)
+        with _phase("products", dev):
+            state["T"] = R.mT @ W
+            return _gram(state["T"], Cq, aq)
 
     lam, U = _eigh_retry(make_k, on_fail, reason)
     T = state["T"]
-    mask = mask_of(lam)
-    inv = torch.where(mask, lam, torch.ones_like(lam)).rsqrt() * mask.to(lam.dtype)
-    CqT = add_damping(Cq, aq) @ T.mT if Cq is not None else T.mT  # [B, q, p]
-    b = (W @ (CqT @ U)) * inv[:, None, :]
-    a = (U.mT @ T) * inv[:, :, None]
+    with _phase("solves", dev):
+        mask = mask_of(lam)
+        inv = torch.where(mask, lam, torch.ones_like(lam)).rsqrt() * mask.to(lam.dtype)
+        CqT = add_damping(Cq, aq) @ T.mT if Cq is not None else T.mT  # [B, q, p]
+        b = (W @ (CqT @ U)) * inv[:, None, :]
+        a = (U.mT @ T) * inv[:, :, None]
     return lam, b, a, mask.sum(-1)
 
 
@@ -408,12 +465,13 @@ def _decompose(weights: Tensor, cx: Optional[Tensor], cg: Optional[Tensor], *, m
     s_x = s_g = one
     ax: List[float] = [0.0]
     ag: List[float] = [0.0]
-    if use_cx:
-        Cx, s_x = _prepare_cov(cx, dev, cd)
-        ax = [float(damping)] * Cx.shape[0]
-    if use_cg:
-        Cg, s_g = _prepare_cov(cg, dev, cd)
-        ag = [float(damping)] * Cg.shape[0]
+    with _phase("roots", dev):
+        if use_cx:
+            Cx, s_x = _prepare_cov(cx, dev, cd)
+            ax = [float(damping)] * Cx.shape[0]
+        if use_cg:
+            Cg, s_g = _prepare_cov(cg, dev, cd)
+            ag = [float(damping)] * Cg.shape[0]
 
     def mask_of(lam: Tensor) -> Tensor:
         top = lam[:, :1].clamp_min(0)
@@ -433,38 +491,44 @@ def _decompose(weights: Tensor, cx: Optional[Tensor], cg: Optional[Tensor], *, m
     else:  # cholesky
         Lg = Lx = None
         if use_cg:
-            Lg, ag = damped_cholesky(Cg, ag, name="cg", **esc)
+            with _phase("roots", dev):
+                Lg, ag = damped_cholesky(Cg, ag, name="cg", **esc)
         while True:
             if use_cx:
-                Lx, ax = damped_cholesky(Cx, ax, name="cx", **esc)
-            M = Lg.mT @ W if use_cg else W
-            M = M @ Lx if use_cx else M
+                with _phase("roots", dev):
+                    Lx, ax = damped_cholesky(Cx, ax, name="cx", **esc)
+            with _phase("products", dev):
+                M = Lg.mT @ W if use_cg else W
+                M = M @ Lx if use_cx else M
             try:
-                U, sig, Vh = torch.linalg.svd(M, full_matrices=False)
+                with _phase("eigen", dev):
+                    U, sig, Vh = torch.linalg.svd(M, full_matrices=False)
                 if _finite(sig, U, Vh):
                     break
             except (torch.linalg.LinAlgError, RuntimeError):
                 pass
             _Escalator(fn, ax if use_cx else None, "cx", esc, cd)("SVD of the whitened weight failed")
-        lam = sig.square()
-        root = sig.sqrt()
-        fb = U * root[:, None, :]
-        fa = root[:, :, None] * Vh
-        if use_cg:
-            fb = torch.linalg.solve_triangular(Lg.mT, fb, upper=True)
-        if use_cx:
-            fa = torch.linalg.solve_triangular(Lx, fa, upper=False, left=False)
+        with _phase("solves", dev):
+            lam = sig.square()
+            root = sig.sqrt()
+            fb = U * root[:, None, :]
+            fa = root[:, :, None] * Vh
+            if use_cg:
+                fb = torch.linalg.solve_triangular(Lg.mT, fb, upper=True)
+            if use_cx:
+                fa = torch.linalg.solve_triangular(Lx, fa, upper=False, left=False)
         mask = mask_of(lam)
         kept = torch.full((B,), lam.shape[-1], dtype=torch.long)
 
     # Balance each component (equal norms in b and a), undo the weight scaling, units of λ.
     # A component with a zero side contributes nothing: zero both sides.
-    nb, na = fb.norm(dim=-2), fa.norm(dim=-1)
-    ok = (nb > 0) & (na > 0)
-    bal = torch.where(ok, (na / torch.where(ok, nb, torch.ones_like(nb))).sqrt(), torch.zeros_like(nb))
-    root_w = s_w.sqrt()
-    fb = fb.mul_((bal * root_w[:, None])[:, None, :])  # fb, fa are fresh results: scale in place
-    fa = fa.mul_((root_w[:, None] / torch.where(ok, bal, torch.ones_like(bal)) * ok)[:, :, None])
+    with _phase("solves", dev):
+        nb, na = fb.norm(dim=-2), fa.norm(dim=-1)
+        ok = (nb > 0) & (na > 0)
+        bal = torch.where(ok, (na / torch.where(ok, nb, torch.ones_like(nb))).sqrt(), torch.zeros_like(nb))
+        root_w = s_w.sqrt()
+        fb = fb.mul_((bal * root_w[:, None])[:, None, :])  # fb, fa are fresh results: scale in place
+        fa = fa.mul_((root_w[:, None] / torch.where(ok, bal, torch.ones_like(bal)) * ok)[:, :, None])
     lam = (lam.clamp_min(0) * (s_w.square() * s_x * s_g)[:, None]).to(torch.float64)
     if not _finite(fb, fa, lam):  # pragma: no cover - guarded by the checks above
         raise ValueError(f"{fn}: weight: decomposition produced non-finite factors (compute_dtype={cd})")
