@@ -484,7 +484,6 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
             for name, sp in _run_chunks(run, chunks, nwork, bar):
                 spectra[name] = sp
         bar.close()
-        spectra = {t.name: spectra[t.name] for t in targets}  # target order, whatever finished first
     for ph, sec in phases.items():  # summed over problems (workers overlap): not added to the total
         timer.stages[f"factorisation/{ph}"] = Stage(seconds=sec, peak_rss_mib=timer.stages["factorisation"].peak_rss_mib)
     plan = Plan(config, targets, spectra, stats, fingerprint, timer)
@@ -534,8 +533,9 @@ def _asvd_spectrum(w, cx, config, cdtype, device):
     itself; its eigenvalues are those of ``W·D`` (not loss units: use uniform allocation).
     """
     from .decompose import spectrum as decompose_spectrum
+    from .decompose.roots import all_finite
     diag = torch.diagonal(cx)
-    if not bool(torch.isfinite(diag).all()):
+    if not all_finite(diag):
         raise ValueError("asvd: cx (the input covariance) has non-finite diagonal entries")
     d = diag.to(cdtype).clamp_min(0).sqrt().pow(config.asvd_alpha)
     pos = d > 0

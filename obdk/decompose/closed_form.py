@@ -38,7 +38,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .roots import _escalate, add_damping, all_finite, damped_cholesky, damped_eigen_root, eigh_desc, try_cholesky
+from .roots import (_escalate, add_damping, all_finite, damped_cholesky, damped_eigen_root, eigh_desc, normalize_cov,
+                    try_cholesky)
 
 logger = logging.getLogger(__name__)
 
@@ -285,8 +286,9 @@ def _check_weight(w, fn: str, name: str, batched: bool) -> None:
         raise ValueError(f"{fn}: {name} contains non-finite values (NaN or inf)")
 
 
-def _check_cov(c, k: int, batch: Optional[int], fn: str, name: str, what: str) -> Tensor:
-    """Validate a covariance, returning it as [B', k, k] (B' = 1 when shared)."""
+def _check_cov(c, k: int, batch: Optional[int], fn: str, name: str, what: str) -> Tuple[Tensor, bool]:
+    """Validate a covariance, returning it as [B', k, k] (B' = 1 when shared) and whether it is
+    exactly symmetric (then :func:`_prepare_cov` need not test nor symmetrise it again)."""
     if not isinstance(c, Tensor):
         raise ValueError(f"{fn}: {name} must be a torch.Tensor [{k}, {k}] ({what}), got {type(c).__name__}")
     ok_shapes = [(k, k)] + ([(batch, k, k)] if batch is not None else [])
@@ -298,7 +300,8 @@ def _check_cov(c, k: int, batch: Optional[int], fn: str, name: str, what: str) -
     if not all_finite(c):
         raise ValueError(f"{fn}: {name} contains non-finite values (NaN or inf)")
     c3 = c if c.dim() == 3 else c.unsqueeze(0)
-    if not torch.equal(c3, c3.mT):  # obdk's own statistics are exactly symmetric: no temporaries then
+    exact = torch.equal(c3, c3.mT)
+    if not exact:  # obdk's own statistics are exactly symmetric: no temporaries then
         c32 = c3.to(torch.float64 if c3.dtype == torch.float64 else torch.float32)
         scale = c32.abs().amax((-2, -1))
         asym = (c32 - c32.mT).abs().amax((-2, -1))
@@ -309,7 +312,7 @@ def _check_cov(c, k: int, batch: Optional[int], fn: str, name: str, what: str) -
                              f"exceeds tolerance {tol:g}")
     if bool((torch.diagonal(c3, dim1=-2, dim2=-1) < 0).any()):
         raise ValueError(f"{fn}: {name} must be positive semi-definite but has negative diagonal entries")
-    return c3
+    return c3, exact
 
 
 # --------------------------------------------------------------------------- core
@@ -340,19 +343,17 @@ def _gram(T: Tensor, C: Optional[Tensor], alpha: List[float]) -> Tensor:
     return TC @ T.mT
 
 
-def _prepare_cov(c: Tensor, dev, cd: torch.dtype) -> Tuple[Tensor, Tensor]:
+def _prepare_cov(c: Tensor, dev, cd: torch.dtype, exact: bool) -> Tuple[Tensor, Tensor]:
     """``c`` [B, k, k] (validated) → (symmetric ``c / mean(diag c)`` in ``cd`` on ``dev``, scales [B]).
 
     Equal to ``normalize_cov((c + cᵀ)/2)`` in ``cd``, with one [B, k, k] buffer instead of four:
-    an exactly symmetric input (obdk's own statistics always are) skips the symmetrisation, and
-    the scaling runs in place on the converted copy.
+    an exactly symmetric input (``exact``, from :func:`_check_cov`; obdk's own statistics always
+    are) skips the symmetrisation, and the scaling runs in place on the converted copy.
     """
     w = c.to(device=dev, dtype=cd, copy=True)
-    if not torch.equal(c, c.mT):
+    if not exact:
         w = (w + w.mT).div_(2)
-    s = torch.diagonal(w, dim1=-2, dim2=-1).mean(-1)
-    s = torch.where((s > 0) & torch.isfinite(s), s, torch.ones_like(s))
-    return w.div_(s[:, None, None]), s
+    return normalize_cov(w, inplace=True)
 
 
 class _Escalator:
@@ -444,10 +445,12 @@ def _eig_form(W: Tensor, Cr: Optional[Tensor], ar: List[float], r_name: str, Cq:
 
 def _decompose(weights: Tensor, cx: Optional[Tensor], cg: Optional[Tensor], *, method: str, solver: str,
                compute_dtype: torch.dtype, damping: float, damping_max: float, damping_growth: float,
-               rtol: Optional[float], device, fn: str, originals: Optional[List[Tensor]] = None) -> List[Spectrum]:
+               rtol: Optional[float], device, fn: str, originals: Optional[List[Tensor]] = None,
+               exact: Tuple[bool, bool] = (False, False)) -> List[Spectrum]:
     """Full decompositions of ``weights`` [B, m, n]; ``cx`` [1|B, n, n], ``cg`` [1|B, m, m] (validated).
 
-    ``originals``: the B user tensors the spectra refer to (default ``weights.unbind(0)``).
+    ``originals``: the B user tensors the spectra refer to (default ``weights.unbind(0)``);
+    ``exact``: whether ``cx``/``cg`` are exactly symmetric (as :func:`_prepare` found).
     """
     B, m, n = weights.shape
     dev = _check_device(fn, device) or weights.device
@@ -467,10 +470,10 @@ def _decompose(weights: Tensor, cx: Optional[Tensor], cg: Optional[Tensor], *, m
     ag: List[float] = [0.0]
     with _phase("roots", dev):
         if use_cx:
-            Cx, s_x = _prepare_cov(cx, dev, cd)
+            Cx, s_x = _prepare_cov(cx, dev, cd, exact[0])
             ax = [float(damping)] * Cx.shape[0]
         if use_cg:
-            Cg, s_g = _prepare_cov(cg, dev, cd)
+            Cg, s_g = _prepare_cov(cg, dev, cd, exact[1])
             ag = [float(damping)] * Cg.shape[0]
 
     def mask_of(lam: Tensor) -> Tensor:
@@ -548,27 +551,29 @@ def _decompose(weights: Tensor, cx: Optional[Tensor], cg: Optional[Tensor], *, m
 
 
 def _prepare(fn: str, weight: Tensor, cx, cg, method: str, batched: bool):
-    """Validate the tensors; returns (weights [B, m, n], cx [1|B, n, n] or None, cg [1|B, m, m] or None)."""
+    """Validate the tensors; returns (weights [B, m, n], cx [1|B, n, n] or None, cg [1|B, m, m] or None,
+    (cx, cg) exactly symmetric)."""
     wname, xname, gname = ("weights", "cxs", "cgs") if batched else ("weight", "cx", "cg")
     _check_weight(weight, fn, wname, batched)
     w3 = weight if batched else weight.unsqueeze(0)
     B, m, n = w3.shape
     batch = B if batched else None
     cx3 = cg3 = None
+    sx = sg = False
     if method in ("svd-llm", "obd"):
         if cx is None:
             raise ValueError(f"{fn}: {xname} (the [{n}, {n}] input covariance C_x) is required for method={method!r}")
-        cx3 = _check_cov(cx, n, batch, fn, xname, f"input covariance C_x, n = {wname}.shape[-1] = {n}")
+        cx3, sx = _check_cov(cx, n, batch, fn, xname, f"input covariance C_x, n = {wname}.shape[-1] = {n}")
     elif cx is not None:
         logger.debug("%s: %s ignored for method=%r", fn, xname, method)
     if method == "obd":
         if cg is None:
             raise ValueError(f"{fn}: {gname} (the [{m}, {m}] output-gradient covariance C_g) is required "
                              "for method='obd'")
-        cg3 = _check_cov(cg, m, batch, fn, gname, f"output-gradient covariance C_g, m = {wname}.shape[-2] = {m}")
+        cg3, sg = _check_cov(cg, m, batch, fn, gname, f"output-gradient covariance C_g, m = {wname}.shape[-2] = {m}")
     elif cg is not None:
         logger.debug("%s: %s ignored for method=%r", fn, gname, method)
-    return w3, cx3, cg3
+    return w3, cx3, cg3, (sx, sg)
 
 
 # --------------------------------------------------------------------------- public API
@@ -598,8 +603,8 @@ def spectrum(weight: Tensor, *, method: str = "obd", cx: Optional[Tensor] = None
 def _spectrum(fn: str, weight, *, method, cx, cg, solver, compute_dtype, damping, damping_max, damping_growth,
               rtol, device) -> Spectrum:
     _check_options(fn, method, solver, compute_dtype, damping, damping_max, damping_growth, rtol)
-    w3, cx3, cg3 = _prepare(fn, weight, cx, cg, method, batched=False)
-    return _decompose(w3, cx3, cg3, method=method, solver=solver, compute_dtype=compute_dtype, damping=damping,
+    w3, cx3, cg3, exact = _prepare(fn, weight, cx, cg, method, batched=False)
+    return _decompose(w3, cx3, cg3, exact=exact, method=method, solver=solver, compute_dtype=compute_dtype, damping=damping,
                       damping_max=damping_max, damping_growth=damping_growth, rtol=rtol, device=device, fn=fn,
                       originals=[weight])[0]
 
@@ -628,8 +633,9 @@ def spectra(weights: Union[Tensor, Sequence[Tensor]], *, method: str = "obd",
             raise ValueError(f"{fn}: {name} must be a tensor or a non-empty sequence of same-shaped tensors")
         return torch.stack(xs)
 
-    w3, cx3, cg3 = _prepare(fn, stack(weights, "weights"), stack(cxs, "cxs"), stack(cgs, "cgs"), method, batched=True)
-    return _decompose(w3, cx3, cg3, method=method, solver=solver, compute_dtype=compute_dtype, damping=damping,
+    w3, cx3, cg3, exact = _prepare(fn, stack(weights, "weights"), stack(cxs, "cxs"), stack(cgs, "cgs"), method,
+                                   batched=True)
+    return _decompose(w3, cx3, cg3, exact=exact, method=method, solver=solver, compute_dtype=compute_dtype, damping=damping,
                       damping_max=damping_max, damping_growth=damping_growth, rtol=rtol, device=device, fn=fn)
 
 

@@ -48,15 +48,16 @@ def finite_per_element(t: Tensor) -> Tensor:
     return torch.isfinite(flat).all(1)
 
 
-def normalize_cov(c: Tensor) -> Tuple[Tensor, Tensor]:
+def normalize_cov(c: Tensor, inplace: bool = False) -> Tuple[Tensor, Tensor]:
     """Scale each covariance to mean diagonal 1. ``c`` [B, k, k] → (``c / s`` [B, k, k], ``s`` [B]).
 
     ``s = mean(diag c)``; where that is not positive (an all-zero covariance) ``s = 1``, so
-    relative damping still adds ``α·I`` there.
+    relative damping still adds ``α·I`` there. ``inplace``: divide ``c`` itself (a buffer the
+    caller owns) instead of a new tensor.
     """
     s = torch.diagonal(c, dim1=-2, dim2=-1).mean(-1)
     s = torch.where((s > 0) & torch.isfinite(s), s, torch.ones_like(s))
-    return c / s[:, None, None], s
+    return (c.div_(s[:, None, None]) if inplace else c / s[:, None, None]), s
 
 
 def add_damping(c: Tensor, alpha: List[float]) -> Tensor:

@@ -64,11 +64,11 @@ def test_prepare_cov_equals_normalised_symmetrisation(symmetric, cd):
     c_in = c.clone()
     w = c.to(cd)
     want, want_s = normalize_cov((w + w.mT) / 2)
-    got, got_s = _prepare_cov(c, c.device, cd)
+    got, got_s = _prepare_cov(c, c.device, cd, torch.equal(c, c.mT))  # the flag _check_cov computes
     assert got.dtype == cd and torch.equal(got, got.mT)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(got_s, want_s, rtol=0, atol=0)
     assert torch.equal(c, c_in)  # the caller's statistics are untouched
     # an all-zero covariance keeps scale 1
-    z, zs = _prepare_cov(torch.zeros(1, 3, 3), torch.device("cpu"), cd)
+    z, zs = _prepare_cov(torch.zeros(1, 3, 3), torch.device("cpu"), cd, True)
     assert float(zs) == 1.0 and not z.any()
