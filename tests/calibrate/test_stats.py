@@ -158,7 +158,7 @@ def test_weights_frozen_and_forwards_restored_also_after_exception():
 
     def spy(mod, args):
         seen.append(all(not p.requires_grad for p in model.parameters()) and not model.training)
-    h = model.register_forward_pre_hook(spy)
+    h = model.model.register_forward_pre_hook(spy)  # the trunk runs once per window
     calibrate(model, _ids(2, 8), stats=("cx", "cg"), progress=False)
     h.remove()
     assert seen == [True, True]  # frozen and in eval mode during the pass
@@ -201,18 +201,57 @@ def test_cx_only_skips_backward_and_matches():
         torch.testing.assert_close(only.cx[k], full.cx[k], rtol=1e-6, atol=1e-7)
 
 
-def test_cx_only_pass_skips_the_lm_head_but_not_with_gradients():
+def _targeted(model):
+    return {n: model.get_submodule(n) for g in linear_groups(model) for n in g.names}
+
+
+def test_the_lm_head_module_is_never_called():
+    """C_x alone runs the trunk without the head; with gradients the head and the loss run one window
+    at a time from the head's weight (never the [B, T, vocab] logits of the whole batch)."""
     model = make_tiny_llama()
     calls = []
     h = model.lm_head.register_forward_hook(lambda *a: calls.append(1))
     ids = _ids(2, 12, seed=9)
     try:
         calibrate(model, ids, stats=("cx",), progress=False)
-        assert calls == []  # the trunk (model.model) ran, not the head
-        calibrate(model, ids, stats=("cx", "cg"), progress=False)
-        assert len(calls) == 2  # one forward per window: the loss needs the logits
+        calibrate(model, ids, stats=("cx", "cg"), batch_size=2, progress=False)
+        assert calls == []
     finally:
         h.remove()
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "true"])
+def test_windowed_head_equals_the_full_logits_pass(monkeypatch, fisher):
+    """The per-window head/loss gradient (stats._head_backward) against autograd through the model's own
+    logits (the path taken for heads obdk does not recognise), padded batch, both Fisher variants."""
+    import obdk.calibrate.stats as S
+    model = make_tiny_llama().double()
+    ids = _ids(3, 14, seed=21)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding
+    mask[2, 9:] = 0  # right padding
+    data = {"input_ids": ids, "attention_mask": mask}
+    kw = dict(stats=("cx", "cg", "grad"), dtype=torch.float64, batch_size=3, fisher=fisher, seed=3, progress=False)
+    assert S._plain_head(model, _targeted(model)) is model.lm_head
+    fast = calibrate(model, data, **kw)
+    monkeypatch.setattr(S, "_plain_head", lambda *a: None)
+    slow = calibrate(model, data, **kw)
+    assert (fast.tokens, fast.loss_tokens) == (slow.tokens, slow.loss_tokens)
+    for kind in ("cx", "cg", "grad"):
+        for k, v in getattr(slow, kind).items():
+            assert _rel(getattr(fast, kind)[k], v) < 1e-12, (kind, k)
+
+
+def test_heads_with_a_logit_transform_take_the_full_logits_pass():
+    import obdk.calibrate.stats as S
+    model = make_tiny_llama()
+    linears = _targeted(model)
+    assert S._plain_head(model, linears) is model.lm_head
+    model.config.final_logit_softcapping = 30.0  # as Gemma-2 sets it: logits = 30·tanh(head(h)/30)
+    assert S._plain_head(model, linears) is None
+    model.config.final_logit_softcapping = None
+    model.config.model_type = "some-new-arch"  # unknown forward: never assume a plain head
+    assert S._plain_head(model, linears) is None
 
 
 def test_batching_does_not_change_the_result():
