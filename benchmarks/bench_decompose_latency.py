@@ -52,7 +52,7 @@ Columns
 pipeline, keep, run (dense|first|extra), stage, kind (stage|detail|total|eval), seconds,
 peak_rss_mib, peak_cuda_mib, ppl, marginal_frac, params_after (targeted Linear parameters
 after compression), keep_actual, ref_shifted (reference: Grams that needed the eigenvalue
-shift), model, nsamples, seqlen, tokens, eval_windows, eval_seqlen, threads, ref_rank, run_id,
+shift), model, model_dtype, nsamples, seqlen, tokens, eval_windows, eval_seqlen, threads, ref_rank, run_id,
 and the provenance columns of
 ``_common.env_fields`` (device, versions, git sha, timestamp, load average).
 ``peak_rss_mib`` is ``resource.getrusage(RUSAGE_SELF).ru_maxrss``: the process high-water
@@ -60,7 +60,8 @@ mark, monotone over the whole run, so a later pipeline inherits the peak of an e
 (pipelines run in ``--pipelines`` order; only increases are informative). ``peak_cuda_mib``
 is ``torch.cuda.max_memory_allocated`` reset per stage.
 
-Models: ``smollm2-135m`` (``obdk.hub.load_model``, GGUF dequantised to fp32), ``tiny``
+Models (``--dtype`` sets the dtype every pipeline runs in): ``smollm2-135m``
+(``obdk.hub.load_model``, GGUF dequantised to fp32 by default), ``tiny``
 (``tests/conftest.py::make_tiny_llama`` + ``make_char_tokenizer``, for checking the script),
 ``llama7b-random`` (CUDA only: a randomly initialised Llama-7B-shaped model, 32 layers,
 d=4096, ffn=11008, MHA, bf16; SmolLM2's tokenizer and vocabulary when that package is
@@ -70,7 +71,13 @@ installed, otherwise uniformly random token ids with vocab 32000). On an 80 GB G
 
     python benchmarks/bench_decompose_latency.py --model smollm2-135m --nsamples 32 --seqlen 512 \\
         --keeps 0.8 0.6 0.9 --eval-windows 8 --out benchmarks/results/decompose_latency_cpu.csv
+    python benchmarks/bench_decompose_latency.py --model smollm2-135m --dtype bf16 --nsamples 16 --seqlen 512 \\
+        --keeps 0.8 0.6 --out benchmarks/results/decompose_latency_cpu_bf16.csv
     python benchmarks/bench_decompose_latency.py --plot-only --out benchmarks/results/decompose_latency_cpu.csv
+
+In bf16 the reference keeps its published arithmetic (it runs its model in 16 bits too): hooks
+upcast each input to fp32 before the Gram, Cholesky and ``inv`` in fp64, SVD in fp32, factors cast
+back to the model's dtype.
 """
 from __future__ import annotations
 
@@ -365,16 +372,21 @@ def _default_data_dir() -> Optional[str]:
     return str(d) if d.is_dir() else None
 
 
-def build_model(name: str, device: torch.device):
-    """``(model, tokenizer, base_device)``: the dense model lives on ``base_device`` between pipelines."""
+def build_model(name: str, device: torch.device, dtype: Optional[str] = None):
+    """``(model, tokenizer, base_device)``: the dense model lives on ``base_device`` between pipelines.
+
+    ``dtype`` (``fp32``, ``bf16``, ``fp16``): the model's dtype for every pipeline (default: fp32 for
+    ``tiny`` and the dequantised GGUF of ``smollm2-135m``, bf16 for ``llama7b-random``).
+    """
+    dt = _DTYPES[dtype] if dtype else None
     if name == "tiny":
         if str(_common.REPO) not in sys.path:
             sys.path.insert(0, str(_common.REPO))
         from tests.conftest import make_char_tokenizer, make_tiny_llama
-        return make_tiny_llama().to(device), make_char_tokenizer(), device
+        return make_tiny_llama().to(device=device, dtype=dt), make_char_tokenizer(), device
     if name == "smollm2-135m":
         from obdk.hub import load_model
-        model, tok = load_model("smollm2-135m", device=device)
+        model, tok = load_model("smollm2-135m", device=device, dtype=dt)
         return model, tok, device
     if name == "llama7b-random":
         if device.type != "cuda":
@@ -393,7 +405,7 @@ def build_model(name: str, device: torch.device):
         old = torch.get_default_dtype()
         torch.manual_seed(0)
         try:
-            torch.set_default_dtype(torch.bfloat16)
+            torch.set_default_dtype(dt or torch.bfloat16)
             with torch.device(device):
                 model = LlamaForCausalLM(cfg)
         finally:
@@ -401,6 +413,9 @@ def build_model(name: str, device: torch.device):
         # The dense original waits in host memory; each pipeline gets its own copy on the GPU.
         return model.eval().cpu(), tok, torch.device("cpu")
     raise SystemExit(f"unknown --model {name!r}")
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def clone(base: nn.Module, device: torch.device) -> nn.Module:
@@ -691,7 +706,7 @@ def plot(rows: list[dict], png: Path) -> Path:
         ax2.set_title("each extra ratio (% of the first total)", fontsize=10)
         ax2.set_ylim(0, max([float(r["seconds"]) for r in extra] + [1e-9]) * 1.3)
         ax2.legend(fontsize=8, loc="upper right")
-    fig.suptitle(f"{meta.get('model', '')}: {meta.get('nsamples', '')}×{meta.get('seqlen', '')} calibration tokens, "
+    fig.suptitle(f"{meta.get('model', '')} ({meta.get('model_dtype') or 'float32'}): {meta.get('nsamples', '')}×{meta.get('seqlen', '')} calibration tokens, "
                  f"{meta.get('device_name', '')}, {meta.get('git_sha', '')}", fontsize=9)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
@@ -716,6 +731,9 @@ def parse_args(argv=None):
     ap.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=PIPELINES)
     ap.add_argument("--ref-rank", default="match", choices=("match", "floor"),
                     help="baseline ranks: obdk's uniform ranks (same parameters) or the reference's int()")
+    ap.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
+                    help="model dtype for every pipeline (default: fp32 for smollm2-135m's dequantised GGUF, "
+                         "bf16 for llama7b-random)")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--data-dir", default=_default_data_dir())
@@ -744,7 +762,7 @@ def main(argv=None) -> list[dict]:
         raise SystemExit("--device cuda but CUDA is not available")
 
     t0 = time.perf_counter()
-    base, tok, base_dev = build_model(args.model, device)
+    base, tok, base_dev = build_model(args.model, device, args.dtype)
     vocab = base.config.vocab_size
     eval_seqlen = args.eval_seqlen
     maxpos = getattr(base.config, "max_position_embeddings", None)
@@ -765,7 +783,8 @@ def main(argv=None) -> list[dict]:
     from obdk.pipeline import select_targets
     targeted = sum(t.m * t.n for t in select_targets(base, LowRankConfig()))
     env = _common.env_fields(device)
-    meta = {"model": args.model, "nsamples": args.nsamples, "seqlen": args.seqlen,
+    meta = {"model": args.model, "model_dtype": str(next(base.parameters()).dtype).replace("torch.", ""),
+            "nsamples": args.nsamples, "seqlen": args.seqlen,
             "tokens": int(data.input_ids.numel()), "eval_windows": args.eval_windows, "eval_seqlen": eval_seqlen,
             "threads": torch.get_num_threads(), "ref_rank": args.ref_rank, "run_id": env["timestamp"] + "/" + args.model,
             "_params_before": targeted, "_model_params": _nparams(base), **env}

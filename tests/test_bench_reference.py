@@ -109,3 +109,17 @@ def test_benchmark_runs_end_to_end_on_tiny(tmp_path, data_dir):
     assert {"calibration", "factorisation", "allocation", "truncation", "packing", "total"} <= stages
     assert all(float(r["ppl"]) > 0 for r in rows)
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_benchmark_runs_in_bf16_on_tiny(tmp_path, data_dir):
+    """--dtype bf16: every pipeline runs the bf16 model (the reference's hooks still upcast to fp32)."""
+    out = tmp_path / "lat_bf16.csv"
+    bench.main(["--model", "tiny", "--dtype", "bf16", "--nsamples", "2", "--seqlen", "32", "--keeps", "0.8",
+                "--eval-windows", "1", "--eval-seqlen", "64", "--pipelines", "reference", "svd-llm", "obd",
+                "--threads", "1", "--data-dir", str(data_dir), "--out", str(out)])
+    rows = list(csv.DictReader(out.open()))
+    assert {r["model_dtype"] for r in rows} == {"bfloat16"}
+    totals = {r["pipeline"]: r for r in rows if r["kind"] == "total"}
+    assert set(totals) == {"reference svd-llm", "obdk svd-llm", "obdk obd"}
+    assert totals["reference svd-llm"]["params_after"] == totals["obdk svd-llm"]["params_after"]
+    assert all(0 < float(r["ppl"]) < float("inf") for r in rows)
