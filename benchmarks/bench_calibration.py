@@ -86,6 +86,10 @@ def _env(device: torch.device) -> dict:
         except Exception:
             info["git_sha"] = "unknown"
     import transformers
+    from obdk import _ext
+    if device.type == "cpu" and _ext.has("gram_cpu_blas"):  # which C++ Gram path the CPU rows ran
+        info["cpu_gram"] = _ext._C.gram_cpu_blas()
+        info["cpu_gram_bf16"] = _ext._C.gram_cpu_bf16() if _ext.has("gram_cpu_bf16") else "gemm"
     info.update(torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
                 timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     return info
@@ -333,13 +337,13 @@ def run_one(model, ids: torch.Tensor, batch_size: int, repeats: int, device: tor
 
 
 def _append_csv(out: Path, row: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    new = not out.exists() or out.stat().st_size == 0
-    with out.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow(row)
+    """Append ``row`` to ``out`` (``_common.write_csv``: the header becomes the union of the old one
+    and the row's keys, so columns never shift when a run adds one)."""
+    try:
+        import _common  # run as ``python benchmarks/bench_calibration.py``
+    except ImportError:
+        from benchmarks import _common
+    _common.write_csv([row], out)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -18,6 +18,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("acc"));
   m.def("gram_cpu_blas", &obdk::gram_cpu_blas,
         "BLAS routine of gram_acc_cpu: 'mkl-syrk' (one triangle, mirrored) or 'gemm'");
+  m.def("gram_cpu_bf16", &obdk::gram_cpu_bf16,
+        "path of gram_acc_cpu for bf16 inputs: 'amx-brgemm' (AMX, lower triangle) or 'gemm'");
   m.def("lowrank_linear_cpu", &obdk::lowrank_linear_cpu, "y = (x a^T) b^T + bias (CPU)",
         py::arg("x"), py::arg("a"), py::arg("b"), py::arg("bias") = py::none());
 #ifdef OBDK_WITH_CUDA

@@ -13,6 +13,8 @@ void gram_acc_cpu(at::Tensor acc, const at::Tensor& x, double alpha, bool mirror
 void symmetrize_lower_cpu(at::Tensor acc);
 // Which BLAS routine gram_acc_cpu uses: "mkl-syrk" (one triangle, mirrored) or "gemm".
 std::string gram_cpu_blas();
+// Which path bf16 inputs take in gram_acc_cpu: "amx-brgemm" (oneDNN AMX micro-kernel, lower triangle) or "gemm".
+std::string gram_cpu_bf16();
 
 // y[M, m] = (x[M, n] a[r, n]^T) b[m, r]^T + bias[m]
 at::Tensor lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,

@@ -32,7 +32,8 @@ def report() -> dict[str, Any]:
         "transformers": _version("transformers"),
         "gpu": torch.cuda.get_device_name(0) if cuda else None,
         "extension": {"loaded": _ext.loaded(), "devices": _ext.devices(), "error": _ext.load_error,
-                      "cpu_gram_blas": _ext._C.gram_cpu_blas() if _ext.has("gram_cpu_blas") else None},
+                      "cpu_gram_blas": _ext._C.gram_cpu_blas() if _ext.has("gram_cpu_blas") else None,
+                      "cpu_gram_bf16": _ext._C.gram_cpu_bf16() if _ext.has("gram_cpu_bf16") else None},
         "backend_override": backends.forced_backend() if _safe_forced() else "invalid",
         "ops": backends.report(),
     }

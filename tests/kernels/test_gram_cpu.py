@@ -133,3 +133,70 @@ def test_calibration_statistics_exactly_symmetric():
     for d in (st.cx, st.cg):
         for k, v in d.items():
             assert torch.equal(v, v.T), k
+
+
+# ----------------------------------------------------------------------------- bf16 on AMX (n >= 1024)
+
+_SUB_BF16 = r"""
+import json, torch
+from obdk import _C
+g = torch.Generator().manual_seed(1)
+acc = torch.zeros(1040, 1040)
+for T in (517, 64, 1):
+    x = (torch.randn(T, 1040, generator=g) + 0.3).bfloat16()
+    _C.gram_acc_cpu(acc, x, 1.0, False)
+_C.symmetrize_lower_cpu(acc)
+print(json.dumps({"path": _C.gram_cpu_bf16(), "acc": acc.flatten().tolist()}))
+"""
+
+
+def _run_bf16(amx_env):
+    env = dict(os.environ)
+    env.pop("OBDK_CPU_AMX", None)
+    if amx_env is not None:
+        env["OBDK_CPU_AMX"] = amx_env
+    out = subprocess.run([sys.executable, "-c", _SUB_BF16], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not _ext.has("gram_cpu_bf16"), reason="obdk._C without gram_cpu_bf16")
+@pytest.mark.parametrize("n,T", [(1024, 2), (1040, 517), (1536, 301)])
+@pytest.mark.parametrize("mirror", [True, False])
+def test_bf16_wide_matches_reference(n, T, mirror):
+    """n >= 1024 bf16 takes the AMX BRGEMM path where the CPU has AMX (odd token counts padded, a
+    16-wide tail column block at n = 1040): the fp64 reference to fp32 rounding, accumulated twice."""
+    g = torch.Generator().manual_seed(n + T)
+    xs = [(torch.randn(T, n, generator=g) + 0.3).bfloat16() for _ in range(2)]
+    acc = torch.full((n, n), 0.5)
+    for x in xs:
+        _ext._C.gram_acc_cpu(acc, x, 1.0, mirror)
+    if not mirror:
+        _ext._C.symmetrize_lower_cpu(acc)
+    want = 0.5 + sum(gram_reference(x) for x in xs)
+    assert _rel(acc, want) <= 2e-6
+    assert torch.equal(acc, acc.T)
+
+
+@pytest.mark.skipif(not _ext.has("gram_cpu_bf16"), reason="obdk._C without gram_cpu_bf16")
+def test_bf16_amx_and_gemm_paths_agree():
+    """OBDK_CPU_AMX=0 forces the GEMM for bf16; both give the same Gram to fp32 rounding."""
+    default, gemm = _run_bf16(None), _run_bf16("0")
+    assert gemm["path"] == "gemm"
+    assert default["path"] in ("amx-brgemm", "gemm")
+    a, b = torch.tensor(default["acc"]), torch.tensor(gemm["acc"])
+    assert ((a - b).abs().max() / b.abs().max()).item() <= 2e-6
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "amx_bf16" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not (_ext.has("gram_cpu_bf16") and _cpu_has_amx() and torch.backends.mkldnn.is_available()),
+                    reason="no AMX on this CPU (or no oneDNN in this torch)")
+def test_amx_cpu_uses_brgemm():
+    """On a CPU with AMX (this project's machine) the bf16 Gram path is the BRGEMM one."""
+    assert _run_bf16(None)["path"] == "amx-brgemm"
