@@ -75,12 +75,13 @@ print(json.dumps({"blas": _C.gram_cpu_blas(), "acc": acc.flatten().tolist()}))
 """
 
 
-def _run(env_value):
+def _run(env_value, var="OBDK_CPU_SYRK", script=_SUB):
+    """Run ``script`` in a fresh process with ``var`` unset (None) or set to ``env_value``."""
     env = dict(os.environ)
-    env.pop("OBDK_CPU_SYRK", None)
+    env.pop(var, None)
     if env_value is not None:
-        env["OBDK_CPU_SYRK"] = env_value
-    out = subprocess.run([sys.executable, "-c", _SUB], env=env, capture_output=True, text=True, check=True)
+        env[var] = env_value
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -151,12 +152,7 @@ print(json.dumps({"path": _C.gram_cpu_bf16(), "acc": acc.flatten().tolist()}))
 
 
 def _run_bf16(amx_env):
-    env = dict(os.environ)
-    env.pop("OBDK_CPU_AMX", None)
-    if amx_env is not None:
-        env["OBDK_CPU_AMX"] = amx_env
-    out = subprocess.run([sys.executable, "-c", _SUB_BF16], env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return _run(amx_env, "OBDK_CPU_AMX", _SUB_BF16)
 
 
 @pytest.mark.skipif(not _ext.has("gram_cpu_bf16"), reason="obdk._C without gram_cpu_bf16")
