@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", default="wikitext2:validation", help="NAME[:SPLIT] (wikitext2, c4) or a file path")
     c.add_argument("--nsamples", type=int, default=32)
     c.add_argument("--seqlen", type=int, default=512)
+    c.add_argument("--calib-batch-size", type=int, default=1,
+                   help="calibration windows per forward/backward pass (more: faster, more memory)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--rank-multiple", type=int, default=8)
     c.add_argument("--damping", type=float, default=0.01)
@@ -124,7 +126,7 @@ def cmd_compress(args) -> int:
             dense_eval = perplexity(model, tok, "wikitext2", seqlen=args.seqlen, windows=args.eval_windows,
                                     data_dir=args.data_dir)
     plan = prepare(model, cfg, args.calib, tokenizer=tok, nsamples=args.nsamples, seqlen=args.seqlen,
-                   seed=args.seed, data_dir=args.data_dir, timer=timer)
+                   seed=args.seed, data_dir=args.data_dir, timer=timer, calib_batch_size=args.calib_batch_size)
     results = []
     base = None
     if len(args.keep) > 1:

@@ -60,6 +60,7 @@ def format_report(rep: dict[str, Any]) -> str:
         f"gpu           {rep['gpu'] or 'none'}",
         f"obdk._C       {'loaded, devices: ' + ', '.join(ext['devices']) if ext['loaded'] else 'NOT loaded: ' + str(ext['error'])}",
         f"CPU Gram BLAS {ext.get('cpu_gram_blas') or 'n/a'} (OBDK_CPU_SYRK=0 forces gemm)",
+        f"CPU Gram bf16 {ext.get('cpu_gram_bf16') or 'n/a'} (n >= 1024; OBDK_CPU_AMX=0 forces gemm)",
         f"OBDK_BACKEND  {rep['backend_override'] or 'auto'}",
         "op backends:",
     ]

@@ -411,7 +411,7 @@ def _calibration_windows(calibration, tokenizer, nsamples, seqlen, seed, data_di
 def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibration: Any = None, *,
             tokenizer=None, nsamples: int = 32, seqlen: int = 512, seed: int = 0, data_dir=None,
             stats=None, device=None, progress: bool = True, timer: Optional[StageTimer] = None,
-            batch: Optional[int] = None, workers: Optional[int] = None) -> Plan:
+            batch: Optional[int] = None, workers: Optional[int] = None, calib_batch_size: int = 1) -> Plan:
     """Calibrate ``model`` once and decompose every target fully (see :class:`Plan`).
 
     ``calibration``: a ``CalibrationData``, a dataset name (``wikitext2:validation``),
@@ -425,6 +425,9 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
     eigen-solvers at these sizes use a second core poorly, so independent problems side by side
     fill the cores better than one problem on all of them; each result is the same
     single-problem computation. On CUDA it is 1 (the GPU is filled by ``batch``).
+    ``calib_batch_size``: calibration windows per forward (and backward) pass; more run faster
+    where memory allows (SmolLM2-135M on 2 CPU cores, ``C_x``+``C_g``: 4 windows of 512 tokens
+    ≈ 9 % faster than 1) and give the same statistics up to rounding.
     """
     from .decompose import spectra as decompose_spectra
     from .decompose import spectrum as decompose_spectrum
@@ -440,7 +443,8 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
     if need and stats is None:
         with timer("calibration"):
             from .calibrate.stats import calibrate
-            stats = calibrate(model, data, stats=need, fisher=config.fisher, seed=seed, progress=progress)
+            stats = calibrate(model, data, stats=need, fisher=config.fisher, seed=seed, progress=progress,
+                              batch_size=calib_batch_size)
     if stats is not None:
         fingerprint = getattr(stats, "fingerprint", None)
     whitening = config.resolved_whitening
@@ -592,19 +596,20 @@ def _prepare_gradient_scores(plan: Plan, model, data, progress) -> None:
 
 def compress(model: nn.Module, config: Optional[LowRankConfig] = None, calibration: Any = None, *,
              tokenizer=None, nsamples: int = 32, seqlen: int = 512, seed: int = 0, data_dir=None,
-             stats=None, device=None, progress: bool = True) -> CompressionReport:
+             stats=None, device=None, progress: bool = True, calib_batch_size: int = 1) -> CompressionReport:
     """Compress ``model`` in place; return a :class:`CompressionReport`.
 
     Each targeted Linear (default: every ``nn.Linear`` in the decoder layers) becomes a
     ``LowRankLinear`` (bias kept) at the rank the allocation gives, or stays dense
     when that rank reaches break-even ``mn/(m+n)``. See :func:`prepare` for
     ``calibration``; ``nsamples``×``seqlen`` tokens, seeded by ``seed``, are drawn
-    from it when it is not already windows.
+    from it when it is not already windows; ``calib_batch_size`` windows run per pass.
     """
     config = config or LowRankConfig()
     before = _nparams(model)
     plan = prepare(model, config, calibration, tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                   data_dir=data_dir, stats=stats, device=device, progress=progress)
+                   data_dir=data_dir, stats=stats, device=device, progress=progress,
+                   calib_batch_size=calib_batch_size)
     return plan.apply(model, model_params_before=before)
 
 

@@ -250,3 +250,25 @@ def test_factorisation_sub_stages_are_timed(solver):
     # outside prepare, decompositions pay nothing for the clock and report nothing
     from obdk.decompose.closed_form import _CLOCK
     assert _CLOCK.get() is None
+
+
+def test_calibration_batch_size_gives_the_same_statistics(monkeypatch):
+    """prepare(calib_batch_size=k) and obdk compress --calib-batch-size run k windows per pass;
+    the statistics (and so the spectra) equal one window per pass up to rounding."""
+    import obdk.calibrate.stats as S
+    m = make_tiny_llama()
+    cfg = LowRankConfig(method="obd", correct="none")
+    one = prepare(m, cfg, IDS, progress=False)
+    seen = []
+    real = S.calibrate
+    monkeypatch.setattr(S, "calibrate", lambda *a, **k: seen.append(k["batch_size"]) or real(*a, **k))
+    three = prepare(m, cfg, IDS, progress=False, calib_batch_size=3)
+    assert seen == [3]
+    for kind in ("cx", "cg"):
+        for k, v in getattr(one.stats, kind).items():
+            torch.testing.assert_close(getattr(three.stats, kind)[k], v, rtol=1e-5, atol=1e-7)
+    for name, s in one.spectra.items():
+        torch.testing.assert_close(three.spectra[name].eigenvalues, s.eigenvalues, rtol=1e-4, atol=1e-9)
+    from obdk.cli import build_parser
+    args = build_parser().parse_args(["compress", "smollm2-135m", "--calib-batch-size", "4", "--out", "x"])
+    assert args.calib_batch_size == 4
