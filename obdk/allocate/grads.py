@@ -55,6 +55,11 @@ def summed_weight_grads(model: nn.Module, input_ids: Tensor, names: Sequence[str
         if not isinstance(w, Tensor) or w.dim() != 2:
             raise ValueError(f"summed_weight_grads: {nm!r} is not a module with a 2-D weight")
         weights.append(w)
+    # the loss one window at a time from the head's weight where the logits are lm_head(trunk(...))
+    # (obdk.calibrate.stats.plain_head): never the batch's [B, T, vocab] logits, their fp32 copy and gradient
+    from ..calibrate import stats as cstats
+    head = cstats.plain_head(model, {nm: modules[nm] for nm in names})
+    runner = model.base_model if head is not None else model
     flags = [(p, p.requires_grad) for p in model.parameters()]
     device = weights[0].device
     acc = [torch.zeros(w.shape, dtype=torch.promote_types(w.dtype, torch.float32), device=w.device) for w in weights]
@@ -67,9 +72,18 @@ def summed_weight_grads(model: nn.Module, input_ids: Tensor, names: Sequence[str
             for s in range(0, input_ids.shape[0], batch_size):
                 ids = input_ids[s:s + batch_size].to(device)
                 am = None if attention_mask is None else attention_mask[s:s + batch_size].to(device)
-                out = model(input_ids=ids, attention_mask=am, use_cache=False)
-                loss = next_token_loss(out.logits, ids, am)
-                grads = torch.autograd.grad(loss, weights, allow_unused=True)
+                out = runner(input_ids=ids, attention_mask=am, use_cache=False)
+                if head is None:
+                    loss = next_token_loss(out.logits, ids, am)
+                    grads = torch.autograd.grad(loss, weights, allow_unused=True)
+                else:
+                    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+                    lab = None if am is None else am[:, 1:].bool() & am[:, :-1].bool()
+                    with torch.no_grad():
+                        dh = cstats.head_backward(hidden.detach(), head, ids=ids, lab=lab,
+                                                  windows=range(ids.shape[0]), fisher="empirical", seed=0)
+                    grads = torch.autograd.grad(hidden, weights, grad_outputs=dh, allow_unused=True)
+                del out
                 for a, g in zip(acc, grads):
                     if g is not None:
                         a.add_(g.to(a.dtype))

@@ -52,7 +52,7 @@ How obdk keeps this within a GPU:
   possible in a single pass (each window adds to every layer until the last one), and doing
   it during the last backward would not lower the peak, which is reached before;
 * the loss of a backward pass runs one window at a time from the LM head's weight
-  (:func:`_plain_head`, :func:`_head_backward`) for the architectures whose logits are
+  (:func:`plain_head`, :func:`head_backward`) for the architectures whose logits are
   ``lm_head(hidden)``: only ``[T-1, vocab]`` logits and their fp32 softmax exist at once, never the
   ``[B, T, vocab]`` logits of a batch with their fp32 copy and gradient (4 windows of 2048 tokens
   at Llama's vocabulary of 32,000: 1 GiB per fp32 copy). On SmolLM2-135M (vocabulary 49,152) this
@@ -88,7 +88,7 @@ from .function import CalibrationContext, CalibrationLinear, GroupState, ModuleS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Statistics", "calibrate", "stats_nbytes", "layer_slices", "STATS"]
+__all__ = ["Statistics", "calibrate", "stats_nbytes", "layer_slices", "STATS", "plain_head", "head_backward"]
 
 #: the statistics ``calibrate`` can collect
 STATS = ("cx", "cg", "grad")
@@ -490,7 +490,7 @@ def calibrate(model: nn.Module, data: Any, *, stats: Sequence[str] = ("cx", "cg"
     # ---------------------------------------------------------------- the pass
     # a forward-only pass (C_x alone) needs no logits: run the trunk without the LM head; a backward
     # pass runs the trunk too when the head is a plain Linear, and the head + loss one window at a time
-    head = _plain_head(model, linears) if backward else None
+    head = plain_head(model, linears) if backward else None
     runner = _trunk(model, linears) if (head is not None or not backward) else model
     accepts_pos = "position_ids" in inspect.signature(runner.forward).parameters
     group_states = list({id(s.group): s.group for s in slots.values()}.values())
@@ -597,11 +597,12 @@ _PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "ge
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "logit_softcapping")
 
 
-def _plain_head(model: nn.Module, linears: dict[str, nn.Linear]) -> Optional[nn.Linear]:
+def plain_head(model: nn.Module, linears: dict[str, nn.Linear]) -> Optional[nn.Linear]:
     """The LM head when ``model``'s logits are exactly ``head(trunk(...)[0])``, else None.
 
-    Then a backward pass runs :func:`_trunk` and forms the logits, the loss gradient and the
-    head's input gradient one window at a time (:func:`_head_backward`) instead of holding
+    ``linears``: {name: module} of the modules whose gradients are wanted (they must all sit in the
+    trunk, ``model.base_model``). Then a backward pass runs the trunk and forms the logits, the loss gradient and the
+    head's input gradient one window at a time (:func:`head_backward`) instead of holding
     ``[B, T, vocab]`` logits, their fp32 copy and their gradient at once. Only for the model
     types in ``_PLAIN_HEAD_TYPES`` with no logit transform in their config, a plain ``nn.Linear``
     head outside the targeted Linears, and a trunk that :func:`_trunk` accepts.
@@ -621,7 +622,7 @@ def _plain_head(model: nn.Module, linears: dict[str, nn.Linear]) -> Optional[nn.
     return head
 
 
-def _head_backward(hidden: Tensor, head: nn.Linear, *, ids: Tensor, lab: Optional[Tensor],
+def head_backward(hidden: Tensor, head: nn.Linear, *, ids: Tensor, lab: Optional[Tensor],
                    windows: Sequence[int], fisher: str, seed: int) -> Tensor:
     """``∂L/∂hidden`` [B, T, d] of the sum-reduced next-token loss of ``head(hidden)``.
 
@@ -659,7 +660,7 @@ def _run_batch(model: nn.Module, ctx: CalibrationContext, group_states: Sequence
     """One forward (and backward) over ``ids`` [B, T]; returns ``(tokens, loss positions)``.
 
     ``head``: with ``backward``, ``model`` is the trunk and the loss runs through
-    :func:`_head_backward` (see :func:`_plain_head`); None: ``model`` returns the logits.
+    :func:`head_backward` (see :func:`plain_head`); None: ``model`` returns the logits.
     """
     B, T = ids.shape
     ctx.set_batch(mask, B * T)
@@ -689,7 +690,7 @@ def _run_batch(model: nn.Module, ctx: CalibrationContext, group_states: Sequence
             hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
             del out
             with torch.no_grad():
-                grad = _head_backward(hidden.detach(), head, ids=ids, lab=lab, windows=windows, fisher=fisher,
+                grad = head_backward(hidden.detach(), head, ids=ids, lab=lab, windows=windows, fisher=fisher,
                                       seed=seed)
             hidden.backward(grad)
         return n_tok, n_lab

@@ -108,3 +108,26 @@ def test_bsi_scores_end_to_end(tiny_llama):
     alloc = allocate_bsi(specs, 0.5, 4)
     assert alloc.params <= alloc.budget
     assert set(alloc.meta["kept_indices"]) == set(NAMES)
+
+
+def test_summed_weight_grads_windowed_loss_equals_the_full_logits(monkeypatch):
+    """The loss runs one window at a time from the head's weight (obdk.calibrate.stats.plain_head):
+    the lm_head module is never called, and the gradients equal the full-logits path (fp64)."""
+    import obdk.calibrate.stats as S
+    from tests.conftest import make_tiny_llama
+    model = make_tiny_llama().double().eval()
+    ids, mask = _windows(4, 14, seed=3)
+    calls = []
+    h = model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        fast = summed_weight_grads(model, ids, NAMES, attention_mask=mask, batch_size=2)
+        assert calls == []
+        monkeypatch.setattr(S, "plain_head", lambda *a: None)
+        slow = summed_weight_grads(model, ids, NAMES, attention_mask=mask, batch_size=2)
+        assert len(calls) == 2
+    finally:
+        h.remove()
+    for n in NAMES:
+        assert fast[n].dtype == torch.float64
+        rel = ((fast[n] - slow[n]).norm() / slow[n].norm()).item()
+        assert rel < 1e-6, n  # the full-logits path forms its loss in fp32 (next_token_loss), this one in fp64

@@ -222,7 +222,7 @@ def test_the_lm_head_module_is_never_called():
 
 @pytest.mark.parametrize("fisher", ["empirical", "true"])
 def test_windowed_head_equals_the_full_logits_pass(monkeypatch, fisher):
-    """The per-window head/loss gradient (stats._head_backward) against autograd through the model's own
+    """The per-window head/loss gradient (stats.head_backward) against autograd through the model's own
     logits (the path taken for heads obdk does not recognise), padded batch, both Fisher variants."""
     import obdk.calibrate.stats as S
     model = make_tiny_llama().double()
@@ -232,9 +232,9 @@ def test_windowed_head_equals_the_full_logits_pass(monkeypatch, fisher):
     mask[2, 9:] = 0  # right padding
     data = {"input_ids": ids, "attention_mask": mask}
     kw = dict(stats=("cx", "cg", "grad"), dtype=torch.float64, batch_size=3, fisher=fisher, seed=3, progress=False)
-    assert S._plain_head(model, _targeted(model)) is model.lm_head
+    assert S.plain_head(model, _targeted(model)) is model.lm_head
     fast = calibrate(model, data, **kw)
-    monkeypatch.setattr(S, "_plain_head", lambda *a: None)
+    monkeypatch.setattr(S, "plain_head", lambda *a: None)
     slow = calibrate(model, data, **kw)
     assert (fast.tokens, fast.loss_tokens) == (slow.tokens, slow.loss_tokens)
     for kind in ("cx", "cg", "grad"):
@@ -246,12 +246,12 @@ def test_heads_with_a_logit_transform_take_the_full_logits_pass():
     import obdk.calibrate.stats as S
     model = make_tiny_llama()
     linears = _targeted(model)
-    assert S._plain_head(model, linears) is model.lm_head
+    assert S.plain_head(model, linears) is model.lm_head
     model.config.final_logit_softcapping = 30.0  # as Gemma-2 sets it: logits = 30·tanh(head(h)/30)
-    assert S._plain_head(model, linears) is None
+    assert S.plain_head(model, linears) is None
     model.config.final_logit_softcapping = None
     model.config.model_type = "some-new-arch"  # unknown forward: never assume a plain head
-    assert S._plain_head(model, linears) is None
+    assert S.plain_head(model, linears) is None
 
 
 def test_batching_does_not_change_the_result():
