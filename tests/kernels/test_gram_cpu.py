@@ -85,13 +85,18 @@ def _run(env_value, var="OBDK_CPU_SYRK", script=_SUB):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_gemm_and_syrk_paths_agree():
-    """OBDK_CPU_SYRK=0 forces the GEMM path; both give the same Gram to fp32 rounding."""
-    default, gemm = _run(None), _run("0")
-    assert gemm["blas"] == "gemm"
-    assert default["blas"] in ("mkl-syrk", "gemm")
+def _assert_switch_agrees(run, key: str, fast: str) -> None:
+    """``run(None)`` (default path) and ``run("0")`` (switched off: the GEMM) give the same Gram."""
+    default, gemm = run(None), run("0")
+    assert gemm[key] == "gemm"
+    assert default[key] in (fast, "gemm")
     a, b = torch.tensor(default["acc"]), torch.tensor(gemm["acc"])
     assert ((a - b).abs().max() / b.abs().max()).item() <= 2e-6
+
+
+def test_gemm_and_syrk_paths_agree():
+    """OBDK_CPU_SYRK=0 forces the GEMM path; both give the same Gram to fp32 rounding."""
+    _assert_switch_agrees(_run, "blas", "mkl-syrk")
 
 
 def _torch_exports_mkl_syrk() -> bool:
@@ -176,11 +181,7 @@ def test_bf16_wide_matches_reference(n, T, mirror):
 @pytest.mark.skipif(not _ext.has("gram_cpu_bf16"), reason="obdk._C without gram_cpu_bf16")
 def test_bf16_amx_and_gemm_paths_agree():
     """OBDK_CPU_AMX=0 forces the GEMM for bf16; both give the same Gram to fp32 rounding."""
-    default, gemm = _run_bf16(None), _run_bf16("0")
-    assert gemm["path"] == "gemm"
-    assert default["path"] in ("amx-brgemm", "gemm")
-    a, b = torch.tensor(default["acc"]), torch.tensor(gemm["acc"])
-    assert ((a - b).abs().max() / b.abs().max()).item() <= 2e-6
+    _assert_switch_agrees(_run_bf16, "path", "amx-brgemm")
 
 
 def _cpu_has_amx() -> bool:
