@@ -14,6 +14,13 @@ log = logging.getLogger(__name__)
 __all__ = ["summed_weight_grads", "next_token_loss"]
 
 
+def _label_positions(attention_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """[B, T-1] bool: positions whose input and next token are both real (None: every position)."""
+    if attention_mask is None:
+        return None
+    return attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+
+
 def next_token_loss(logits: Tensor, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
     """Sum-reduced next-token cross entropy.
 
@@ -22,8 +29,8 @@ def next_token_loss(logits: Tensor, input_ids: Tensor, attention_mask: Optional[
     both tokens are real. Returns a 0-d fp32 tensor (not divided by the token count).
     """
     labels = input_ids[:, 1:]
-    if attention_mask is not None:
-        valid = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+    valid = _label_positions(attention_mask)
+    if valid is not None:
         labels = labels.masked_fill(~valid, -100)
     lg = logits[:, :-1].float()
     return F.cross_entropy(lg.reshape(-1, lg.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
@@ -78,9 +85,8 @@ def summed_weight_grads(model: nn.Module, input_ids: Tensor, names: Sequence[str
                     grads = torch.autograd.grad(loss, weights, allow_unused=True)
                 else:
                     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-                    lab = None if am is None else am[:, 1:].bool() & am[:, :-1].bool()
                     with torch.no_grad():
-                        dh = cstats.head_backward(hidden.detach(), head, ids=ids, lab=lab,
+                        dh = cstats.head_backward(hidden.detach(), head, ids=ids, lab=_label_positions(am),
                                                   windows=range(ids.shape[0]), fisher="empirical", seed=0)
                     grads = torch.autograd.grad(hidden, weights, grad_outputs=dh, allow_unused=True)
                 del out

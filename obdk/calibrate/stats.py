@@ -636,6 +636,7 @@ def head_backward(hidden: Tensor, head: nn.Linear, *, ids: Tensor, lab: Optional
     B, T, _ = hidden.shape
     grad = torch.zeros_like(hidden)
     w = head.weight
+    rows = torch.arange(T - 1, device=hidden.device)
     for b, win in enumerate(windows):
         logits = F.linear(hidden[b, :-1], w, head.bias)  # [T-1, V]
         ldt = torch.promote_types(logits.dtype, torch.float32)
@@ -645,7 +646,6 @@ def head_backward(hidden: Tensor, head: nn.Linear, *, ids: Tensor, lab: Optional
             labels = ids[b, 1:].to(p.device)
         else:
             labels = torch.multinomial(p, 1, generator=_window_generator(seed, win, p.device)).squeeze(1)
-        rows = torch.arange(T - 1, device=p.device)
         p[rows, labels] -= 1
         if lab is not None:
             p.mul_(lab[b].to(device=p.device, dtype=p.dtype)[:, None])
