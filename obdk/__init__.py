@@ -22,10 +22,11 @@ from . import _ext  # noqa: E402  (never raises)
 from . import ops  # noqa: E402,F401  (declares the torch.library ops)
 from . import calibrate  # noqa: E402  (callable package: obdk.calibrate(model, data, ...))
 from .config import LowRankConfig  # noqa: E402
+from .errors import ObdkError  # noqa: E402
 from .nn import LowRankLinear  # noqa: E402
 
 __all__ = [
-    "__version__", "ops", "calibrate", "LowRankConfig", "LowRankLinear", "factorize", "spectrum",
+    "__version__", "ObdkError", "ops", "calibrate", "LowRankConfig", "LowRankLinear", "factorize", "spectrum",
     "compress", "compress_many", "prepare", "CompressionReport", "save_pretrained", "load_pretrained",
     "perplexity", "load_model", "PackedLowRankLinear", "pack_shared_inputs",
 ]

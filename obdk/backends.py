@@ -8,6 +8,7 @@ that cannot run raises instead of falling back.
 """
 from __future__ import annotations
 
+from .errors import BackendUnavailable  # noqa: F401
 import os
 from dataclasses import dataclass, field
 from typing import Callable
@@ -18,8 +19,7 @@ BACKENDS = ("torch", "cpp", "triton", "cuda")
 ENV = "OBDK_BACKEND"
 
 
-class BackendUnavailable(RuntimeError):
-    """A backend forced by ``OBDK_BACKEND`` (or by argument) cannot run this call."""
+# BackendUnavailable lives in obdk.errors (one base, ObdkError); re-exported here.
 
 
 @dataclass

@@ -15,6 +15,7 @@ windows are never skipped.
 """
 from __future__ import annotations
 
+from .errors import NonFiniteLossError  # noqa: F401
 import logging
 import math
 import os
@@ -31,8 +32,7 @@ from .calibrate.data import check_token_ids, load_text, sha256_text, tokenize_te
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
-    """A perplexity window produced a NaN/inf loss."""
+# NonFiniteLossError lives in obdk.errors (one base, ObdkError); re-exported here.
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -20,6 +20,7 @@ model configurations).
 """
 from __future__ import annotations
 
+from .errors import ModelNotFoundError  # noqa: F401
 import glob
 import hashlib
 import importlib.util
@@ -50,8 +51,7 @@ _DTYPES = {
 }
 
 
-class ModelNotFoundError(FileNotFoundError):
-    """``spec`` is neither an alias, a directory, a file, nor a loadable hub id."""
+# ModelNotFoundError lives in obdk.errors (one base, ObdkError); re-exported here.
 
 
 def _hub_offline() -> bool:

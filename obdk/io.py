@@ -12,6 +12,7 @@ checking every name, shape and file on the way.
 """
 from __future__ import annotations
 
+from .errors import CheckpointError  # noqa: F401
 import json
 import logging
 import os
@@ -35,8 +36,7 @@ SHARD_BYTES = 4 << 30
 REPORT_FILE = "obdk_report.json"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory is missing, truncated or inconsistent (message names file and tensor)."""
+# CheckpointError lives in obdk.errors (one base, ObdkError); re-exported here.
 
 
 # --------------------------------------------------------------------------- helpers

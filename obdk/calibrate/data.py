@@ -48,6 +48,7 @@ uses ``train``; ``c4`` uses ``validation``.
 """
 from __future__ import annotations
 
+from ..errors import DatasetNotFoundError  # noqa: F401
 import hashlib
 import json
 import logging
@@ -99,8 +100,7 @@ _DOC_SUFFIXES = (".jsonl", ".parquet")
 Source = Union[str, os.PathLike, Sequence[str], Tensor, tuple]
 
 
-class DatasetNotFoundError(FileNotFoundError):
-    """A named dataset split is neither in the local data directory nor reachable on the hub."""
+# DatasetNotFoundError lives in obdk.errors (one base, ObdkError); re-exported here.
 
 
 # --------------------------------------------------------------------------- text

@@ -27,6 +27,7 @@ not all representable in bf16).
 """
 from __future__ import annotations
 
+from ..errors import SharedInputMismatch  # noqa: F401
 import contextlib
 from typing import Iterator, Optional
 
@@ -87,8 +88,7 @@ def _cpu_lower_only() -> bool:
         return False
 
 
-class SharedInputMismatch(RuntimeError):
-    """Modules declared as sharing an input (one ``C_x``) did not receive the same tensor."""
+# SharedInputMismatch lives in obdk.errors (one base, ObdkError); re-exported here.
 
 
 class CalibrationContext:
