@@ -5,29 +5,27 @@
   the calibration-free ``svd`` is drawn in every panel. Full-length rows are left out.
 * ``allocation_*.csv`` (bench_allocation.py) → ``allocation_*_keep<K>.png``, one per keep: grouped
   bars (group = allocation, bar = whitening ± a correction), one panel per (calibration, evaluation).
-* ``decompose_latency*.csv`` (bench_decompose_latency.py) → ``decompose_latency*.png``: stacked
-  bars of the stage times per configuration (long format with a ``stage`` column and a seconds
-  column, or wide format with ``*_s`` / ``*_ms`` stage columns).
+* ``decompose_latency*.csv`` (bench_decompose_latency.py) → ``decompose_latency*.png``, the last
+  run in the file: stacked bars of the stage times per pipeline at the first keep (total and
+  perplexity on top), and the marginal cost of each extra keep (% of the first total).
+  bench_decompose_latency.py draws the same figure through :func:`plot_latency` after each run.
 
 Missing or empty inputs are skipped with a message. When a CSV holds several runs of the same
 cell (re-runs), the last row wins.
 
-    python benchmarks/plot_results.py                      # every CSV found in benchmarks/results/
-    python benchmarks/plot_results.py --only quality allocation --results-dir /tmp/res
+    python -m benchmarks.plot_results                      # every CSV found in benchmarks/results/
+    python -m benchmarks.plot_results --only quality allocation --results-dir /tmp/res
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import sys
 from pathlib import Path
+from typing import Optional
 
-RESULTS = Path(__file__).resolve().parent / "results"
-PROVENANCE = {"device_name", "torch", "triton", "obdk", "transformers", "cuda", "git_sha", "timestamp",
-              "loadavg_1m", "python"}
-
-
+from .core.env import RESULTS
+from .core.rows import read_rows, to_float
 
 #: one colour per method in every panel and figure
 METHOD_COLORS = {"svd": "tab:green", "svd-llm": "tab:orange", "asvd": "tab:purple", "obd-uniform": "tab:blue",
@@ -38,11 +36,6 @@ def _plt():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
-
-
-def read(path: Path) -> list[dict]:
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def _f(v, default=float("nan")) -> float:
@@ -81,7 +74,7 @@ def _out(path: Path, model: str, nmodels: int, suffix: str = "") -> Path:
 
 
 def plot_quality(path: Path) -> list[Path]:
-    rows = [r for r in read(path) if not str(r.get("windows_req", "")).startswith("all")]
+    rows = [r for r in read_rows(path) if not str(r.get("windows_req", "")).startswith("all")]
     rows = _last(rows, ("model", "calib", "eval", "method", "keep", "windows_req", "seqlen", "nsamples", "seed"))
     if not rows:
         print(f"[skip] {path}: no first-N-window rows")
@@ -129,7 +122,7 @@ HATCH = {"zs": "//", "kfac": "..", "zs+kfac": "xx"}  # a correction's bars
 
 
 def plot_allocation(path: Path) -> list[Path]:
-    rows = _last(read(path), ("model", "calib", "eval", "whitening", "alloc", "correct", "keep", "windows_req",
+    rows = _last(read_rows(path), ("model", "calib", "eval", "whitening", "alloc", "correct", "keep", "windows_req",
                               "seqlen", "nsamples", "seed", "bsi_windows", "bsi_probes"))
     if not rows:
         print(f"[skip] {path}: empty")
@@ -192,85 +185,77 @@ def plot_allocation(path: Path) -> list[Path]:
 
 # --------------------------------------------------------------------------- decomposition latency
 
-_SECONDS_COLS = ("seconds", "time_s", "median_s", "wall_s", "s")
-_MS_COLS = ("ms", "median_ms", "time_ms")
-_TOTAL_WORDS = ("total", "sum", "all", "wall", "speedup", "ratio")
+#: obdk's stage names in pipeline order (the stacking order of the bars)
+STAGE_ORDER = ("calibration", "factorisation", "scores", "allocation", "truncation", "correction", "packing")
 
 
-def _numeric(rows, col) -> bool:
-    vals = [r.get(col, "") for r in rows if r.get(col, "") != ""]
-    return bool(vals) and all(math.isfinite(_f(v)) for v in vals)
-
-
-def plot_latency(path: Path) -> list[Path]:
-    rows = read(path)
+def plot_latency(path: Path, png: Optional[Path] = None) -> list[Path]:
+    """The last run of a bench_decompose_latency CSV: stages per pipeline at the first keep, and each extra keep."""
+    rows = read_rows(path)
     if not rows:
         print(f"[skip] {path}: empty")
         return []
-    cols = list(rows[0].keys())
-    if {"run_id", "run", "kind", "stage", "seconds", "pipeline"} <= set(cols):
-        # bench_decompose_latency.py's own format: redraw its figure of the last run (same PNG it writes)
-        try:
-            sys.path.insert(0, str(Path(__file__).resolve().parent))
-            import bench_decompose_latency as bdl
-            return [bdl.plot(bdl.read_run(path), path.with_suffix(".png"))]
-        except Exception as e:  # fall back to the generic stacked bars below
-            print(f"[note] {path}: bench_decompose_latency.plot failed ({type(e).__name__}: {e}); generic plot")
-        last = rows[-1]["run_id"]
-        rows = [r for r in rows if r.get("run_id") == last and r.get("kind") == "stage" and r.get("run") == "first"]
-        if not rows:
-            print(f"[skip] {path}: no first-run stage rows")
-            return []
-    stage_col = next((c for c in ("stage", "phase", "step") if c in cols), None)
-    if stage_col:  # long format
-        val = next((c for c in _SECONDS_COLS + _MS_COLS if c in cols and _numeric(rows, c)), None)
-        if val is None:
-            print(f"[skip] {path}: a '{stage_col}' column but no seconds column ({', '.join(_SECONDS_COLS + _MS_COLS)})")
-            return []
-        scale = 1e-3 if val in _MS_COLS else 1.0
-        if "kind" in cols:  # stage rows only (no totals / evaluations stacked on top)
-            rows = [r for r in rows if r.get("kind") in ("stage", "")] or rows
-        idc = [c for c in cols if c not in PROVENANCE and c not in (stage_col, val, "run_id") and not _numeric(rows, c)
-               and len({r.get(c) for r in rows}) > 1]
-        data: dict[str, dict[str, float]] = {}
-        for r in rows:
-            lab = " ".join(str(r.get(c, "")) for c in idc) or "run"
-            data.setdefault(lab, {})[r[stage_col]] = _f(r[val]) * scale
-        stages = list(dict.fromkeys(s for d in data.values() for s in d))
-    else:  # wide format: *_s / *_ms stage columns
-        st = [c for c in cols if (c.endswith("_s") or c.endswith("_ms")) and _numeric(rows, c)
-              and not any(w in c.lower() for w in _TOTAL_WORDS)]
-        if not st:
-            print(f"[skip] {path}: no stage columns (*_s / *_ms) found")
-            return []
-        idc = [c for c in cols if c not in PROVENANCE and c not in st and not _numeric(rows, c)
-               and len({r.get(c) for r in rows}) > 1]
-        idc += [c for c in cols if c not in PROVENANCE and c not in st and c not in idc and _numeric(rows, c)
-                and len({r.get(c) for r in rows}) > 1 and not any(w in c.lower() for w in _TOTAL_WORDS)
-                and not (c.endswith("_s") or c.endswith("_ms") or c.endswith("_mib") or c.endswith("_gb"))][:3]
-        data = {}
-        for i, r in enumerate(rows):
-            lab = " ".join(f"{c}={r.get(c)}" if _numeric(rows, c) else str(r.get(c, "")) for c in idc) or f"row {i}"
-            data[lab] = {c.rsplit("_", 1)[0]: _f(r[c]) * (1e-3 if c.endswith("_ms") else 1.0) for c in st}
-        stages = [c.rsplit("_", 1)[0] for c in st]
+    rows = [r for r in rows if r.get("run_id") == rows[-1]["run_id"]]
+    png = Path(png) if png else Path(path).with_suffix(".png")
     plt = _plt()
-    labels = list(data)
-    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(labels) + 3), 4.5))
-    bottom = [0.0] * len(labels)
-    for s in stages:
-        vals = [data[l].get(s, 0.0) if math.isfinite(data[l].get(s, 0.0)) else 0.0 for l in labels]
-        ax.bar(range(len(labels)), vals, bottom=bottom, label=s)
-        bottom = [b + v for b, v in zip(bottom, vals)]
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
+    first = [r for r in rows if r["run"] == "first" and r["kind"] == "stage"]
+    pipes = list(dict.fromkeys(r["pipeline"] for r in first))  # the order they ran in (--pipelines)
+    stages = [s for s in STAGE_ORDER if any(r["stage"] == s for r in first)]
+    stages += sorted({r["stage"] for r in first} - set(stages))
+    secs = {(r["pipeline"], r["stage"]): float(r["seconds"]) for r in first}
+    ppl = {r["pipeline"]: to_float(r["ppl"]) for r in first}
+    keep0 = first[0]["keep"] if first else ""
+    extra = [r for r in rows if r["run"] == "extra" and r["kind"] == "total"]
+    ekeeps = sorted({r["keep"] for r in extra}, key=float)
+    fig, axes = plt.subplots(1, 2 if extra else 1, figsize=(13 if extra else 7.5, 5), squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 2]} if extra else None)
+    ax = axes[0][0]
+    colors = plt.get_cmap("tab10")
+    bottom = [0.0] * len(pipes)
+    for i, s in enumerate(stages):
+        h = [secs.get((p, s), 0.0) for p in pipes]
+        ax.bar(range(len(pipes)), h, bottom=bottom, label=s, color=colors(i % 10))
+        bottom = [b + x for b, x in zip(bottom, h)]
+    for j, p in enumerate(pipes):
+        tot = [float(r["seconds"]) for r in rows if r["pipeline"] == p and r["run"] == "first" and r["kind"] == "total"]
+        txt = f"{tot[0]:.3g} s" if tot else ""
+        if ppl.get(p) is not None:
+            txt += f"\nppl {ppl[p]:.3g}"
+        ax.text(j, bottom[j], txt, ha="center", va="bottom", fontsize=8)
+    dense = [to_float(r["ppl"]) for r in rows if r["kind"] == "eval"]
+    meta = rows[0]
+    ax.set_xticks(range(len(pipes)), [p.replace(" ", "\n", 1) for p in pipes], fontsize=9)
     ax.set_ylabel("seconds")
-    ax.set_title(f"{path.stem}: time per stage", fontsize=10)
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.set_ylim(0, max(bottom + [1e-9]) * 1.35)
+    ax.set_title(f"end to end at keep {keep0}" + (f" (dense ppl {dense[0]:.3g})" if dense and dense[0] else ""),
+                 fontsize=10)
+    ax.legend(fontsize=8, loc="upper center", ncol=min(4, max(1, len(stages))))
+    if extra:
+        ax2 = axes[0][1]
+        epipes = list(dict.fromkeys(r["pipeline"] for r in extra))
+        w = 0.8 / max(1, len(ekeeps))
+        for i, k in enumerate(ekeeps):
+            h = [next((float(r["seconds"]) for r in extra if r["pipeline"] == p and r["keep"] == k), 0.0) for p in epipes]
+            fr = [next((to_float(r.get("marginal_frac")) for r in extra if r["pipeline"] == p and r["keep"] == k), None)
+                  for p in epipes]
+            xs = [j + (i - (len(ekeeps) - 1) / 2) * w for j in range(len(epipes))]
+            ax2.bar(xs, h, width=w, label=f"keep {k}", color=colors((i + 5) % 10))
+            for x, y, f in zip(xs, h, fr):
+                if f is not None:
+                    ax2.text(x, y, f"{100 * f:.1f}%", ha="center", va="bottom", fontsize=7)
+        ax2.set_xticks(range(len(epipes)), [p.replace(" ", "\n", 1) for p in epipes], fontsize=9)
+        ax2.set_ylabel("seconds")
+        ax2.set_title("each extra ratio (% of the first total)", fontsize=10)
+        ax2.set_ylim(0, max([float(r["seconds"]) for r in extra] + [1e-9]) * 1.3)
+        ax2.legend(fontsize=8, loc="upper right")
+    fig.suptitle(f"{meta.get('model', '')} ({meta.get('model_dtype') or 'float32'}): {meta.get('nsamples', '')}×"
+                 f"{meta.get('seqlen', '')} calibration tokens, {meta.get('device_name', '')}, {meta.get('git_sha', '')}",
+                 fontsize=9)
     fig.tight_layout()
-    out = path.with_suffix(".png")
-    fig.savefig(out, dpi=120)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
     plt.close(fig)
-    return [out]
+    return [png]
 
 
 KINDS = {"quality": ("quality_*.csv", plot_quality), "allocation": ("allocation_*.csv", plot_allocation),
