@@ -38,7 +38,7 @@ _LAZY = {
     "compress": ("obdk.pipeline", "compress"),
     "compress_many": ("obdk.pipeline", "compress_many"),
     "prepare": ("obdk.pipeline", "prepare"),
-    "CompressionReport": ("obdk.pipeline", "CompressionReport"),
+    "CompressionReport": ("obdk.report", "CompressionReport"),
     "save_pretrained": ("obdk.io", "save_pretrained"),
     "load_pretrained": ("obdk.io", "load_pretrained"),
     "perplexity": ("obdk.eval", "perplexity"),

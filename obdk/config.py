@@ -14,7 +14,19 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import torch
+
+from .errors import ConfigError
+
 FORMAT_VERSION = 1
+
+#: whitening -> the calibration statistics its decomposition reads (the one table of it)
+WHITENINGS: dict[str, tuple[str, ...]] = {
+    "svd": (),
+    "svd-llm": ("cx",),
+    "asvd": ("cx",),  # only diag C_x
+    "obd": ("cx", "cg"),
+}
 
 #: method -> (whitening used to decompose, default allocation, statistics needed, default correction)
 #: ``obd``'s default (global allocation + the ZS step and the K-FAC step) is the best combination
@@ -29,6 +41,35 @@ METHODS: dict[str, tuple[str, str, tuple[str, ...], Optional[str]]] = {
 }
 CORRECTIONS = ("none", "zs", "kfac", "zs+kfac", "seq")
 ALLOCATIONS = ("uniform", "global", "zero-sum", "bsi")
+
+#: fields :meth:`obdk.pipeline.Plan.apply` may change without recalibrating or redecomposing
+APPLY_FIELDS = ("keep", "alloc", "floor", "rank_multiple", "correct", "probes", "eps", "bsi_order")
+DEFAULT_FLOOR = 0.2
+DEFAULT_RANK_MULTIPLE = 8
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _patterns(value: Any, field_name: str) -> Optional[list[str]]:
+    """``targets``/``ignore`` as a list of fnmatch patterns: a string is one pattern."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    try:
+        items = list(value)
+    except TypeError:
+        raise ConfigError(f"LowRankConfig.{field_name}={value!r}: a pattern or a list of fnmatch patterns") from None
+    bad = [x for x in items if not isinstance(x, str) or not x]
+    if bad:
+        raise ConfigError(f"LowRankConfig.{field_name}: every pattern must be a non-empty string, got {bad[0]!r}")
+    return items
 
 
 @dataclass
@@ -49,8 +90,8 @@ class LowRankConfig:
     * ``correct``: None (the method's default: ``zs+kfac`` for ``obd``, none otherwise), ``none``,
       ``zs`` (ZS-SVD's one-step projected-gradient correction, then re-truncation in the same
       whitening), ``kfac`` (the same step along the K-FAC natural gradient ``C_g⁻¹ G C_x⁻¹``,
-      projected in the metric the truncation minimises; :meth:`Plan._gradient_correct`),
-      ``zs+kfac`` (the two in turn, a fresh gradient for each) or ``seq`` (sequential refit on the compressed model's inputs, :mod:`obdk.refit`).
+      projected in the metric the truncation minimises; :mod:`obdk.correct.steps`),
+      ``zs+kfac`` (the two in turn, a fresh gradient for each) or ``seq`` (sequential refit on the compressed model's inputs, :mod:`obdk.correct.refit`).
     * ``probes`` / ``eps``: BSI Hutchinson probes and perturbation size.
     * ``bsi_order``: ``importance`` (BSI's rule: keep each matrix's most important bases, in any
       order) or ``spectral`` (BSI importances decide only the ranks; each matrix keeps its top
@@ -64,9 +105,9 @@ class LowRankConfig:
     whitening: Optional[str] = None
     targets: Optional[list[str]] = None
     ignore: list[str] = field(default_factory=list)
-    rank_multiple: int = 8
+    rank_multiple: int = DEFAULT_RANK_MULTIPLE
     damping: float = 0.01
-    floor: float = 0.2
+    floor: float = DEFAULT_FLOOR
     compute_dtype: str = "float64"
     solver: str = "eig"
     fisher: str = "empirical"
@@ -78,7 +119,17 @@ class LowRankConfig:
     version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        self.targets = _patterns(self.targets, "targets")
+        self.ignore = _patterns(self.ignore, "ignore") or []
         self.validate()
+
+    def replace(self, **changes: Any) -> "LowRankConfig":
+        """A copy with ``changes`` (field names), validated; an unknown field is a ``ConfigError``."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise ConfigError(f"LowRankConfig: unknown field(s) {unknown}")
+        return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ derived
     @property
@@ -98,53 +149,64 @@ class LowRankConfig:
         return None if c in (None, "none") else c
 
     @property
+    def whitening_stats(self) -> tuple[str, ...]:
+        """The statistics the whitening's decomposition reads (:data:`WHITENINGS`)."""
+        return WHITENINGS[self.resolved_whitening]
+
+    @property
+    def torch_compute_dtype(self) -> torch.dtype:
+        """``compute_dtype`` as a ``torch.dtype``."""
+        return torch.float64 if self.compute_dtype == "float64" else torch.float32
+
+    @property
     def needed_stats(self) -> tuple[str, ...]:
         """Calibration statistics this config needs (subset of ``cx``, ``cg``, ``grad``)."""
-        need = set(METHODS[self.method][2])
-        w = self.resolved_whitening
-        if w in ("svd-llm", "obd", "asvd"):
-            need.add("cx")
-        if w == "obd":
-            need.add("cg")
+        need = set(METHODS[self.method][2]) | set(self.whitening_stats)
         if self.resolved_alloc in ("zero-sum", "bsi"):
             need.update(("cx", "grad"))  # (the ZS correction takes its own gradient at the truncation)
         return tuple(s for s in ("cx", "cg", "grad") if s in need)
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the field at fault."""
+        """Raise :class:`~obdk.errors.ConfigError` naming the field at fault."""
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"LowRankConfig.{name}={getattr(self, name)!r}: {why}")
+
         if self.method not in METHODS:
-            raise ValueError(f"LowRankConfig.method={self.method!r}: choose one of {', '.join(METHODS)}")
-        if not (isinstance(self.keep, (int, float)) and 0.0 < float(self.keep) <= 1.0):
-            raise ValueError(f"LowRankConfig.keep={self.keep!r}: must be a fraction in (0, 1] of the targeted Linear parameters kept")
+            raise bad("method", f"choose one of {', '.join(METHODS)}")
+        if not (_is_number(self.keep) and 0.0 < float(self.keep) <= 1.0):
+            raise bad("keep", "must be a number in (0, 1]: the fraction of the targeted Linear parameters kept")
         if self.alloc is not None and self.alloc not in ALLOCATIONS:
-            raise ValueError(f"LowRankConfig.alloc={self.alloc!r}: choose one of {', '.join(ALLOCATIONS)}")
-        if self.whitening is not None and self.whitening not in ("svd", "svd-llm", "obd", "asvd"):
-            raise ValueError(f"LowRankConfig.whitening={self.whitening!r}: choose svd, svd-llm, asvd or obd")
-        if int(self.rank_multiple) < 1:
-            raise ValueError(f"LowRankConfig.rank_multiple={self.rank_multiple!r}: must be ≥ 1")
-        if not (self.damping >= 0):
-            raise ValueError(f"LowRankConfig.damping={self.damping!r}: must be ≥ 0")
-        if not (0.0 <= self.floor <= 1.0):
-            raise ValueError(f"LowRankConfig.floor={self.floor!r}: must be in [0, 1]")
+            raise bad("alloc", f"choose one of {', '.join(ALLOCATIONS)}")
+        if self.whitening is not None and self.whitening not in WHITENINGS:
+            raise bad("whitening", f"choose one of {', '.join(WHITENINGS)}")
+        if not (_is_int(self.rank_multiple) and self.rank_multiple >= 1):
+            raise bad("rank_multiple", "must be an integer ≥ 1")
+        if not (_is_number(self.damping) and self.damping >= 0):
+            raise bad("damping", "must be a number ≥ 0")
+        if not (_is_number(self.floor) and 0.0 <= self.floor <= 1.0):
+            raise bad("floor", "must be a number in [0, 1]")
         if self.compute_dtype not in ("float64", "float32"):
-            raise ValueError(f"LowRankConfig.compute_dtype={self.compute_dtype!r}: float64 or float32")
+            raise bad("compute_dtype", "float64 or float32")
         if self.solver not in ("eig", "cholesky"):
-            raise ValueError(f"LowRankConfig.solver={self.solver!r}: eig or cholesky")
+            raise bad("solver", "eig or cholesky")
         if self.fisher not in ("empirical", "true"):
-            raise ValueError(f"LowRankConfig.fisher={self.fisher!r}: empirical or true")
+            raise bad("fisher", "empirical or true")
         if self.correct is not None and self.correct not in CORRECTIONS:
-            raise ValueError(f"LowRankConfig.correct={self.correct!r}: None (the method's default) or one of "
-                             f"{', '.join(CORRECTIONS)}")
+            raise bad("correct", f"None (the method's default) or one of {', '.join(CORRECTIONS)}")
         if self.resolved_correct == "seq" and self.resolved_whitening not in ("svd-llm", "obd"):
-            raise ValueError(f"LowRankConfig.correct='seq' refits under input whitening: use whitening "
-                             f"svd-llm or obd, not {self.resolved_whitening!r}")
+            raise ConfigError(f"LowRankConfig.correct='seq' refits under input whitening: use whitening "
+                              f"svd-llm or obd, not {self.resolved_whitening!r}")
         if self.bsi_order not in ("importance", "spectral"):
-            raise ValueError(f"LowRankConfig.bsi_order={self.bsi_order!r}: importance or spectral")
-        if int(self.probes) < 1 or not self.eps > 0:
-            raise ValueError(f"LowRankConfig.probes/eps={self.probes}/{self.eps}: need probes ≥ 1 and eps > 0")
-        if self.version > FORMAT_VERSION:
-            raise ValueError(f"LowRankConfig.version={self.version}: this obdk reads versions ≤ {FORMAT_VERSION}; upgrade obdk")
+            raise bad("bsi_order", "importance or spectral")
+        if not (_is_int(self.probes) and self.probes >= 1):
+            raise bad("probes", "must be an integer ≥ 1")
+        if not (_is_number(self.eps) and self.eps > 0):
+            raise bad("eps", "must be a number > 0")
+        if not (_is_number(self.asvd_alpha) and self.asvd_alpha >= 0):
+            raise bad("asvd_alpha", "must be a number ≥ 0")
+        if not _is_int(self.version) or self.version > FORMAT_VERSION:
+            raise bad("version", f"this obdk reads versions ≤ {FORMAT_VERSION}; upgrade obdk")
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
@@ -156,11 +218,11 @@ class LowRankConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LowRankConfig":
-        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming them."""
+        """Inverse of :meth:`to_dict`; unknown keys raise :class:`~obdk.errors.ConfigError` naming them."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"LowRankConfig: unknown field(s) {unknown}")
+            raise ConfigError(f"LowRankConfig: unknown field(s) {unknown}")
         return cls(**d)
 
     @classmethod

@@ -12,7 +12,7 @@ against earlier versions keeps working.
 from __future__ import annotations
 
 __all__ = [
-    "ObdkError", "ConfigError", "DataError", "NonFiniteError", "CheckpointError", "OutputPathError",
+    "ObdkError", "ConfigError", "DataError", "NonFiniteError", "MissingFileError", "NotCollectedError", "CheckpointError", "OutputPathError",
     "ModelNotFoundError", "DatasetNotFoundError", "UnsupportedModelError", "NonFiniteLossError",
     "SharedInputMismatch", "BackendUnavailable",
 ]
@@ -32,6 +32,17 @@ class DataError(ObdkError, ValueError):
 
 class NonFiniteError(DataError, FloatingPointError):
     """A tensor that must be finite holds NaN/inf (the message names the tensor and where it first appears)."""
+
+
+class MissingFileError(ObdkError, FileNotFoundError):
+    """A file or directory obdk was pointed at does not exist (the message names it)."""
+
+
+class NotCollectedError(ObdkError, KeyError):
+    """A statistic or module was asked for that the calibration did not collect (named in the message)."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; the message reads better plain
+        return str(self.args[0]) if self.args else ""
 
 
 class CheckpointError(ObdkError, ValueError):

@@ -8,10 +8,14 @@ decoder layers are the longest ``nn.ModuleList`` of the model.
 """
 from __future__ import annotations
 
+import fnmatch
 import logging
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch.nn as nn
+
+from .errors import ConfigError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +25,9 @@ _LLAMA_GROUPS = (
     ("mlp.gate_proj", "mlp.up_proj"),
     ("mlp.down_proj",),
 )
+
+#: Linear-like layers of other libraries that obdk does not decompose (named in errors and coverage).
+_UNSUPPORTED_LINEAR_TYPES = frozenset({"Conv1D"})
 
 #: model_type -> (decoder layers path, shared-input groups inside one layer)
 ARCHITECTURES: dict[str, tuple[str, tuple[tuple[str, ...], ...]]] = {
@@ -83,7 +90,10 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
             if best is None or len(mod) > len(best[1]):
                 best = (name, mod)
     if best is None:
-        raise ValueError(f"cannot find the decoder layers of {type(model).__name__}: no nn.ModuleList containing nn.Linear")
+        other = sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in _UNSUPPORTED_LINEAR_TYPES})
+        why = (f": its layers are {', '.join(other)}, which obdk cannot target (only nn.Linear)" if other
+               else ": no nn.ModuleList containing nn.Linear")
+        raise UnsupportedModelError(f"cannot find the decoder layers of {type(model).__name__}{why}")
     return best
 
 
@@ -112,3 +122,85 @@ def linear_groups(model: nn.Module, types: tuple[type, ...] = (nn.Linear,)) -> l
             if n not in seen:
                 groups.append(LinearGroup(i, (f"{path}.{i}.{n}",)))
     return groups
+
+
+# --------------------------------------------------------------------------- targets
+
+
+@dataclass
+class Target:
+    """A targeted Linear: full name, shape ``[m, n]`` (out × in), and the key of its (shared) input."""
+    name: str
+    m: int
+    n: int
+    input_key: str
+    has_bias: bool
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def select_targets(model: nn.Module, config) -> list[Target]:
+    """Targeted Linears of ``model`` in forward order, after ``config.targets``/``config.ignore`` patterns.
+
+    Raises :class:`~obdk.errors.ConfigError` when no Linear matches (naming the patterns).
+    """
+    out = []
+    for grp in linear_groups(model):
+        for name in grp.names:
+            if config.targets is not None and not _matches(name, config.targets):
+                continue
+            if _matches(name, config.ignore):
+                continue
+            lin = model.get_submodule(name)
+            if not isinstance(lin, nn.Linear):
+                continue
+            out.append(Target(name, lin.out_features, lin.in_features, grp.key, lin.bias is not None))
+    if not out:
+        raise ConfigError(f"no Linear matched: targets={config.targets} ignore={config.ignore}")
+    return out
+
+
+#: an untargeted parameter at least this large (elements) is listed in the coverage report
+LARGE_PARAM = 1 << 16
+
+
+def coverage(model: nn.Module, targets: Sequence[Target]) -> dict:
+    """Which parameters the targets cover, and which large ones they do not.
+
+    Returns ``{"model_params", "targeted_params", "targeted_fraction", "untargeted": [...]}``
+    where ``untargeted`` lists, largest first, the parameters of ≥ :data:`LARGE_PARAM`
+    elements outside the targets (``{"name", "shape", "params", "kind"}``; ``kind`` is
+    ``embedding``, ``lm_head``, ``fused-experts`` for ≥ 3-D expert tensors of MoE models,
+    ``Conv1D`` for GPT-2-style layers, ``linear`` for an ignored or unmatched Linear, else
+    ``other``). Tied parameters count once.
+    """
+    targeted = {t.name + ".weight" for t in targets} | {t.name + ".bias" for t in targets if t.has_bias}
+    owners = {}
+    for mname, mod in model.named_modules():
+        for pname, _ in mod.named_parameters(recurse=False):
+            owners[f"{mname}.{pname}" if mname else pname] = mod
+    seen: set[int] = set()
+    total = covered = 0
+    untargeted = []
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if name in targeted:
+            covered += p.numel()
+            continue
+        if p.numel() < LARGE_PARAM:
+            continue
+        mod = owners.get(name)
+        kind = ("embedding" if isinstance(mod, nn.Embedding) else
+                "lm_head" if name.startswith("lm_head") else
+                "Conv1D" if type(mod).__name__ in _UNSUPPORTED_LINEAR_TYPES else
+                "fused-experts" if p.dim() >= 3 else
+                "linear" if isinstance(mod, nn.Linear) else "other")
+        untargeted.append({"name": name, "shape": list(p.shape), "params": int(p.numel()), "kind": kind})
+    untargeted.sort(key=lambda u: -u["params"])
+    return {"model_params": int(total), "targeted_params": int(covered),
+            "targeted_fraction": covered / max(1, total), "untargeted": untargeted}

@@ -120,7 +120,7 @@ def test_zero_sum_scores_equal_zs_svd_reference():
     name = plan.targets[0].name
     ref = zero_sum_scores(m.get_submodule(name).weight.detach(), plan.stats.grad[name], plan.stats.cx_for(name),
                           damping=0.01)
-    ours = plan.extra["deltas"][name]
+    ours = plan.scores("zero-sum")[name]
     k = min(ours.numel(), ref.delta.numel())
     torch.testing.assert_close(ours[:k].double(), ref.delta[:k].double().cpu(), rtol=1e-5, atol=1e-7)
     # the adapter's σ_i = ‖b_i‖‖a_i‖ is another parametrisation of the same components: δ is invariant

@@ -70,11 +70,11 @@ def test_refit_reports_damping_and_restores_weights_on_failure(monkeypatch):
     assert any("refit_cx_shifted_solve" in x.damping for x in rep.modules if x.rank is not None)
 
     # a failure half-way leaves the dense weights as they were
-    from obdk import refit
+    from obdk.correct import refit
     m2 = copy.deepcopy(base)
     before = {n: p.detach().clone() for n, p in m2.named_parameters()}
     calls = {"n": 0}
-    real = refit._damped_cholesky
+    real = refit.shifted_cholesky
 
     def boom(c, d, what):
         calls["n"] += 1
@@ -82,7 +82,7 @@ def test_refit_reports_damping_and_restores_weights_on_failure(monkeypatch):
             raise ValueError(f"sequential refit: {what}: injected")
         return real(c, d, what)
 
-    monkeypatch.setattr(refit, "_damped_cholesky", boom)
+    monkeypatch.setattr(refit, "shifted_cholesky", boom)
     with pytest.raises(ValueError, match="injected"):
         obdk.compress(m2, LowRankConfig(method="obd", keep=0.6, rank_multiple=4, correct="seq"), IDS, progress=False)
     for n, p in m2.named_parameters():

@@ -6,56 +6,24 @@ change of removing component ``i`` is ``δ_i = −σ_i u_iᵀ H v_i`` with ``H =
 the candidates sit in two heaps (``δ >= 0`` and ``δ < 0``, each popping the
 smallest ``|δ|``); while the running sum of removed ``δ`` is ``<= 0`` the positive
 heap is popped, otherwise the negative one, so the predicted loss change stays
-near zero; removal stops as soon as the budget is met. Optional correction: one
-projected-gradient step back towards the dense weight, then re-truncation.
+near zero; removal stops as soon as the budget is met. The scores come from
+:mod:`obdk.scores`; ZS-SVD's correction step lives in :mod:`obdk.correct`.
 """
 from __future__ import annotations
 
 import heapq
 import logging
 import math
-from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from .budget import Allocation, MatrixSpec, _check_specs, budget, max_factored_rank, total_params
-from .svd import WhitenedSVD, whitened_svd
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ZSScores", "zero_sum_scores", "allocate_zero_sum", "zs_correct", "ZSCorrection", "gradient_step"]
-
-
-@dataclass
-class ZSScores(WhitenedSVD):
-    """A :class:`~obdk.allocate.svd.WhitenedSVD` plus ZS-SVD's scores.
-
-    ``grad_sigma`` [k]: ``g_i = u_iᵀ H v_i`` (the loss gradient in σ);
-    ``delta`` [k]: ``δ_i = −σ_i g_i``, the first-order loss change of removing component ``i``.
-    Truncate with :meth:`factors` (``b = U_r Σ_r``, ``a = V_rᵀ S⁻¹``).
-    """
-    grad_sigma: Optional[Tensor] = None
-    delta: Optional[Tensor] = None
-
-
-def zero_sum_scores(weight: Tensor, grad: Tensor, cx: Optional[Tensor], *, damping: float = 0.01,
-                    compute_dtype: torch.dtype = torch.float64) -> ZSScores:
-    """ZS-SVD component scores of one Linear.
-
-    ``weight``: [m, n]; ``grad``: ``∂L/∂W`` [m, n] (e.g. from
-    :func:`~obdk.allocate.grads.summed_weight_grads`); ``cx``: [n, n] input Gram or
-    ``None`` (plain SVD). ``S`` is the lower Cholesky factor of ``C_x + α·mean(diag)·I``
-    (α from ``damping``, escalated ×10 until it exists). ``H = G S⁻ᵀ`` is a triangular
-    solve. Returns :class:`ZSScores` with ``k = min(m, n)`` components in ``compute_dtype``.
-    """
-    if tuple(grad.shape) != tuple(weight.shape):
-        raise ValueError(f"zero_sum_scores: grad shape {tuple(grad.shape)} != weight shape {tuple(weight.shape)}")
-    dec = whitened_svd(weight, cx, damping=damping, compute_dtype=compute_dtype)
-    g = dec.grad_sigma(grad.detach().to(dec.u.device))  # u_iᵀ G S⁻ᵀ v_i = u_iᵀ H v_i
-    return ZSScores(u=dec.u, sigma=dec.sigma, v=dec.v, chol=dec.chol, damping=dec.damping,
-                    grad_sigma=g, delta=-dec.sigma * g)
+__all__ = ["allocate_zero_sum"]
 
 
 def _zs_params(m: int, n: int, rank: int, rmax: int) -> int:
@@ -165,63 +133,3 @@ def allocate_zero_sum(specs: Sequence[MatrixSpec], keep: float, *, min_rank_rati
                       predicted_loss=loss, strategy="zero_sum", meta=meta)
 
 
-class ZSCorrection(NamedTuple):
-    """Corrected factors ``a`` [r, n], ``b`` [m, r] and the step ``coef = ⟨g,Δ⟩/⟨g,g⟩``."""
-    a: Tensor
-    b: Tensor
-    coef: float
-
-
-def gradient_step(weight: Tensor, wr: Tensor, grad: Tensor, *, chol_x: Optional[Tensor] = None,
-                  chol_g: Optional[Tensor] = None) -> tuple[Tensor, float]:
-    """The dense step of a one-step correction: ``W' = W_r + c·P``, returns ``(W', c)``.
-
-    ``weight`` ``W`` [m, n], ``wr`` the truncation ``W_r`` [m, n], ``grad`` ``G = ∂L/∂W`` at
-    ``W_r`` [m, n], all in the compute dtype. ``chol_x`` [n, n] / ``chol_g`` [m, m]: lower
-    Cholesky factors of the damped ``C_x`` / ``C_g`` (None = identity). The direction is
-    ``P = C_g⁻¹ G C_x⁻¹`` (two triangular solves each, no inverse; ``P = G`` without factors,
-    ZS-SVD's step) and ``c = ⟨G, Δ⟩ / ⟨G, P⟩`` with ``Δ = W − W_r``: the ``c`` minimising
-    ``‖W_r + cP − W‖²`` in the metric ``H = C_x ⊗ C_g`` (``HP = G``), i.e. the projection of
-    what the truncation removed on the preconditioned gradient, in the geometry the
-    truncation itself minimises. Where the loss is that quadratic (``G ∝ C_g(W_r − W)C_x``) the
-    step lands on ``W`` exactly. A zero ``⟨G, P⟩`` gives ``c = 0``.
-    """
-    p = grad
-    if chol_g is not None:
-        p = torch.cholesky_solve(p, chol_g)
-    if chol_x is not None:
-        p = torch.cholesky_solve(p.T, chol_x).T
-    gp = float((grad * p).sum())
-    coef = float((grad * (weight - wr)).sum()) / gp if gp > 0 else 0.0
-    return wr + coef * p, coef
-
-
-def zs_correct(weight: Tensor, a: Tensor, b: Tensor, grad: Tensor, *, chol: Optional[Tensor] = None,
-               compute_dtype: torch.dtype = torch.float64) -> ZSCorrection:
-    """ZS-SVD's one-step correction of a truncation ``W_r = b a``, re-truncated to the same rank.
-
-    ``weight``: dense ``W`` [m, n]; ``a`` [r, n], ``b`` [m, r]: the truncated factors;
-    ``grad``: the loss gradient ``g = ∂L/∂W`` evaluated *at* ``W_r`` [m, n];
-    ``chol``: the lower whitening factor ``S`` [n, n] the truncation was made in
-    (``None`` = plain SVD). With ``Δ = W − W_r``, the step projects ``Δ`` on the
-    gradient direction: ``W' = W_r + (⟨g,Δ⟩/⟨g,g⟩)·g`` (to first order it recovers
-    the loss change ``⟨g, Δ⟩`` that moving back to ``W`` would give). ``W'`` is then
-    truncated to rank ``r`` in the same whitened coordinates (SVD of ``W' S``).
-    Returns :class:`ZSCorrection` with factors in ``a.dtype``; a zero gradient
-    returns the input factors and ``coef = 0``.
-    """
-    m, n = weight.shape
-    r = a.shape[0]
-    if tuple(a.shape) != (r, n) or tuple(b.shape) != (m, r) or tuple(grad.shape) != (m, n):
-        raise ValueError(f"zs_correct: need weight [m, n], a [r, n], b [m, r], grad [m, n]; got "
-                         f"{tuple(weight.shape)}, {tuple(a.shape)}, {tuple(b.shape)}, {tuple(grad.shape)}")
-    w = weight.detach().to(compute_dtype)
-    wr = b.detach().to(compute_dtype) @ a.detach().to(compute_dtype)
-    g = grad.detach().to(w.device, compute_dtype)
-    if float((g * g).sum()) == 0.0:
-        return ZSCorrection(a.detach().clone(), b.detach().clone(), 0.0)
-    wc, coef = gradient_step(w, wr, g)
-    dec = whitened_svd(wc, chol=chol, compute_dtype=compute_dtype)
-    a2, b2 = dec.factors(rank=r)
-    log.debug("zs_correct: rank %d, coef %.4g", r, coef)
-    return ZSCorrection(a2.to(a.dtype), b2.to(b.dtype), coef)

@@ -29,98 +29,20 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import Tensor
 
+from .statistics import Statistics
+from .fingerprint import canonical_json, data_fingerprint, model_fingerprint, tensor_digest  # noqa: F401
+
 log = logging.getLogger(__name__)
 
-__all__ = ["StatsCache", "cache_key", "model_fingerprint", "data_fingerprint", "tensor_digest", "canonical_json"]
+__all__ = ["StatsCache", "cache_key"]
 
 #: bump when the meaning of cached statistics changes
 CACHE_VERSION = 1
-
-
-def canonical_json(obj: Any) -> str:
-    """Deterministic JSON (sorted keys, no spaces; unknown objects via ``str``)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def tensor_digest(t: Tensor, *, max_values: int = 1 << 16) -> str:
-    """SHA-256 of a tensor's shape, dtype and up to ``max_values`` evenly strided values.
-
-    ``t``: any shape; integer tensors are hashed exactly (all values when small enough),
-    float tensors through a float32 copy of the strided sample.
-    """
-    h = hashlib.sha256(f"{tuple(t.shape)}|{t.dtype}".encode())
-    flat = t.detach().reshape(-1)
-    if flat.numel() > max_values:
-        flat = flat[:: flat.numel() // max_values + 1]
-    flat = flat.to("cpu")
-    flat = flat.to(torch.int64) if not flat.is_floating_point() else flat.to(torch.float32)
-    h.update(flat.contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def model_fingerprint(model: torch.nn.Module, module_names: Iterable[str] = (), *, samples: int = 4096) -> dict:
-    """Identify a model cheaply: class, config, name/path, and a sampled checksum of its weights.
-
-    ``hash`` covers the model alone; ``targets`` hashes the targeted ``module_names``
-    (both enter :func:`cache_key`).
-
-    The checksum hashes, for every parameter, its name, shape, dtype and ``samples`` evenly
-    strided values (:func:`tensor_digest`): any update that touches a sampled entry (a fine-tune,
-    a merge, a re-quantisation) changes it, at a cost of a few ms for a 7B model. Returns a
-    JSON-able dict.
-    """
-    cfg = getattr(model, "config", None)
-    cfg_dict: dict = {}
-    if cfg is not None and hasattr(cfg, "to_dict"):
-        cfg_dict = {k: v for k, v in cfg.to_dict().items() if k not in ("transformers_version", "_name_or_path")}
-    names = list(module_names)
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        h.update(f"{name}:{tensor_digest(p, max_values=samples)};".encode())
-    weights = h.hexdigest()
-    fp = {
-        "class": type(model).__name__,
-        "name_or_path": getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None),
-        "config": cfg_dict,
-        "weights": weights,
-    }
-    fp["hash"] = hashlib.sha256(canonical_json(fp).encode()).hexdigest()[:24]
-    fp["targets"] = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
-    return fp
-
-
-def data_fingerprint(input_ids: Tensor, attention_mask: Optional[Tensor], data: Any = None) -> dict:
-    """Fingerprint of calibration windows ``input_ids`` [N, T] (+ ``attention_mask`` [N, T]).
-
-    Always hashes the token ids and the mask; adds the producer's own fingerprint
-    (``data.fingerprint`` dict, ``data.fingerprint_key()``) and a tokenizer hash when the
-    data object carries one.
-    """
-    fp: dict = {"windows": int(input_ids.shape[0]), "seqlen": int(input_ids.shape[1]),
-                "ids": tensor_digest(input_ids, max_values=1 << 40)}
-    if attention_mask is not None:
-        fp["mask"] = tensor_digest(attention_mask, max_values=1 << 40)
-    if data is not None:
-        src = getattr(data, "fingerprint", None)
-        if isinstance(src, dict):
-            fp["source"] = src
-        key = getattr(data, "fingerprint_key", None)
-        if callable(key):
-            try:
-                fp["source_key"] = str(key())
-            except Exception as exc:  # a producer bug must not stop calibration
-                log.warning("data.fingerprint_key() failed (%s); the cache key uses the token hash only", exc)
-        tok = getattr(data, "tokenizer_hash", None)
-        if tok is None and isinstance(src, dict):
-            tok = next((v for k, v in src.items() if "tokenizer" in k.lower() and isinstance(v, str)), None)
-        if tok is not None:
-            fp["tokenizer_hash"] = str(tok)
-    return fp
 
 
 def cache_key(model_fp: dict, data_fp: dict, *, stats: Iterable[str], fisher: str, dtype: torch.dtype,
@@ -186,7 +108,6 @@ class StatsCache:
         """The cached :class:`~obdk.calibrate.stats.Statistics` for ``key``, or None on a miss."""
         if not self.has(key):
             return None
-        from .stats import Statistics
         return Statistics.load(self.entry(key), device=device)
 
     def store(self, key: str, stats) -> Path:

@@ -23,279 +23,31 @@ the sum-reduced next-token loss when ``cg`` or ``grad`` is requested) and return
 With these normalisers ``½ tr(C_g ΔW C_x ΔWᵀ)`` is the K-FAC estimate of the increase of the
 mean per-token loss (``N_x/N_ℓ = T/(T−1)`` is the only difference between the two).
 
-Memory (fp32, shared inputs deduplicated; fp64 doubles every number)
---------------------------------------------------------------------
-Per decoder layer ``C_x`` holds 2·d² (q/k/v input, gate/up input) + d² (o input) + ffn² (down
-input) values; ``C_g`` holds the squares of the q, k, v, o, gate, up output sizes and d² (down).
-
-| model                | C_x                              | C_g                               | total                  |
-|----------------------|----------------------------------|-----------------------------------|------------------------|
-| Llama-7B, per layer  | 171,507,712 values = 654.25 MiB  | 326,238,208 values = 1,244.50 MiB | 1,898.75 MiB           |
-| Llama-7B, 32 layers  | 5,488,246,784 v = 20.45 GiB      | 10,439,622,656 v = 38.89 GiB      | 59.34 GiB (63.71 GB)   |
-| Llama-70B, per layer | 1,023,410,176 values = 3,904 MiB | 1,847,590,912 values = 7,048 MiB  | 10,952 MiB (10.70 GiB) |
-| Llama-70B, 80 layers | 81,872,814,080 v = 305.0 GiB     | 147,807,272,960 v = 550.6 GiB     | 855.6 GiB (918.7 GB)   |
-
-(Llama-7B: d=4096, ffn=11008, MHA, so every attention output is d. Llama-70B: d=8192,
-ffn=28672, GQA with 8 kv heads, so k/v outputs are 1024 wide.) The optional ``grad``
-statistic adds one fp32 m×n matrix per Linear: 24.1 GiB for Llama-7B.
-
-How obdk keeps this within a GPU:
-
-* accumulators are fp32 (fp64 only on request), one ``C_x`` per unique input (deduplication
-  saves 3·d² per layer: 6 GiB on Llama-7B), activations stay in the model's 16-bit dtype (the
-  ``gram_acc_`` op converts at most 64 MiB of rows at a time), and no ``dW`` is ever formed;
-* every accumulator is allocated on the device of its own Linear, so a model split over GPUs
-  with a ``device_map`` splits its statistics the same way;
-* ``offload=True``: after the last window every accumulator is all-reduced, normalised in
-  place and copied to host memory *one at a time*, its device copy freed before the next, so
-  the result never needs a second copy on the GPU. Offloading a layer earlier is not
-  possible in a single pass (each window adds to every layer until the last one), and doing
-  it during the last backward would not lower the peak, which is reached before;
-* the loss of a backward pass runs one window at a time from the LM head's weight
-  (:func:`plain_head`, :func:`head_backward`) for the architectures whose logits are
-  ``lm_head(hidden)``: only ``[T-1, vocab]`` logits and their fp32 softmax exist at once, never the
-  ``[B, T, vocab]`` logits of a batch with their fp32 copy and gradient (4 windows of 2048 tokens
-  at Llama's vocabulary of 32,000: 1 GiB per fp32 copy). On SmolLM2-135M (vocabulary 49,152) this
-  made a ``cx+cg`` pass 6–8 % faster at batch size 1 and 16 % at batch size 4 (−1 GiB peak RSS);
-* ``groups=`` restricts a pass to a slice of the Linears: :func:`layer_slices` plans slices
-  under a byte budget and :meth:`Statistics.merge` joins the passes (each pass costs one
-  forward+backward over the data). Llama-7B on an 80 GB H100: 59.3 GiB of statistics next to
-  12.6 GiB of bf16 weights leaves too little for activations, two passes of 16 layers
-  (29.7 GiB each) fit. Llama-70B needs 10.7 GiB per layer and its bf16 weights (131 GiB)
-  already span several GPUs: even over 8 × 80 GB the full 855.6 GiB (107 GiB per GPU) does
-  not fit, so it is calibrated in slices (e.g. 4 layers = 42.8 GiB per pass on one GPU, or
-  32 layers ≈ 43 GiB per GPU per pass over 8), each finished slice going to host memory
-  (``offload=True``) or to the cache on disk.
+The container and its disk format are :mod:`obdk.calibrate.statistics`; how many bytes the
+statistics take and how to slice a pass under a budget, :mod:`obdk.calibrate.memory`; the loss and
+its backward, :mod:`obdk.calibrate.head`.
 """
 from __future__ import annotations
 
-import inspect
-import json
 import logging
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import distributed as dist
 from .cache import StatsCache, cache_key, data_fingerprint, model_fingerprint
 from .function import CalibrationContext, CalibrationLinear, GroupState, ModuleSlot
+from .memory import _resolve_groups, layer_slices, stats_nbytes  # noqa: F401  (public here too)
+from .statistics import _FISHER, STATS, Statistics
+from .head import (accepts_position_ids, forward_kwargs, head_backward, label_positions, loss_backward,  # noqa: F401
+                   plain_head, trunk)
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Statistics", "calibrate", "stats_nbytes", "layer_slices", "STATS", "plain_head", "head_backward"]
-
-#: the statistics ``calibrate`` can collect
-STATS = ("cx", "cg", "grad")
-_FORMAT = "obdk-statistics"
-_FORMAT_VERSION = 1
-_FISHER = ("empirical", "true")
-
-
-# =========================================================================== Statistics
-
-
-@dataclass
-class Statistics:
-    """Calibration statistics of the targeted Linears of one model.
-
-    * ``cx``: group key → ``C_x`` [n, n], one per unique input, normalised by ``tokens``;
-    * ``cg``: module name → ``C_g`` [m, m], normalised by ``loss_tokens``;
-    * ``grad``: module name → ``∂L/∂W`` [m, n] of the summed loss (not normalised);
-    * ``input_key``: module name → its group key in ``cx``;
-    * ``tokens`` (N_x): non-padding tokens seen; ``loss_tokens`` (N_ℓ): positions with a loss;
-      ``windows``: calibration windows;
-    * ``fisher``: ``"empirical"`` or ``"true"``; ``dtype``: dtype of the statistics;
-    * ``fingerprint``: data fingerprint, model hash, stats set, dtype, fisher, seed (JSON-able).
-    """
-
-    cx: dict[str, Tensor] = field(default_factory=dict)
-    cg: dict[str, Tensor] = field(default_factory=dict)
-    grad: dict[str, Tensor] = field(default_factory=dict)
-    input_key: dict[str, str] = field(default_factory=dict)
-    tokens: int = 0
-    loss_tokens: int = 0
-    windows: int = 0
-    fisher: str = "empirical"
-    dtype: torch.dtype = torch.float32
-    fingerprint: dict = field(default_factory=dict)
-
-    # ------------------------------------------------------------------ access
-
-    @property
-    def modules(self) -> list[str]:
-        """Names of the Linears covered, in forward order."""
-        return list(self.input_key)
-
-    @property
-    def stats(self) -> tuple[str, ...]:
-        """Which statistics are present (subset of ``("cx", "cg", "grad")``)."""
-        return tuple(s for s in STATS if getattr(self, s))
-
-    def cx_for(self, module_name: str) -> Tensor:
-        """``C_x`` [n, n] of the input read by ``module_name`` (shared within its group)."""
-        key = self.input_key.get(module_name)
-        if key is None:
-            raise KeyError(f"Statistics: no Linear named {module_name!r} (have {len(self.input_key)}, "
-                           f"e.g. {self.modules[:3]})")
-        if key not in self.cx:
-            raise KeyError(f"Statistics: C_x of {module_name!r} (input {key!r}) was not collected "
-                           f"(stats present: {self.stats})")
-        return self.cx[key]
-
-    def nbytes(self) -> int:
-        """Bytes held by all tensors."""
-        return sum(t.numel() * t.element_size() for d in (self.cx, self.cg, self.grad) for t in d.values())
-
-    def to(self, device: str | torch.device) -> "Statistics":
-        """A copy with every tensor on ``device`` (tensors already there are shared, not copied)."""
-        mv = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
-        return Statistics(mv(self.cx), mv(self.cg), mv(self.grad), dict(self.input_key), self.tokens,
-                          self.loss_tokens, self.windows, self.fisher, self.dtype, dict(self.fingerprint))
-
-    @classmethod
-    def merge(cls, parts: Sequence["Statistics"]) -> "Statistics":
-        """Join statistics of disjoint module slices computed on the same data (see :func:`layer_slices`)."""
-        if not parts:
-            raise ValueError("Statistics.merge: nothing to merge")
-        first = parts[0]
-        out = Statistics(tokens=first.tokens, loss_tokens=first.loss_tokens, windows=first.windows,
-                         fisher=first.fisher, dtype=first.dtype, fingerprint=dict(first.fingerprint))
-        for i, p in enumerate(parts):
-            same = (p.tokens, p.loss_tokens, p.fisher, p.dtype, p.fingerprint.get("data"))
-            ref = (first.tokens, first.loss_tokens, first.fisher, first.dtype, first.fingerprint.get("data"))
-            if same != ref:
-                raise ValueError(f"Statistics.merge: part {i} was computed on other data or settings "
-                                 f"(tokens/loss_tokens/fisher/dtype/data {same[:4]} vs {ref[:4]})")
-            for kind in STATS:
-                dst, src = getattr(out, kind), getattr(p, kind)
-                clash = dst.keys() & src.keys()
-                if clash:
-                    raise ValueError(f"Statistics.merge: part {i} repeats {kind} of {sorted(clash)[:3]}")
-                dst.update(src)
-            out.input_key.update(p.input_key)
-        return out
-
-    # ------------------------------------------------------------------ disk
-
-    def _meta(self) -> dict:
-        return {"format": _FORMAT, "version": _FORMAT_VERSION, "tokens": self.tokens,
-                "loss_tokens": self.loss_tokens, "windows": self.windows, "fisher": self.fisher,
-                "dtype": str(self.dtype).replace("torch.", ""), "input_key": self.input_key,
-                "stats": list(self.stats), "fingerprint": self.fingerprint}
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write ``path/statistics.safetensors`` (tensors ``cx/<key>``, ``cg/<name>``,
-        ``grad/<name>``) and ``path/statistics.json`` (everything else). Returns ``path``."""
-        from safetensors.torch import save_file
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {f"{kind}/{k}": v.detach().to("cpu").contiguous()
-                   for kind in STATS for k, v in getattr(self, kind).items()}
-        tmp = path / ".statistics.safetensors.tmp"
-        save_file(tensors, str(tmp), metadata={"format": _FORMAT})
-        os.replace(tmp, path / "statistics.safetensors")
-        tmpj = path / ".statistics.json.tmp"
-        tmpj.write_text(json.dumps(self._meta(), indent=1, default=str))  # keeps forward order
-        os.replace(tmpj, path / "statistics.json")
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Statistics":
-        """Read statistics written by :meth:`save` onto ``device``."""
-        from safetensors import safe_open
-        path = Path(path)
-        meta_file, tens_file = path / "statistics.json", path / "statistics.safetensors"
-        if not meta_file.is_file() or not tens_file.is_file():
-            raise FileNotFoundError(f"Statistics.load: {path} has no statistics.json/statistics.safetensors")
-        meta = json.loads(meta_file.read_text())
-        if meta.get("format") != _FORMAT or int(meta.get("version", 0)) > _FORMAT_VERSION:
-            raise ValueError(f"Statistics.load: {meta_file} is not {_FORMAT} version <= {_FORMAT_VERSION} "
-                             f"(format={meta.get('format')!r}, version={meta.get('version')!r})")
-        st = Statistics(input_key=dict(meta["input_key"]), tokens=int(meta["tokens"]),
-                        loss_tokens=int(meta["loss_tokens"]), windows=int(meta["windows"]),
-                        fisher=meta["fisher"], dtype=getattr(torch, meta["dtype"]),
-                        fingerprint=meta.get("fingerprint", {}))
-        with safe_open(str(tens_file), framework="pt", device=str(device)) as f:
-            for k in f.keys():
-                kind, name = k.split("/", 1)
-                getattr(st, kind)[name] = f.get_tensor(k)
-        return st
-
-
-# =========================================================================== planning
-
-
-def _resolve_groups(model: nn.Module, groups) -> tuple[list, dict[str, nn.Linear]]:
-    from ..models import linear_groups
-    groups = list(linear_groups(model) if groups is None else groups)
-    if not groups:
-        raise ValueError(f"calibrate: no targeted Linears in {type(model).__name__}")
-    mods = dict(model.named_modules())
-    linears: dict[str, nn.Linear] = {}
-    for g in groups:
-        first = None
-        for name in g.names:
-            m = mods.get(name)
-            if m is None:
-                raise ValueError(f"calibrate: group {g.key} names {name!r}, which is not a module of {type(model).__name__}")
-            if not isinstance(m, nn.Linear):
-                raise TypeError(f"calibrate: {name} is a {type(m).__name__}, not an nn.Linear (already compressed?)")
-            if name in linears:
-                raise ValueError(f"calibrate: {name} appears in more than one group")
-            if first is not None and m.in_features != first.in_features:
-                raise ValueError(f"calibrate: group {g.key} mixes inputs of width {first.in_features} and "
-                                 f"{m.in_features} ({name}); members of a group must read one tensor")
-            first = first or m
-            linears[name] = m
-    return groups, linears
-
-
-def stats_nbytes(model: nn.Module, stats: Iterable[str] = ("cx", "cg"), dtype: torch.dtype = torch.float32,
-                 groups=None) -> int:
-    """Bytes the statistics ``stats`` of ``model`` (or of ``groups``) need in ``dtype``."""
-    groups, lin = _resolve_groups(model, groups)
-    return sum(_group_nbytes(g, lin, set(stats), dtype) for g in groups)
-
-
-def _group_nbytes(g, lin: dict[str, nn.Linear], stats: set[str], dtype: torch.dtype) -> int:
-    es = torch.empty((), dtype=dtype).element_size()
-    n = lin[g.names[0]].in_features
-    total = n * n if "cx" in stats else 0
-    for name in g.names:
-        m = lin[name]
-        total += m.out_features ** 2 if "cg" in stats else 0
-        total += m.out_features * m.in_features if "grad" in stats else 0
-    return total * es
-
-
-def layer_slices(model: nn.Module, budget_bytes: int, *, stats: Iterable[str] = ("cx", "cg"),
-                 dtype: torch.dtype = torch.float32, groups=None) -> list[list]:
-    """Split the targeted groups into consecutive slices whose statistics fit ``budget_bytes``.
-
-    Returns a list of ``LinearGroup`` lists; calibrate each with ``groups=slice`` (one
-    forward+backward over the data per slice) and join the results with
-    :meth:`Statistics.merge`. Raises ``ValueError`` naming the group that alone exceeds the budget.
-    """
-    groups, lin = _resolve_groups(model, groups)
-    st = set(stats)
-    out: list[list] = [[]]
-    used = 0
-    for g in groups:
-        b = _group_nbytes(g, lin, st, dtype)
-        if b > budget_bytes:
-            raise ValueError(f"layer_slices: the statistics of {g.key} alone need {b} bytes > budget {budget_bytes}")
-        if used + b > budget_bytes and out[-1]:
-            out.append([])
-            used = 0
-        out[-1].append(g)
-        used += b
-    return out
 
 
 # =========================================================================== calibrate
@@ -337,12 +89,6 @@ def _input_device(model: nn.Module) -> torch.device:
     if isinstance(w, Tensor):
         return w.device
     return next(model.parameters()).device
-
-
-def _window_generator(seed: int, window: int, device: torch.device) -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed((int(seed) * 1_000_003 + int(window)) % (1 << 63))
-    return g
 
 
 class _Patch:
@@ -491,8 +237,8 @@ def calibrate(model: nn.Module, data: Any, *, stats: Sequence[str] = ("cx", "cg"
     # a forward-only pass (C_x alone) needs no logits: run the trunk without the LM head; a backward
     # pass runs the trunk too when the head is a plain Linear, and the head + loss one window at a time
     head = plain_head(model, linears) if backward else None
-    runner = _trunk(model, linears) if (head is not None or not backward) else model
-    accepts_pos = "position_ids" in inspect.signature(runner.forward).parameters
+    runner = trunk(model, linears) if (head is not None or not backward) else model
+    accepts_pos = accepts_position_ids(runner)
     group_states = list({id(s.group): s.group for s in slots.values()}.values())
     in_dev = _input_device(model)
     anchor = torch.zeros(0, device=in_dev, requires_grad=True)
@@ -571,149 +317,31 @@ def _place(st: Statistics, linears: dict[str, nn.Linear], groups) -> Statistics:
     return st
 
 
-def _trunk(model: nn.Module, linears: dict[str, nn.Linear]) -> nn.Module:
-    """The sub-module that runs every targeted Linear without the LM head, else ``model``.
-
-    A Hugging Face causal LM's ``base_model`` (``LlamaForCausalLM.model``) returns hidden
-    states; skipping the ``[vocab, d]`` head saves ~19 % of SmolLM2-135M's forward FLOPs. Used
-    only when it takes ``input_ids`` and contains every targeted Linear.
-    """
-    trunk = getattr(model, "base_model", None)
-    if not isinstance(trunk, nn.Module) or trunk is model:
-        return model
-    try:
-        params = inspect.signature(trunk.forward).parameters
-    except (TypeError, ValueError):
-        return model
-    inside = {id(m) for m in trunk.modules()}
-    if "input_ids" not in params or any(id(m) not in inside for m in linears.values()):
-        return model
-    return trunk
-
-
-# Model types whose ``*ForCausalLM.forward`` computes ``logits = lm_head(base_model(...)[0])`` with
-# nothing in between (no logit scaling; soft-capping only where the config sets it, checked below).
-_PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2"})
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "logit_softcapping")
-
-
-def plain_head(model: nn.Module, linears: dict[str, nn.Linear]) -> Optional[nn.Linear]:
-    """The LM head when ``model``'s logits are exactly ``head(trunk(...)[0])``, else None.
-
-    ``linears``: {name: module} of the modules whose gradients are wanted (they must all sit in the
-    trunk, ``model.base_model``). Then a backward pass runs the trunk and forms the logits, the loss gradient and the
-    head's input gradient one window at a time (:func:`head_backward`) instead of holding
-    ``[B, T, vocab]`` logits, their fp32 copy and their gradient at once. Only for the model
-    types in ``_PLAIN_HEAD_TYPES`` with no logit transform in their config, a plain ``nn.Linear``
-    head outside the targeted Linears, and a trunk that :func:`_trunk` accepts.
-    """
-    cfg = getattr(model, "config", None)
-    if cfg is None or getattr(cfg, "model_type", None) not in _PLAIN_HEAD_TYPES:
-        return None
-    if any(getattr(cfg, a, None) not in (None, 1, 1.0) for a in _LOGIT_TRANSFORMS):
-        return None
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    if type(head) is not nn.Linear or any(head is m for m in linears.values()):
-        return None
-    trunk = _trunk(model, linears)
-    if trunk is model or any(head is m for m in trunk.modules()):
-        return None
-    return head
-
-
-def head_backward(hidden: Tensor, head: nn.Linear, *, ids: Tensor, lab: Optional[Tensor],
-                   windows: Sequence[int], fisher: str, seed: int) -> Tensor:
-    """``∂L/∂hidden`` [B, T, d] of the sum-reduced next-token loss of ``head(hidden)``.
-
-    ``hidden`` [B, T, d] (detached trunk output), ``ids`` [B, T], ``lab`` [B, T-1] (positions with
-    a label) or None (all). One window at a time: logits [T-1, V] in the head's dtype, their
-    softmax in fp32 or better, ``p - onehot(label)`` (zero on unlabelled positions), times the
-    head's weight. Equal to autograd through ``F.cross_entropy(logits, reduction="sum")``; with
-    ``fisher="true"`` the labels are drawn exactly as the full-logits path draws them (one
-    ``torch.multinomial`` per window on the same probabilities, the same generator).
-    """
-    B, T, _ = hidden.shape
-    grad = torch.zeros_like(hidden)
-    w = head.weight
-    rows = torch.arange(T - 1, device=hidden.device)
-    for b, win in enumerate(windows):
-        logits = F.linear(hidden[b, :-1], w, head.bias)  # [T-1, V]
-        ldt = torch.promote_types(logits.dtype, torch.float32)
-        p = torch.softmax(logits.to(ldt), dim=-1)
-        del logits
-        if fisher == "empirical":
-            labels = ids[b, 1:].to(p.device)
-        else:
-            labels = torch.multinomial(p, 1, generator=_window_generator(seed, win, p.device)).squeeze(1)
-        p[rows, labels] -= 1
-        if lab is not None:
-            p.mul_(lab[b].to(device=p.device, dtype=p.dtype)[:, None])
-        grad[b, :-1] = p.to(w.dtype) @ w
-        del p
-    return grad
-
-
 def _run_batch(model: nn.Module, ctx: CalibrationContext, group_states: Sequence[GroupState], *, ids: Tensor,
                mask: Optional[Tensor], windows: Sequence[int], backward: bool, fisher: str, seed: int,
                accepts_pos: bool, head: Optional[nn.Linear] = None) -> tuple[int, int]:
     """One forward (and backward) over ``ids`` [B, T]; returns ``(tokens, loss positions)``.
 
     ``head``: with ``backward``, ``model`` is the trunk and the loss runs through
-    :func:`head_backward` (see :func:`plain_head`); None: ``model`` returns the logits.
+    :func:`~obdk.calibrate.head.head_backward` (see :func:`~obdk.calibrate.head.plain_head`);
+    None: ``model`` returns the logits. The gradients flow into the calibration Function's
+    ``C_g`` accumulators (:func:`~obdk.calibrate.head.loss_backward`).
     """
     B, T = ids.shape
     ctx.set_batch(mask, B * T)
-    kwargs: dict[str, Any] = {"input_ids": ids, "use_cache": False}
-    if mask is not None:
-        valid = mask.bool()
-        kwargs["attention_mask"] = mask
-        if accepts_pos:  # positions count real tokens only, so a left-padded window sees the unpadded RoPE phases
-            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)
-        n_tok = int(valid.sum())
-        lab = valid[:, :-1] & valid[:, 1:]
-    else:
-        n_tok = B * T
-        lab = None
+    lab = label_positions(mask)
+    n_tok = int(mask.bool().sum()) if mask is not None else B * T
     n_lab = int(lab.sum()) if lab is not None else B * (T - 1)
-    if not backward:
+
+    def check() -> None:
+        for gs in group_states:
+            gs.check_complete()
+
+    if backward:
+        loss_backward(model, head, ids=ids, mask=mask, windows=windows, fisher=fisher, seed=seed,
+                      accepts_pos=accepts_pos, after_forward=check)
+    else:
         with torch.no_grad():
-            model(**kwargs)
-        for gs in group_states:
-            gs.check_complete()
-        return n_tok, n_lab
-    if head is not None:
-        with torch.enable_grad():
-            out = model(**kwargs)
-            for gs in group_states:
-                gs.check_complete()
-            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-            del out
-            with torch.no_grad():
-                grad = head_backward(hidden.detach(), head, ids=ids, lab=lab, windows=windows, fisher=fisher,
-                                      seed=seed)
-            hidden.backward(grad)
-        return n_tok, n_lab
-    with torch.enable_grad():
-        out = model(**kwargs)
-        for gs in group_states:
-            gs.check_complete()
-        logits = out.logits if hasattr(out, "logits") else out[0]
-        logits = logits[:, :-1]
-        if fisher == "empirical":
-            labels = ids[:, 1:].to(logits.device)
-        else:
-            with torch.no_grad():
-                probs = torch.softmax(logits.detach().to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-                labels = torch.stack([
-                    torch.multinomial(probs[b], 1, generator=_window_generator(seed, w, probs.device)).squeeze(1)
-                    for b, w in enumerate(windows)])
-                del probs
-        if lab is not None:
-            labels = labels.masked_fill(~lab.to(labels.device), -100)
-        ldt = torch.promote_types(logits.dtype, torch.float32)  # 16-bit logits: loss in fp32; fp64 stays fp64
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).to(ldt), labels.reshape(-1),
-                               reduction="sum", ignore_index=-100)
-        del out, logits
-        loss.backward()
+            model(**forward_kwargs(ids, mask, accepts_pos))
+        check()
     return n_tok, n_lab

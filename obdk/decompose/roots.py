@@ -8,7 +8,8 @@ normalised matrix it is simply ``C̃ + α·I``.
 
 When a root cannot be taken (Cholesky not positive definite, non-finite eigen results) the
 failing elements' α escalates ``×growth`` (from ``FIRST_ESCALATION`` when α = 0) up to
-``damping_max``; past that a ``ValueError`` names the covariance.
+``damping_max``; past that a :class:`~obdk.errors.DataError` names the covariance. This is the
+only damped Cholesky in obdk: single matrices go through :func:`cholesky_root`.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from ..errors import DataError, NonFiniteError
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +84,7 @@ def _escalate(alpha: List[float], idx: List[int], *, name: str, reason: str,
     for i in idx:
         new = next_damping(alpha[i], growth)
         if new > damping_max:
-            raise ValueError(
+            raise DataError(
                 f"{fn + ': ' if fn else ''}{name}: {reason} even with relative damping {alpha[i]:g} "
                 f"(next step {new:g} exceeds damping_max={damping_max:g}); {name} must be a finite positive "
                 f"semi-definite covariance")
@@ -95,7 +98,7 @@ def damped_cholesky(c: Tensor, alpha: List[float], *, name: str, damping_max: fl
 
     ``c`` [B, k, k] normalised covariance; ``alpha`` B floats (initial relative damping).
     Returns ``L`` [B, k, k] with ``L Lᵀ = c + α·I`` and the α actually used per element.
-    Raises ``ValueError`` naming ``name`` (prefixed by ``fn``) when α would exceed ``damping_max``.
+    Raises ``DataError`` naming ``name`` (prefixed by ``fn``) when α would exceed ``damping_max``.
     """
     alpha = list(alpha)
     out = torch.empty_like(c)
@@ -113,6 +116,30 @@ def damped_cholesky(c: Tensor, alpha: List[float], *, name: str, damping_max: fl
                   damping_max=damping_max, growth=growth, fn=fn)
         todo = failed
     return out, alpha
+
+
+def cholesky_root(c: Tensor, damping: float, *, name: str, damping_max: float = 1e4, growth: float = 10.0,
+                  fn: str = "", compute_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, float]:
+    """Lower Cholesky factor of one covariance: ``S Sᵀ = C + α·mean(diag C)·I``, α escalating from ``damping``.
+
+    ``c`` [k, k] symmetric PSD, not normalised (any scale); computed in ``compute_dtype``
+    (default ``c``'s). The single-matrix form of :func:`damped_cholesky`, for callers outside
+    the batched decompositions (whitened SVDs, the K-FAC correction, the sequential refit).
+    Returns ``(S [k, k] lower, α used)``. Raises :class:`~obdk.errors.NonFiniteError` naming
+    ``name`` when ``c`` is not finite, and ``DataError`` when α would exceed ``damping_max``.
+    """
+    if c.dim() != 2 or c.shape[0] != c.shape[1]:
+        raise DataError(f"{fn + ': ' if fn else ''}{name}: need a square [k, k] covariance, got {tuple(c.shape)}")
+    c = c.detach().to(compute_dtype or c.dtype)
+    if not all_finite(c):
+        raise NonFiniteError(f"{fn + ': ' if fn else ''}{name} contains non-finite values")
+    if not torch.equal(c, c.T):
+        c = 0.5 * (c + c.T)
+    cn, s = normalize_cov(c.unsqueeze(0))
+    L, alpha = damped_cholesky(cn, [float(damping)], name=name, damping_max=damping_max, growth=growth, fn=fn)
+    if alpha[0] > damping:
+        logger.info("%s: damping escalated from %g to %g", name, damping, alpha[0])
+    return L[0] * s[0].sqrt(), alpha[0]
 
 
 def eigh_desc(k: Tensor) -> Tuple[Tensor, Tensor]:

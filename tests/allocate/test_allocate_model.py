@@ -111,9 +111,9 @@ def test_bsi_scores_end_to_end(tiny_llama):
 
 
 def test_summed_weight_grads_windowed_loss_equals_the_full_logits(monkeypatch):
-    """The loss runs one window at a time from the head's weight (obdk.calibrate.stats.plain_head):
+    """The loss runs one window at a time from the head's weight (obdk.calibrate.head.plain_head):
     the lm_head module is never called, and the gradients equal the full-logits path (fp64)."""
-    import obdk.calibrate.stats as S
+    import obdk.calibrate.head as S
     from tests.conftest import make_tiny_llama
     model = make_tiny_llama().double().eval()
     ids, mask = _windows(4, 14, seed=3)

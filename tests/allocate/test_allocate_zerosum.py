@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from obdk.allocate import (MatrixSpec, allocate_zero_sum, damped_cholesky, max_factored_rank, params,
+from obdk.decompose.roots import cholesky_root
+from obdk.allocate import (MatrixSpec, allocate_zero_sum, max_factored_rank, params,
                            gradient_step, whitened_svd, zero_sum_scores, zs_correct)
 
 from obdk.decompose import kfac_loss
@@ -45,6 +46,10 @@ def test_whitened_svd_reconstructs(m, n):
     # arbitrary kept indices
     a, b = dec.factors(indices=[0, 2])
     torch.testing.assert_close(b @ a, dec.weight(indices=torch.tensor([0, 2])))
+
+
+def damped_cholesky(c, damping):
+    return cholesky_root(c, damping, name="C_x")
 
 
 def test_damped_cholesky_escalates_on_singular_gram():

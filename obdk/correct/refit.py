@@ -13,7 +13,7 @@ With ``C' = E[x' x'ᵀ]`` and ``C_× = E[x x'ᵀ]``, expanding gives, up to a co
     W* = W C_× C'⁻¹, computed damped as W (C_× + λI)(C' + λI)⁻¹ with λ = α·mean(diag C'):
 
 a Cholesky solve, no inverse; the damping pulls ``W*`` toward the original ``W`` (a ridge toward
-zero, ``W C_× (C' + λI)⁻¹``, shrank the weights and measured far worse: perplexity 52.7 at α = 0.1).
+zero, ``W C_× (C' + λI)⁻¹``, shrinks the weights instead).
 
 So the best rank-r ``W'`` is the OBD (or SVD-LLM, ``C_g = I``) truncation of ``W*`` whitened by
 ``C'`` — the same closed form as one-shot, applied to the refitted weight and the shifted inputs.
@@ -22,13 +22,8 @@ Layers are processed in forward order; within a decoder layer, shared-input grou
 groups before it produce. Ranks come from the allocation of the one-shot plan (its predicted
 losses), so ``keep`` is honoured exactly as without refit.
 
-Measured on SmolLM2-135M (OBD, global allocation, keep 0.8, 32 × 512 WikiText-2 calibration,
-64 × 512 WikiText-2 test windows; ``benchmarks/results/default_search_smollm2.csv``): refit does
-**not** help there — 39.2 with refit against 38.9 without (38.96 when only the whitening uses the
-shifted inputs and the target stays ``W``; 39.4–40.1 with the undamped-toward-zero ``W*``). OBD's
-one-shot closed form already minimises the K-FAC loss, and matching each layer's dense outputs
-is a different objective. It stays available for comparison and for models where the input
-shift is larger.
+It stays available for comparison and for models where the input shift is larger; what it
+measured is in ``benchmarks/README.md`` (refit).
 
 Cost: per decoder layer and calibration window, two partial layer forwards per group (the dense
 twin and the compressed layer, each stopped at the group's input) and one full forward of each to
@@ -44,7 +39,10 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from .models import decoder_layers
+from ..decompose import factorize
+from ..decompose.roots import cholesky_root
+from ..errors import ConfigError, DataError, NonFiniteError
+from ..models import decoder_layers
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +83,7 @@ def _capture_layer_calls(model: nn.Module, layers: nn.ModuleList, input_ids: Ten
         for h in hooks:
             h.remove()
     if any(len(c) != input_ids.shape[0] for c in calls):
-        raise RuntimeError("sequential refit: not every decoder layer was called once per window")
+        raise DataError("sequential refit: not every decoder layer was called once per window")
     return hidden0, calls
 
 
@@ -115,23 +113,16 @@ def _input_of(layer: nn.Module, module: nn.Module, args: tuple, kwargs: dict, hi
     finally:
         h.remove()
     if not got:
-        raise RuntimeError(f"sequential refit: {type(module).__name__} was not called by its decoder layer")
+        raise DataError(f"sequential refit: {type(module).__name__} was not called by its decoder layer")
     return got[0]
 
 
-def _damped_cholesky(c: Tensor, damping: float, what: str) -> tuple[Tensor, float]:
-    """Cholesky factor of ``c + α·mean(diag c)·I`` with α escalating ×10 from ``damping`` until it exists."""
+def shifted_cholesky(c: Tensor, damping: float, what: str) -> tuple[Tensor, float]:
+    """Cholesky factor of the shifted input covariance ``c + α·mean(diag c)·I``, α escalating ×10 from ``damping``."""
     scale = float(c.diagonal().mean())
     if not scale > 0:
-        raise ValueError(f"sequential refit: {what}: the shifted input covariance is zero or not finite")
-    alpha = max(damping, 1e-10)
-    eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
-    while alpha <= 1e3:
-        chol, info = torch.linalg.cholesky_ex(c + alpha * scale * eye)
-        if int(info) == 0:
-            return chol, alpha
-        alpha *= 10
-    raise ValueError(f"sequential refit: {what}: no Cholesky factor up to damping 1e3 (covariance not finite?)")
+        raise DataError(f"sequential refit: {what}: the shifted input covariance is zero or not finite")
+    return cholesky_root(c, max(damping, 1e-10), name=what, damping_max=1e3, fn="sequential refit")
 
 
 def sequential_refit(model: nn.Module, plan: Any, ranks: dict[str, int], data: Any, *,
@@ -148,11 +139,9 @@ def sequential_refit(model: nn.Module, plan: Any, ranks: dict[str, int], data: A
     ``predicted_loss`` is ``½Σλ`` of what the truncation of ``W*`` discarded under ``C'`` (and
     ``C_g``); ``damping[name] = {"cx_shifted_solve": α, **the decomposition's damping}``.
     """
-    from .decompose import factorize
-
     whitening = plan.config.resolved_whitening
     if whitening not in ("svd-llm", "obd"):
-        raise ValueError(f"correct='seq' needs input whitening (method svd-llm or obd), not {whitening!r}")
+        raise ConfigError(f"correct='seq' needs input whitening (method svd-llm or obd), not {whitening!r}")
     path, layers = decoder_layers(model)
     cdtype = torch.float64 if plan.config.compute_dtype == "float64" else torch.float32
     damping = float(plan.config.damping)
@@ -164,7 +153,7 @@ def sequential_refit(model: nn.Module, plan: Any, ranks: dict[str, int], data: A
             continue
         rest = t.name[len(path) + 1:] if t.name.startswith(path + ".") else None
         if rest is None or not rest.split(".", 1)[0].isdigit():
-            raise ValueError(f"sequential refit: target {t.name} is not inside the decoder layers {path}")
+            raise ConfigError(f"sequential refit: target {t.name} is not inside the decoder layers {path}")
         i = int(rest.split(".", 1)[0])
         by_layer.setdefault(i, {}).setdefault(t.input_key, []).append(t)
 
@@ -204,7 +193,7 @@ def sequential_refit(model: nn.Module, plan: Any, ranks: dict[str, int], data: A
                     cpp /= tokens
                     cxp /= tokens
                     cpp = (cpp + cpp.T) / 2
-                    chol, alpha = _damped_cholesky(cpp, damping, key)
+                    chol, alpha = shifted_cholesky(cpp, damping, key)
                     # damping regularises toward the original weight, not toward zero
                     cx_d = cxp + alpha * float(cpp.diagonal().mean()) * torch.eye(n, dtype=cxp.dtype)
                     for t in members:
@@ -231,7 +220,7 @@ def sequential_refit(model: nn.Module, plan: Any, ranks: dict[str, int], data: A
                     comp_h[j] = _out(_call(layer, a, k, comp_h[j])).detach()
             for h in dense_h + comp_h:
                 if not torch.isfinite(h).all():
-                    raise FloatingPointError(f"sequential refit: non-finite hidden states after layer {i} ({prefix[:-1]})")
+                    raise NonFiniteError(f"sequential refit: non-finite hidden states after layer {i} ({prefix[:-1]})")
             del twin
     finally:
         with torch.no_grad():

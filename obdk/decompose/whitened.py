@@ -1,4 +1,4 @@
-"""The input-whitened SVD that ZS-SVD and BSI score components in.
+"""The input-whitened SVD that ZS-SVD and BSI score components in, and any spectrum seen as one.
 
 ``W S = U diag(σ) Vᵀ`` with ``S Sᵀ = C_x`` (``S`` the lower Cholesky factor of the
 damped input Gram), so ``W = U diag(σ) Vᵀ S⁻¹ = Σ_i σ_i u_i x_iᵀ`` with
@@ -14,39 +14,14 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError, DataError
+from .roots import cholesky_root
+
 log = logging.getLogger(__name__)
 
-__all__ = ["WhitenedSVD", "whitened_svd", "damped_cholesky"]
+__all__ = ["WhitenedSVD", "whitened_svd", "spectrum_as_svd"]
 
 Index = Union[int, Sequence[int], Tensor, None]
-
-
-def damped_cholesky(c: Tensor, damping: float = 0.01, *, max_damping: float = 1e4,
-                    compute_dtype: torch.dtype = torch.float64) -> tuple[Tensor, float]:
-    """Lower Cholesky factor of ``C + α·mean(diag C)·I`` with α escalating ×10 from ``damping``.
-
-    ``c``: [n, n] symmetric PSD. Returns ``(S [n, n] lower, α used)``. ``damping=0``
-    first tries the undamped matrix, then starts escalation at 1e-8. Raises
-    ``ValueError`` when α would exceed ``max_damping`` or ``c`` is not finite.
-    """
-    if c.dim() != 2 or c.shape[0] != c.shape[1]:
-        raise ValueError(f"damped_cholesky: need a square [n, n] matrix, got {tuple(c.shape)}")
-    c = c.detach().to(compute_dtype)
-    if not torch.isfinite(c).all():
-        raise ValueError("damped_cholesky: C_x contains non-finite values")
-    c = 0.5 * (c + c.T)
-    scale = float(c.diagonal().mean().clamp_min(torch.finfo(compute_dtype).tiny))
-    eye = torch.eye(c.shape[0], dtype=compute_dtype, device=c.device)
-    alpha = float(damping)
-    while True:
-        s, info = torch.linalg.cholesky_ex(c + alpha * scale * eye)
-        if int(info) == 0:
-            if alpha > damping:
-                log.info("damped_cholesky: damping escalated from %g to %g", damping, alpha)
-            return s, alpha
-        alpha = 1e-8 if alpha == 0.0 else alpha * 10.0
-        if alpha > max_damping:
-            raise ValueError(f"damped_cholesky: no Cholesky factor up to damping {max_damping:g}")
 
 
 @dataclass
@@ -84,12 +59,12 @@ class WhitenedSVD:
         k = self.sigma.numel()
         if indices is not None:
             if rank is not None:
-                raise ValueError("give rank or indices, not both")
+                raise ConfigError("give rank or indices, not both")
             idx = torch.as_tensor(indices, dtype=torch.long, device=self.sigma.device).reshape(-1)
         else:
             idx = torch.arange(k if rank is None else rank, device=self.sigma.device)
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= k):
-            raise ValueError(f"component indices must lie in [0, {k}), got min {int(idx.min())} max {int(idx.max())}")
+            raise DataError(f"component indices must lie in [0, {k}), got min {int(idx.min())} max {int(idx.max())}")
         return idx
 
     def factors(self, rank: Optional[int] = None, indices: Index = None) -> tuple[Tensor, Tensor]:
@@ -109,7 +84,7 @@ class WhitenedSVD:
     def grad_sigma(self, grad: Tensor) -> Tensor:
         """Gradient in σ from a weight gradient ``G = ∂L/∂W`` [m, n]: ``g_i = u_iᵀ G S⁻ᵀ v_i`` → [k]."""
         if tuple(grad.shape) != self.shape:
-            raise ValueError(f"grad_sigma: gradient shape {tuple(grad.shape)} != weight shape {self.shape}")
+            raise DataError(f"grad_sigma: gradient shape {tuple(grad.shape)} != weight shape {self.shape}")
         g = grad.to(self.u.dtype)
         return ((self.u.T @ g) * self.right).sum(dim=1)
 
@@ -123,20 +98,42 @@ def whitened_svd(weight: Tensor, cx: Optional[Tensor] = None, *, chol: Optional[
     :class:`WhitenedSVD` with ``k = min(m, n)`` components in ``compute_dtype``.
     """
     if weight.dim() != 2:
-        raise ValueError(f"whitened_svd: weight must be [m, n], got {tuple(weight.shape)}")
+        raise DataError(f"whitened_svd: weight must be [m, n], got {tuple(weight.shape)}")
     if cx is not None and chol is not None:
-        raise ValueError("whitened_svd: give cx or chol, not both")
+        raise DataError("whitened_svd: give cx or chol, not both")
     w = weight.detach().to(compute_dtype)
     n = w.shape[1]
     alpha = 0.0
     if cx is not None:
         if tuple(cx.shape) != (n, n):
-            raise ValueError(f"whitened_svd: C_x must be [{n}, {n}], got {tuple(cx.shape)}")
-        chol, alpha = damped_cholesky(cx.to(w.device), damping, compute_dtype=compute_dtype)
+            raise DataError(f"whitened_svd: C_x must be [{n}, {n}], got {tuple(cx.shape)}")
+        chol, alpha = cholesky_root(cx.to(w.device), damping, name="C_x", fn="whitened_svd",
+                                    compute_dtype=compute_dtype)
     elif chol is not None:
         if tuple(chol.shape) != (n, n):
-            raise ValueError(f"whitened_svd: chol must be [{n}, {n}], got {tuple(chol.shape)}")
+            raise DataError(f"whitened_svd: chol must be [{n}, {n}], got {tuple(chol.shape)}")
         chol = chol.detach().to(w.device, compute_dtype)
     a = w if chol is None else w @ chol
     u, s, vh = torch.linalg.svd(a, full_matrices=False)
     return WhitenedSVD(u=u, sigma=s, v=vh.T.contiguous(), chol=chol, damping=alpha)
+
+
+def spectrum_as_svd(spec):
+    """View a :class:`obdk.decompose.Spectrum` as an :class:`WhitenedSVD`.
+
+    Component i of any whitening is ``b_i a_iᵀ``; with ``σ_i = ‖b_i‖‖a_i‖`` and unit
+    ``u_i = b_i/‖b_i‖``, ``x_i = a_i/‖a_i‖`` the weight is ``Σ σ_i u_i x_iᵀ``, so ZS-SVD's
+    ``δ_i = −σ_i ∂L/∂σ_i`` and BSI's importance are defined for SVD, SVD-LLM and OBD alike
+    (for SVD-LLM this is exactly ZS-SVD's whitened-coordinate score).
+    """
+    cached = getattr(spec, "_obdk_svd", None)
+    if cached is not None:
+        return cached
+    b, a = spec.factor_b.double(), spec.factor_a.double()
+    nb, na = b.norm(dim=0), a.norm(dim=1)
+    tiny = torch.finfo(torch.float64).tiny
+    u = b / nb.clamp_min(tiny)
+    x = a / na.clamp_min(tiny)[:, None]
+    ws = WhitenedSVD(u=u, sigma=nb * na, v=x.T.contiguous(), chol=None)
+    spec._obdk_svd = ws
+    return ws

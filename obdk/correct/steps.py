@@ -1,0 +1,171 @@
+"""The one-step corrections after truncation: ZS-SVD's projected gradient and obdk's K-FAC step.
+
+With every target at its truncation ``W_r = b a`` (dense, temporarily), one loss gradient
+``G = ∂L/∂W`` at ``W_r`` over the calibration windows (one forward + backward pass) sees what the
+truncation of *every* matrix did to the loss, which no per-matrix model does. Per matrix, with
+``Δ = W − W_r``, a direction ``P`` and the projection of ``Δ`` on it (:func:`gradient_step`):
+
+* ``zs`` (ZS-SVD): ``P = G``, ``c = ⟨G,Δ⟩/⟨G,G⟩`` (Euclidean projection);
+* ``kfac``: the K-FAC natural gradient ``P = C_g⁻¹ G C_x⁻¹`` (damped covariances as the
+  decomposition used them; identity for a side the whitening lacks), ``c = ⟨G,Δ⟩/⟨G,P⟩``: the
+  projection of ``Δ`` on ``P`` in the metric ``C_x ⊗ C_g`` the truncation minimises. Solves use
+  Cholesky factors, no inverse. For plain SVD both covariances are ``I`` and it equals ``zs``.
+
+``W ← W_r + c·P``, re-truncated to the same rank in the same whitening.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Mapping, NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..calibrate.head import summed_weight_grads
+from ..decompose import damp_covariance, factorize, kfac_loss
+from ..decompose.roots import cholesky_root
+from ..decompose.whitened import whitened_svd
+from ..errors import ConfigError, DataError, NonFiniteError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ZSCorrection", "gradient_step", "zs_correct", "gradient_correct", "STEPS"]
+
+#: the gradient steps ``LowRankConfig.correct`` can chain (``zs+kfac``: one after the other)
+STEPS = ("zs", "kfac")
+
+
+class ZSCorrection(NamedTuple):
+    """Corrected factors ``a`` [r, n], ``b`` [m, r] and the step ``coef = ⟨g,Δ⟩/⟨g,g⟩``."""
+    a: Tensor
+    b: Tensor
+    coef: float
+
+
+def gradient_step(weight: Tensor, wr: Tensor, grad: Tensor, *, chol_x: Optional[Tensor] = None,
+                  chol_g: Optional[Tensor] = None) -> tuple[Tensor, float]:
+    """The dense step of a one-step correction: ``W' = W_r + c·P``, returns ``(W', c)``.
+
+    ``weight`` ``W`` [m, n], ``wr`` the truncation ``W_r`` [m, n], ``grad`` ``G = ∂L/∂W`` at
+    ``W_r`` [m, n], all in the compute dtype. ``chol_x`` [n, n] / ``chol_g`` [m, m]: lower
+    Cholesky factors of the damped ``C_x`` / ``C_g`` (None = identity). The direction is
+    ``P = C_g⁻¹ G C_x⁻¹`` (two triangular solves each, no inverse; ``P = G`` without factors,
+    ZS-SVD's step) and ``c = ⟨G, Δ⟩ / ⟨G, P⟩`` with ``Δ = W − W_r``: the ``c`` minimising
+    ``‖W_r + cP − W‖²`` in the metric ``H = C_x ⊗ C_g`` (``HP = G``), i.e. the projection of
+    what the truncation removed on the preconditioned gradient, in the geometry the
+    truncation itself minimises. Where the loss is that quadratic (``G ∝ C_g(W_r − W)C_x``) the
+    step lands on ``W`` exactly. A zero ``⟨G, P⟩`` gives ``c = 0``.
+    """
+    p = grad
+    if chol_g is not None:
+        p = torch.cholesky_solve(p, chol_g)
+    if chol_x is not None:
+        p = torch.cholesky_solve(p.T, chol_x).T
+    gp = float((grad * p).sum())
+    coef = float((grad * (weight - wr)).sum()) / gp if gp > 0 else 0.0
+    return wr + coef * p, coef
+
+
+def zs_correct(weight: Tensor, a: Tensor, b: Tensor, grad: Tensor, *, chol: Optional[Tensor] = None,
+               compute_dtype: torch.dtype = torch.float64) -> ZSCorrection:
+    """ZS-SVD's one-step correction of a truncation ``W_r = b a``, re-truncated to the same rank.
+
+    ``weight``: dense ``W`` [m, n]; ``a`` [r, n], ``b`` [m, r]: the truncated factors;
+    ``grad``: the loss gradient ``g = ∂L/∂W`` evaluated *at* ``W_r`` [m, n];
+    ``chol``: the lower whitening factor ``S`` [n, n] the truncation was made in
+    (``None`` = plain SVD). With ``Δ = W − W_r``, the step projects ``Δ`` on the
+    gradient direction: ``W' = W_r + (⟨g,Δ⟩/⟨g,g⟩)·g`` (to first order it recovers
+    the loss change ``⟨g, Δ⟩`` that moving back to ``W`` would give). ``W'`` is then
+    truncated to rank ``r`` in the same whitened coordinates (SVD of ``W' S``).
+    Returns :class:`ZSCorrection` with factors in ``a.dtype``; a zero gradient
+    returns the input factors and ``coef = 0``.
+    """
+    m, n = weight.shape
+    r = a.shape[0]
+    if tuple(a.shape) != (r, n) or tuple(b.shape) != (m, r) or tuple(grad.shape) != (m, n):
+        raise DataError(f"zs_correct: need weight [m, n], a [r, n], b [m, r], grad [m, n]; got "
+                         f"{tuple(weight.shape)}, {tuple(a.shape)}, {tuple(b.shape)}, {tuple(grad.shape)}")
+    w = weight.detach().to(compute_dtype)
+    wr = b.detach().to(compute_dtype) @ a.detach().to(compute_dtype)
+    g = grad.detach().to(w.device, compute_dtype)
+    if float((g * g).sum()) == 0.0:
+        return ZSCorrection(a.detach().clone(), b.detach().clone(), 0.0)
+    wc, coef = gradient_step(w, wr, g)
+    dec = whitened_svd(wc, chol=chol, compute_dtype=compute_dtype)
+    a2, b2 = dec.factors(rank=r)
+    log.debug("zs_correct: rank %d, coef %.4g", r, coef)
+    return ZSCorrection(a2.to(a.dtype), b2.to(b.dtype), coef)
+
+
+def gradient_correct(model: nn.Module, factors: Mapping[str, tuple], kind: str, *, data, stats, spectra,
+                     config, progress: bool = False) -> tuple[dict[str, tuple], dict[str, dict]]:
+    """One correction step (``kind`` ``zs`` or ``kfac``, see the module docstring) of every truncation.
+
+    ``model``: the dense model (its targets are set to ``W_r = b a`` for the gradient pass and
+    restored afterwards, also on error); ``factors``: ``{name: (a [r, n], b [m, r], predicted)}``;
+    ``data``: the calibration windows (``input_ids`` [N, T], ``attention_mask``); ``stats``: the
+    :class:`~obdk.calibrate.statistics.Statistics` the spectra came from; ``spectra``: ``{name:
+    Spectrum}`` (for the damping each decomposition used); ``config``: the resolved
+    :class:`~obdk.config.LowRankConfig`. Returns ``({name: (a, b, predicted)}, {name: {"cx": α,
+    "cg": α}})``: for ``obd`` the predicted loss is measured against the original ``W``; the
+    second dict is the damping the ``kfac`` solves needed.
+    """
+    if kind not in STEPS:
+        raise ConfigError(f"correct: unknown step {kind!r}; choose one of {', '.join(STEPS)}")
+    names = list(factors)
+    originals = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    try:
+        with torch.no_grad():
+            for n in names:
+                a, b, _ = factors[n]
+                w = model.get_submodule(n).weight
+                w.copy_((b.double() @ a.double()).to(w.dtype))
+        grads = summed_weight_grads(model, data.input_ids, names, attention_mask=data.attention_mask,
+                                    progress=progress, desc=f"correct [{kind}] gradient pass")
+    finally:
+        with torch.no_grad():
+            for n in names:
+                model.get_submodule(n).weight.copy_(originals[n])
+    out, used = {}, {}
+    whitening = config.resolved_whitening
+    sides = config.whitening_stats
+    cdtype = config.torch_compute_dtype
+    chol_x: dict[str, tuple[Tensor, float]] = {}  # one factor per unique input
+
+    def chol(c: Tensor, alpha: float, what: str) -> tuple[Tensor, float]:
+        # the step c·P does not depend on the scale of either covariance, only on the relative damping
+        return cholesky_root(c.to(cdtype), alpha, name=what, damping_max=1e3, fn="correct='kfac'")
+
+    for n in names:
+        a, b, _ = factors[n]
+        w = originals[n].to(cdtype)
+        wr = b.to(cdtype) @ a.to(cdtype)
+        g = grads[n].to(cdtype)
+        cx = stats.cx_for(n) if "cx" in sides and whitening != "asvd" else None
+        cg = stats.cg[n] if "cg" in sides else None
+        d = spectra[n].damping
+        lg = lx = None
+        if kind == "kfac":
+            used[n] = {}
+            if cg is not None:
+                lg, used[n]["cg"] = chol(cg, d.get("cg", config.damping), f"{n} C_g")
+            if cx is not None:
+                key = stats.input_key.get(n, n)
+                if key not in chol_x:
+                    chol_x[key] = chol(cx, d.get("cx", config.damping), f"{n} C_x")
+                lx, used[n]["cx"] = chol_x[key]
+        wc, _ = gradient_step(w, wr, g, chol_x=lx, chol_g=lg)
+        if not bool(torch.isfinite(wc).all()):
+            raise NonFiniteError(f"correct={kind!r}: {n}: the corrected weight is not finite "
+                                 f"(gradient or covariance with NaN/inf?)")
+        fac = factorize(wc.to(originals[n].dtype), a.shape[0], method=whitening if whitening != "asvd" else "svd",
+                        cx=cx, cg=cg, solver=config.solver, compute_dtype=cdtype,
+                        damping=config.damping, keep_dense_at_break_even=False)
+        pred = float(fac.predicted_loss)
+        if whitening == "obd":  # predicted loss of the corrected truncation against the original W
+            delta = w - fac.b.to(cdtype) @ fac.a.to(cdtype)
+            pred = kfac_loss(delta, damp_covariance(cx.to(cdtype), d.get("cx", 0.0)),
+                             damp_covariance(cg.to(cdtype), d.get("cg", 0.0)))
+        out[n] = (fac.a, fac.b, pred)
+    return out, used
