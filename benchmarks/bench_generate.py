@@ -11,8 +11,8 @@ unless ``--no-packed``. Per variant and batch size: prefill latency (one forward
 ``--new-tokens`` greedy tokens, tokens/s end to end and in the decode phase
 (batch·(new−1) / (generate(new) − generate(1))), and speedups against dense.
 
-    python benchmarks/bench_generate.py --quick --out benchmarks/results/generate_cpu.csv
-    python benchmarks/bench_generate.py --device cuda --out benchmarks/results/generate_h100.csv
+    python -m benchmarks.bench_generate --quick --out benchmarks/results/generate_cpu.csv
+    python -m benchmarks.bench_generate --device cuda --out benchmarks/results/generate_h100.csv
 
 Defaults: batches 1 and 16, prompt 512, 128 new tokens; ``--quick``: batches 1 and 4,
 prompt 64, 16 new tokens. Eager HF ``generate`` (dynamic cache); ``--compile`` compiles
@@ -23,19 +23,18 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402
+from obdk.models import linear_groups
+from obdk.nn import LowRankLinear, PackedSlice, pack_shared_inputs, unpack_shared_inputs
 
-from obdk.models import linear_groups  # noqa: E402
-from obdk.nn import LowRankLinear, PackedSlice, pack_shared_inputs, unpack_shared_inputs  # noqa: E402
+from .core.env import env_fields, set_threads
+from .core.models import DTYPES, random_llama
+from .core.rows import print_table, write_csv
+from .core.timing import median_seconds
 
 SIZES = {
     "tiny": dict(hidden=256, inter=688, layers=2, heads=4, vocab=2048),
@@ -43,25 +42,12 @@ SIZES = {
     "1b": dict(hidden=2048, inter=5504, layers=16, heads=16, vocab=32000),
     "7b": dict(hidden=4096, inter=11008, layers=32, heads=32, vocab=32000),
 }
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def rank_for(keep: float, m: int, n: int) -> int:
     r = keep * m * n / (m + n)
     q = 64 if r >= 256 else 8
     return max(q, int(round(r / q)) * q)
-
-
-def build_model(shape: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["inter"],
-                      num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
-                      num_key_value_heads=shape.get("kv_heads", shape["heads"]), max_position_embeddings=4096,
-                      tie_word_embeddings=False)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype).eval()
-    return model
 
 
 def make_lowrank(model: nn.Module, groups, keep: float) -> dict:
@@ -86,19 +72,6 @@ def make_lowrank(model: nn.Module, groups, keep: float) -> dict:
     return ranks
 
 
-def timed(fn, device, reps: int) -> float:
-    """Median wall seconds of ``fn`` over ``reps`` runs (after one warm-up run)."""
-    fn()
-    _common.sync(device)
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        _common.sync(device)
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def measure(model, device, batch: int, prompt: int, new: int, reps: int, vocab: int, compile_: bool) -> dict:
     g = torch.Generator().manual_seed(batch * 7919 + prompt)
     ids = torch.randint(0, vocab, (batch, prompt), generator=g).to(device)
@@ -109,9 +82,9 @@ def measure(model, device, batch: int, prompt: int, new: int, reps: int, vocab: 
         kw["cache_implementation"] = "static"
     kw1 = dict(kw, max_new_tokens=1, min_new_tokens=1)
     with torch.no_grad():
-        t_pre = timed(lambda: model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1), device, reps)
-        t_gen1 = timed(lambda: model.generate(ids, **kw1), device, reps)
-        t_gen = timed(lambda: model.generate(ids, **kw), device, max(1, reps // 2))
+        t_pre = median_seconds(lambda: model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1), device, reps)
+        t_gen1 = median_seconds(lambda: model.generate(ids, **kw1), device, reps)
+        t_gen = median_seconds(lambda: model.generate(ids, **kw), device, max(1, reps // 2))
     decode = t_gen - t_gen1  # the new-1 decode steps; prefill and generate's set-up cancel
     return {"prefill_ms": t_pre * 1e3, "generate_s": t_gen, "tok_s": batch * new / t_gen,
             "decode_tok_s": batch * (new - 1) / decode if decode > 0 and new > 1 else float("nan")}
@@ -120,7 +93,7 @@ def measure(model, device, batch: int, prompt: int, new: int, reps: int, vocab: 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--size", choices=sorted(SIZES), default=None, help="default: 7b on CUDA, small on CPU")
     for k in ("hidden", "inter", "layers", "heads", "kv-heads", "vocab"):
         p.add_argument(f"--{k}", type=int, default=None)
@@ -136,12 +109,11 @@ def main(argv=None) -> int:
                    help="torch CPU threads (1 is steadier on a shared, oversubscribed machine)")
     p.add_argument("--out", help="append rows to this CSV")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
 
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    dtype = _DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
+    dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
     size = args.size or ("7b" if gpu else "small")
     shape = dict(SIZES[size])
     for k in ("hidden", "inter", "layers", "heads", "kv_heads", "vocab"):
@@ -152,11 +124,11 @@ def main(argv=None) -> int:
     prompt = args.prompt or (64 if args.quick else 512)
     new = args.new_tokens or (16 if args.quick else 128)
     reps = args.reps or (2 if args.quick else 3)
-    env = _common.env_fields(device)
+    env = env_fields(device)
     print(f"# {env['device_name']}  torch {env['torch']}  obdk {env['obdk']}  {env['git_sha']}  {dtype}  "
           f"model {size} {shape}  batches {batches} prompt {prompt} new {new}", flush=True)
 
-    model = build_model(shape, device, dtype)
+    model = random_llama(**shape, device=device, dtype=dtype)
     if args.compile:
         model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
     groups = linear_groups(model)
@@ -186,13 +158,13 @@ def main(argv=None) -> int:
                 row["tok_s_speedup"] = res["tok_s"] / d["tok_s"]
                 row["decode_speedup"] = res["decode_tok_s"] / d["decode_tok_s"]
             rows.append(row)
-            _common.print_table([row], ["variant", "batch", "params_M", "prefill_ms", "generate_s", "tok_s",
+            print_table([row], ["variant", "batch", "params_M", "prefill_ms", "generate_s", "tok_s",
                                         "decode_tok_s", "prefill_speedup", "tok_s_speedup", "decode_speedup"])
         if packed:
             assert any(isinstance(m, PackedSlice) for m in model.modules())
     rows = [{**r, **env} for r in rows]
     if args.out:
-        print(f"# wrote {len(rows)} rows to {_common.write_csv(rows, args.out)}")
+        print(f"# wrote {len(rows)} rows to {write_csv(rows, args.out)}")
     return 0
 
 

@@ -19,25 +19,26 @@ and of the FLOP roofline at prefill (M ≥ 128; 2M·r(m+n), or 2Mmn for dense), 
 relative error against ``obdk.ops.lowrank_linear_reference``. Every row carries the device
 name, torch/triton/obdk versions, git SHA and timestamp.
 
-    python benchmarks/bench_lowrank_op.py --quick --out benchmarks/results/lowrank_op_cpu.csv
-    python benchmarks/bench_lowrank_op.py --device cuda --out benchmarks/results/lowrank_op_h100.csv
+    python -m benchmarks.bench_lowrank_op --quick --out benchmarks/results/lowrank_op_cpu.csv
+    python -m benchmarks.bench_lowrank_op --device cuda --out benchmarks/results/lowrank_op_h100.csv
 """
 from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402
+import obdk
+from obdk import _ext
+from obdk.ops import lowrank_linear_reference
 
-import obdk  # noqa: E402
-from obdk import _ext  # noqa: E402
-from obdk.ops import lowrank_linear_reference  # noqa: E402
+from .core.env import env_fields, peaks, set_threads
+from .core.models import DTYPES
+from .core.rows import print_table, write_csv
+from .core.timing import bench_interleaved, sync
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]   # (out m, in n)
 KEEPS = [0.8, 0.6, 0.4]
@@ -45,7 +46,6 @@ MS = [1, 4, 16, 128, 2048, 8192]
 QUICK_SHAPES = [(4096, 4096), (11008, 4096)]
 QUICK_MS = [1, 16, 128]
 DECODE_MAX_M = 16
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def rank_for(keep: float, m: int, n: int, multiple: int = 64) -> int:
@@ -75,7 +75,7 @@ def providers(device: torch.device, dtype: torch.dtype) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--quick", action="store_true", help=f"M in {QUICK_MS}, shapes {QUICK_SHAPES}")
     p.add_argument("--ms", type=int, nargs="*", help="token rows M (overrides --quick)")
     p.add_argument("--keeps", type=float, nargs="*", default=KEEPS)
@@ -85,19 +85,18 @@ def main(argv=None) -> int:
                    help="torch CPU threads (1 is steadier on a shared, oversubscribed machine)")
     p.add_argument("--out", help="append rows to this CSV")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
 
     device = torch.device(args.device)
-    dtype = _DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     shapes = QUICK_SHAPES if args.quick else SHAPES
     ms = args.ms or (QUICK_MS if args.quick else MS)
     budget = args.max_seconds or (1.0 if device.type == "cuda" else (0.6 if args.quick else 2.0))
     provs = providers(device, dtype)
     if args.providers:
         provs = {k: v for k, v in provs.items() if k in args.providers}
-    env = _common.env_fields(device)
-    peak = _common.peaks(device)
+    env = env_fields(device)
+    peak = peaks(device)
     elem = torch.finfo(dtype).bits // 8
     print(f"# {env['device_name']}  torch {env['torch']}  triton {env['triton']}  obdk {env['obdk']}  "
           f"{env['git_sha']}  dtype {dtype}  providers {list(provs)}", flush=True)
@@ -121,14 +120,14 @@ def main(argv=None) -> int:
                     call = (lambda fn=fn: fn(x, a, b, bias, w))
                     try:
                         y = call()
-                        _common.sync(device)
+                        sync(device)
                     except Exception as exc:
                         print(f"# {name} {m}x{n} r{r} M{M}: {type(exc).__name__}: {exc}", file=sys.stderr)
                         continue
                     errs[name] = ((y.float() - ref).abs().max() / ref.abs().max()).item() if name != "dense" else float("nan")
                     run[name] = call
                     del y
-                times = _common.bench_interleaved(run, device, max_seconds=budget)
+                times = bench_interleaved(run, device, max_seconds=budget)
                 for name, (med, q20, q80) in times.items():
                     dense = name == "dense"
                     wbytes = (m * n if dense else r * (m + n)) * elem
@@ -151,7 +150,7 @@ def main(argv=None) -> int:
                         rw["speedup_vs_dense"] = dense_med / rw["median_us"]
                     if "two_mm" in base:
                         rw["speedup_vs_two_mm"] = base["two_mm"] / rw["median_us"]
-                _common.print_table(cur, ["shape", "keep", "rank", "M", "provider", "median_us", "q20_us", "q80_us",
+                print_table(cur, ["shape", "keep", "rank", "M", "provider", "median_us", "q20_us", "q80_us",
                                           "speedup_vs_dense", "speedup_vs_two_mm", "gbps", "tflops",
                                           "frac_bw_roofline", "frac_flop_roofline", "max_rel_err"])
                 del x, ref
@@ -162,7 +161,7 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     rows = [{**r, **env} for r in rows]
     if args.out:
-        print(f"# wrote {len(rows)} rows to {_common.write_csv(rows, args.out)}")
+        print(f"# wrote {len(rows)} rows to {write_csv(rows, args.out)}")
     return 0
 
 

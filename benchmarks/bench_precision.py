@@ -9,28 +9,29 @@ so the fp32 cost is measured as *excess loss over the fp64 optimum*, not as a di
 printed eigenvalues. Also: wall time of each decomposition pass (the same process, back to back)
 and, with ``--eval-windows N``, the WikiText-2 perplexity of the two models.
 
-    python benchmarks/bench_precision.py --keeps 0.8 0.6 --eval-windows 32
+    python -m benchmarks.bench_precision --keeps 0.8 0.6 --eval-windows 32
+    python -m benchmarks.bench_precision --model tiny --nsamples 2 --seqlen 64 --keeps 0.8 --eval-windows 1 \
+        --cache-dir '' --out /tmp/p.csv                                          # seconds: smoke test
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import obdk
 
-import torch  # noqa: E402
-
-from _common import env_fields, write_csv  # noqa: E402
+from .core.data import EvalSets, data_dir_of
+from .core.env import RESULTS, env_fields, set_threads
+from .core.models import load
+from .core.rows import write_csv
+from .core.sweep import keep_sweep
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), tiny, or any obdk.hub spec")
     ap.add_argument("--method", default="obd", choices=["obd", "svd-llm"])
     ap.add_argument("--solver", default="eig", choices=["eig", "cholesky"])
     ap.add_argument("--keeps", type=float, nargs="+", default=[0.8, 0.6])
@@ -38,35 +39,33 @@ def main(argv=None) -> int:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=0, help="also evaluate both models on N windows (0: skip)")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--cache-dir", default=os.environ.get("OBDK_CACHE_DIR", "/tmp/obdk-stats-cache"))
-    ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--out", default="benchmarks/results/precision_smollm2.csv")
+    ap.add_argument("--cache-dir", default=os.environ.get("OBDK_CACHE_DIR", "/tmp/obdk-stats-cache"),
+                    help="statistics cache ('' to disable)")
+    ap.add_argument("--data-dir", default=None, help="default $OBDK_DATA_DIR, else ../shared/data")
+    ap.add_argument("--out", default=str(RESULTS / "precision_smollm2.csv"))
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
 
-    import obdk
     from obdk.calibrate.data import get_calibration_windows
     from obdk.calibrate.stats import calibrate
     from obdk.decompose import damp_covariance, kfac_loss
-    from obdk.eval import perplexity
-    from obdk.hub import load_model
-    from obdk.pipeline import prepare
 
-    model, tok = load_model(args.model)
+    data_dir = data_dir_of(args.data_dir)
+    model, tok = load(args.model)
     data = get_calibration_windows("wikitext2:validation", tok, nsamples=args.nsamples, seqlen=args.seqlen,
-                                   seed=0, data_dir=args.data_dir)
+                                   seed=0, data_dir=data_dir)
     # the same statistics (and cache entry) as bench_default_search.py
-    stats = calibrate(model, data, stats=("cx", "cg", "grad"), cache_dir=args.cache_dir, progress=False)
+    stats = calibrate(model, data, stats=("cx", "cg", "grad"), cache_dir=args.cache_dir or None, progress=False)
     plans, secs = {}, {}
     for cd in ("float64", "float32"):
         cfg = obdk.LowRankConfig(method=args.method, compute_dtype=cd, solver=args.solver, correct="none")
         t0 = time.perf_counter()
-        plans[cd] = prepare(model, cfg, data, stats=stats, progress=False)
+        plans[cd] = obdk.prepare(model, cfg, data, stats=stats, progress=False)
         secs[cd] = time.perf_counter() - t0
         print(f"decomposition {cd}: {secs[cd]:.1f}s", flush=True)
     p64, p32 = plans["float64"], plans["float32"]
     env = env_fields("cpu")
+    evals = EvalSets(tok, data_dir)
     rows = []
     for keep in args.keeps:
         alloc = p64.allocate(keep)
@@ -103,13 +102,9 @@ def main(argv=None) -> int:
                "nsamples": args.nsamples, "seqlen": args.seqlen}
         if args.eval_windows:
             for cd, plan in plans.items():
-                m = copy.deepcopy(model)
-                plan.apply(m, keep=keep)
-                with torch.inference_mode():
-                    ev = perplexity(m, tok, "wikitext2", seqlen=args.seqlen, windows=args.eval_windows,
-                                    data_dir=args.data_dir, progress=False)
-                row[f"ppl_{cd}"] = round(ev["ppl"], 4)
-                del m
+                for res in keep_sweep(model, [keep], plan.apply):
+                    ev = evals.perplexity(res.model, "wikitext2", args.seqlen, args.eval_windows)
+                    row[f"ppl_{cd}"] = round(ev["ppl"], 4)
             row["eval_windows"] = args.eval_windows
         row.update(env)
         rows.append(row)

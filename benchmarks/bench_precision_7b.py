@@ -46,10 +46,10 @@ properties of the fp64 spectrum λ that predict the fp32 error: ``lam_r_over_lam
 Rows are appended to the CSV after every shape (so ``--shapes`` can split a long run);
 generated statistics are cached under ``--cache-dir``.
 
-    python benchmarks/bench_precision_7b.py --scale 0.125 --verify-loss --out /tmp/p7b_small.csv
-    python benchmarks/bench_precision_7b.py --shapes q gate
-    python benchmarks/bench_precision_7b.py --shapes down
-    python benchmarks/bench_precision_7b.py --label smollm2-matched --w-beta 0.3 --w-lead 2 1.5 \
+    python -m benchmarks.bench_precision_7b --scale 0.125 --verify-loss --out /tmp/p7b_small.csv
+    python -m benchmarks.bench_precision_7b --shapes q gate
+    python -m benchmarks.bench_precision_7b --shapes down
+    python -m benchmarks.bench_precision_7b --label smollm2-matched --w-beta 0.3 --w-lead 2 1.5 \
         --cx-beta 0.9 --cg-beta 1.0 --shapes q gate down
 """
 from __future__ import annotations
@@ -63,12 +63,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from _common import env_fields, print_table, write_csv  # noqa: E402
+from .core.env import RESULTS, env_fields
+from .core.rows import print_table, write_csv
 
 D, FFN = 4096, 11008
 SHAPE_NAMES = ("q", "gate", "down")
@@ -204,7 +202,7 @@ def main(argv=None) -> int:
     ap.add_argument("--verify-loss", action="store_true", help="also evaluate kfac_loss directly and compare")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache-dir", default="/tmp/obdk-synth7b-cache", help="generated statistics ('' to disable)")
-    ap.add_argument("--out", default="benchmarks/results/precision_7b_synthetic.csv")
+    ap.add_argument("--out", default=str(RESULTS / "precision_7b_synthetic.csv"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 

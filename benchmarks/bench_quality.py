@@ -11,12 +11,12 @@ Methods (``--methods``):
 * ``svd``      — plain SVD, uniform ranks (calibration-independent: ``calib=none``);
 * ``svd-llm``  — SVD-LLM whitening (C_x), uniform ranks;
 * ``obd-uniform`` — OBD whitening (C_x, C_g), uniform ranks: comparable to the reference numbers;
-* ``obd``      — OBD whitening, ``global`` (knapsack) allocation, no correction (obdk's default
-  before the one-step ZS correction was measured best and added to it).
+* ``obd``      — OBD whitening, ``global`` (knapsack) allocation, no correction (``correct="none"``:
+  the one-shot decomposition; ``bench_allocation.py`` measures the corrections).
 
 One calibration per calibration set: the OBD plan is prepared once (``cx`` + ``cg``) and its
 ``plan.stats`` are passed to the SVD-LLM ``prepare`` (``stats=``), which then only decomposes.
-Every keep is ``plan.apply(copy.deepcopy(model), keep=...)`` of the same plan. Time columns
+Every keep is ``plan.apply(copy, keep=..., alloc=...)`` of the same plan (``benchmarks.core.sweep``). Time columns
 say what is shared: ``calib_s`` is the one calibration pass of that calibration set (its
 statistics in ``calib_stats``, the methods sharing it in ``calib_shared_by``; SVD-LLM alone
 would need only a forward pass for ``cx``), ``decompose_s`` the plan's full decomposition
@@ -35,188 +35,35 @@ Rows are appended to ``--out`` and flushed after every evaluation; ``--resume`` 
 already there (same model, calib, eval, method, keep, windows request, seqlen, nsamples, seed)
 and the plans whose rows are all done.
 
-    python benchmarks/bench_quality.py --full-eval --resume                  # the issue's table (hours on CPU)
-    python benchmarks/bench_quality.py --model tiny --windows 2 --nsamples 2 --seqlen 128 --keeps 0.8 \\
+    python -m benchmarks.bench_quality --full-eval --resume                  # the issue's table (hours on CPU)
+    python -m benchmarks.bench_quality --model tiny --windows 2 --nsamples 2 --seqlen 128 --keeps 0.8 \\
         --out /tmp/q.csv                                                     # seconds: smoke test
 """
 from __future__ import annotations
 
 import argparse
-import copy
-import csv
-import gc
 import logging
-import math
-import os
 import sys
 import time
-from pathlib import Path
-from typing import Optional
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402
+import obdk
 
-REPO = _common.REPO
-DEFAULT_OUT = REPO / "benchmarks" / "results" / "quality_smollm2.csv"
+from .core.data import EvalSets, calibration_data, corpus, data_dir_of
+from .core.env import RESULTS, set_threads
+from .core.models import load, model_label, n_params
+from .core.rows import ResultLog, read_rows
+from .core.sweep import keep_sweep, plan_seconds
+from .core.timing import free
+
+DEFAULT_OUT = RESULTS / "quality_smollm2.csv"
 ALL_METHODS = ("dense", "svd", "svd-llm", "obd-uniform", "obd")
 #: method -> (LowRankConfig method preset, allocation passed to Plan.apply)
 METHOD_PLAN = {"svd": ("svd", "uniform"), "svd-llm": ("svd-llm", "uniform"),
                "obd-uniform": ("obd", "uniform"), "obd": ("obd", "global")}
 
 log = logging.getLogger("bench")
-
-
-# =========================================================================== shared helpers
-# (bench_allocation.py imports these)
-
-
-def load(spec: str):
-    """``(model, tokenizer)``: ``tiny`` = the test suite's 2-layer Llama + char tokenizer, else obdk.hub."""
-    if spec == "tiny":
-        if str(REPO) not in sys.path:
-            sys.path.insert(0, str(REPO))
-        from tests.conftest import make_char_tokenizer, make_tiny_llama
-        return make_tiny_llama(), make_char_tokenizer()
-    from obdk.hub import load_model
-    return load_model(spec)
-
-
-def model_label(spec: str) -> str:
-    return "tiny-llama" if spec == "tiny" else spec
-
-
-def data_dir_of(arg: Optional[str]) -> Optional[str]:
-    return arg or os.environ.get("OBDK_DATA_DIR") or (str(REPO.parent / "shared" / "data")
-                                                      if (REPO.parent / "shared" / "data").is_dir() else None)
-
-
-def _corpus(spec: str, default_split: str) -> Optional[tuple[str, str]]:
-    """(dataset, split) a named source resolves to, or None for files/unknown names."""
-    from obdk.calibrate.data import DATASETS, parse_dataset
-    p = parse_dataset(spec)
-    if p is None:
-        return None
-    name, split = p
-    if split is None:
-        split = DATASETS[name].eval_split if default_split == "eval" else DATASETS[name].calib_split
-    return name, split
-
-
-class EvalSets:
-    """Evaluation token streams, each loaded and tokenised once (as :func:`obdk.eval.perplexity` does)."""
-
-    def __init__(self, tok, data_dir):
-        self.tok, self.data_dir, self._ids = tok, data_dir, {}
-
-    def stream(self, name: str) -> torch.Tensor:
-        if name not in self._ids:
-            from obdk.calibrate.data import load_text, tokenize_text
-            t0 = time.perf_counter()
-            text, info = load_text(name, self.data_dir, default_split="eval")
-            self._ids[name] = tokenize_text(text, self.tok)
-            print(f"[eval set] {name} ({info.get('dataset')}:{info.get('split')}): "
-                  f"{self._ids[name].numel():,} tokens, tokenised in {time.perf_counter() - t0:.1f}s", flush=True)
-        return self._ids[name]
-
-    def perplexity(self, model, name: str, seqlen: int, windows: Optional[int], progress: bool = False) -> dict:
-        from obdk.eval import perplexity
-        return perplexity(model, self.tok, self.stream(name), seqlen=seqlen, windows=windows, progress=progress)
-
-
-def calibration_data(spec: str, tok, *, nsamples: int, seqlen: int, seed: int, data_dir,
-                     evals: list[str], eval_tokens: int, holdout: bool = True):
-    """``(CalibrationData, calib_source)``; windows avoid the evaluated tokens of the same corpus split.
-
-    With ``holdout`` and ``spec`` naming the corpus/split an eval set scores (e.g. ``c4``), the
-    windows are drawn (same sampler and seed) from the stream after its first ``eval_tokens``
-    tokens, so calibration never sees a scored token.
-    """
-    from obdk.calibrate.data import get_calibration_windows, load_text, tokenize_text
-    src = _corpus(spec, "calib")
-    clash = src is not None and any(_corpus(e, "eval") == src for e in evals)
-    if holdout and clash:
-        text, info = load_text(spec, data_dir, default_split="calib")
-        stream = tokenize_text(text, tok)
-        if stream.numel() - eval_tokens < seqlen:
-            raise ValueError(f"{spec}: {stream.numel()} tokens leave no calibration window after the "
-                             f"{eval_tokens} evaluated ones (use --no-holdout)")
-        data = get_calibration_windows(stream[eval_tokens:], tok, nsamples=nsamples, seqlen=seqlen, seed=seed)
-        data.fingerprint.update(dataset=info["dataset"], split=info["split"], path=info.get("path"),
-                                text_sha256=info["text_sha256"], holdout_tokens=eval_tokens)
-        return data, f"{info['dataset']}:{info['split']} tokens[{eval_tokens}:] (held out from eval)"
-    data = get_calibration_windows(spec, tok, nsamples=nsamples, seqlen=seqlen, seed=seed, data_dir=data_dir)
-    fp = data.fingerprint
-    label = f"{fp.get('dataset')}:{fp.get('split')}" if fp.get("split") else str(fp.get("path") or spec)
-    if clash:
-        label += " (OVERLAPS eval split)"
-    return data, label
-
-
-class CsvLog:
-    """Append rows one at a time (flushed) to a CSV via ``_common.write_csv``; remember done keys."""
-
-    def __init__(self, path, key_cols: tuple[str, ...], resume: bool):
-        self.path, self.key_cols = Path(path), key_cols
-        self.done: set[tuple] = set()
-        self.rows: list[dict] = []
-        if resume and self.path.exists() and self.path.stat().st_size > 0:
-            with self.path.open(newline="") as f:
-                for r in csv.DictReader(f):
-                    self.done.add(self.key(r))
-            print(f"[resume] {len(self.done)} rows already in {self.path}", flush=True)
-        self._env = _common.env_fields()
-
-    def key(self, row: dict) -> tuple:
-        return tuple(_norm(row.get(c, "")) for c in self.key_cols)
-
-    def has(self, **kw) -> bool:
-        return self.key(kw) in self.done
-
-    def write(self, row: dict) -> None:
-        env = dict(self._env)
-        env["timestamp"] = _common.timestamp()
-        try:
-            env["loadavg_1m"] = f"{os.getloadavg()[0]:.2f}"
-        except OSError:
-            pass
-        row = {**row, **env}
-        _common.write_csv([row], self.path)  # re-written and closed: an interrupted run keeps every row
-        self.done.add(self.key(row))
-        self.rows.append(row)
-
-
-def _norm(v) -> str:
-    """Canonical text of a key cell (``0.8`` == ``"0.8"`` == ``"0.80"``)."""
-    if isinstance(v, bool):
-        return str(v)
-    try:
-        f = float(v)
-        if math.isfinite(f):
-            return repr(round(f, 6))
-    except (TypeError, ValueError):
-        pass
-    return str(v)
-
-
-def stage_s(plan, name: str) -> float:
-    st = plan.timer.stages.get(name)
-    return float(st.seconds) if st is not None else 0.0
-
-
-def set_threads(n: Optional[int]) -> None:
-    if n:
-        torch.set_num_threads(n)
-
-
-def free() -> None:
-    gc.collect()
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 # =========================================================================== quality benchmark
@@ -234,7 +81,7 @@ def _row_base(args, model_name, calib, ev, method, keep, windows_req, seqlen) ->
             "windows_req": windows_req, "seqlen": seqlen, "nsamples": args.nsamples, "seed": args.seed}
 
 
-def _eval_row(log_: CsvLog, base: dict, ppl: dict, extra: dict) -> None:
+def _eval_row(log_: ResultLog, base: dict, ppl: dict, extra: dict) -> None:
     row = {**{k: base[k] for k in ("model", "calib")}, "calib_source": extra.pop("calib_source", ""),
            "eval": base["eval"], "method": base["method"], "whitening": extra.pop("whitening", ""),
            "alloc": extra.pop("alloc", ""), "keep": base["keep"], "keep_actual": extra.pop("keep_actual", 1.0),
@@ -256,8 +103,7 @@ def _eval_row(log_: CsvLog, base: dict, ppl: dict, extra: dict) -> None:
 
 def run(args) -> list[dict]:
     set_threads(args.threads)
-    from obdk import LowRankConfig
-    from obdk.pipeline import _nparams, prepare
+    LowRankConfig = obdk.LowRankConfig
 
     methods = [m for m in args.methods]
     bad = [m for m in methods if m not in ALL_METHODS]
@@ -265,7 +111,7 @@ def run(args) -> list[dict]:
         raise SystemExit(f"unknown method(s) {bad}; choose from {ALL_METHODS}")
     mname = model_label(args.model)
     data_dir = data_dir_of(args.data_dir)
-    out = CsvLog(args.out, KEY_COLS, args.resume)
+    out = ResultLog(args.out, KEY_COLS, args.resume)
     keeps = [float(k) for k in args.keeps]
     wreq = str(args.windows)
     full_sets = list(args.full_eval_sets) if args.full_eval else []
@@ -277,7 +123,7 @@ def run(args) -> list[dict]:
     t_load = time.perf_counter()
     model, tok = load(args.model)
     model.eval()
-    before = _nparams(model)
+    before = n_params(model)
     print(f"[model] {mname}: {before:,} params, loaded in {time.perf_counter() - t_load:.1f}s; "
           f"threads {torch.get_num_threads()}", flush=True)
     evals = EvalSets(tok, data_dir)
@@ -301,18 +147,18 @@ def run(args) -> list[dict]:
         if full_sets:
             evaluate(model, "none", "dense", 1.0, extra, full=True)
     if "svd" in methods and any(todo("none", "svd", k, ev, wreq, args.seqlen) for k in keeps for ev in args.eval):
-        plan = prepare(model, LowRankConfig(method="svd"), None, progress=args.progress)
+        plan = obdk.prepare(model, LowRankConfig(method="svd"), None, progress=args.progress)
         shared = {"whitening": "svd", "alloc": "uniform", "calib_source": "", "calib_stats": "",
-                  "decompose_s": stage_s(plan, "factorisation")}
-        _apply_and_eval(plan, model, before, "svd", "uniform", keeps, "none", shared, evaluate, todo, args)
+                  "decompose_s": plan_seconds(plan, "factorisation")}
+        _apply_and_eval(plan, model, "svd", "uniform", keeps, "none", shared, evaluate, todo, args)
         del plan
         free()
 
     # ---------------------------------------------------------------- per calibration set
     eval_tokens = max([args.windows * args.seqlen] +
                       [(evals.stream(s).numel() if args.full_windows is None else args.full_windows * args.full_seqlen)
-                       for s in full_sets if args.holdout and _corpus(s, "eval") is not None
-                       and any(_corpus(c, "calib") == _corpus(s, "eval") for c in args.calib)])
+                       for s in full_sets if args.holdout and corpus(s, "eval") is not None
+                       and any(corpus(c, "calib") == corpus(s, "eval") for c in args.calib)])
     for ci, calib in enumerate(args.calib):
         want_obd = [m for m in ("obd-uniform", "obd") if m in methods
                     and any(todo(calib, m, k, ev, wreq, args.seqlen) for k in keeps for ev in args.eval)]
@@ -331,53 +177,49 @@ def run(args) -> list[dict]:
               f"({time.perf_counter() - t0:.1f}s to load/tokenise, not counted)", flush=True)
         stats, calib_s, calib_stats = None, 0.0, ""
         if want_obd or want_full:
-            # one-shot OBD (correct="none"): the rows of quality_smollm2.csv were measured without the
-            # ZS correction that obd now applies by default (see bench_allocation.py for "global + zs")
-            plan = prepare(model, LowRankConfig(method="obd", correct="none"), data, seed=args.seed,
-                           progress=args.progress)
-            stats, calib_s, calib_stats = plan.stats, stage_s(plan, "calibration"), "cx+cg"
+            # one-shot OBD (correct="none"): this table compares decompositions; bench_allocation.py
+            # measures the corrections obd applies by default
+            plan = obdk.prepare(model, LowRankConfig(method="obd", correct="none"), data, seed=args.seed,
+                                progress=args.progress)
+            stats, calib_s, calib_stats = plan.stats, plan_seconds(plan, "calibration"), "cx+cg"
             sharers = ",".join([m for m in ("obd-uniform", "obd") if m in methods] + (["svd-llm"] if want_llm else []))
             shared = {"whitening": "obd", "calib_source": source, "calib_stats": calib_stats, "calib_s": calib_s,
-                      "calib_shared_by": sharers, "decompose_s": stage_s(plan, "factorisation"),
+                      "calib_shared_by": sharers, "decompose_s": plan_seconds(plan, "factorisation"),
                       "calib_seqlen": args.seqlen}
             for m in want_obd:
-                _apply_and_eval(plan, model, before, m, METHOD_PLAN[m][1], keeps, calib, shared, evaluate, todo, args)
+                _apply_and_eval(plan, model, m, METHOD_PLAN[m][1], keeps, calib, shared, evaluate, todo, args)
             if want_full:
-                _apply_and_eval(plan, model, before, "obd", "global", [FULL_KEEP], calib, shared, evaluate, todo,
+                _apply_and_eval(plan, model, "obd", "global", [FULL_KEEP], calib, shared, evaluate, todo,
                                 args, full=True)
             del plan
             free()
         if want_llm:
-            plan = prepare(model, LowRankConfig(method="svd-llm"), data, stats=stats, seed=args.seed,
-                           progress=args.progress)
+            plan = obdk.prepare(model, LowRankConfig(method="svd-llm"), data, stats=stats, seed=args.seed,
+                                progress=args.progress)
             if stats is None:
-                calib_s, calib_stats, sharers = stage_s(plan, "calibration"), "cx", "svd-llm"
+                calib_s, calib_stats, sharers = plan_seconds(plan, "calibration"), "cx", "svd-llm"
             shared = {"whitening": "svd-llm", "calib_source": source, "calib_stats": calib_stats, "calib_s": calib_s,
-                      "calib_shared_by": sharers, "decompose_s": stage_s(plan, "factorisation"),
+                      "calib_shared_by": sharers, "decompose_s": plan_seconds(plan, "factorisation"),
                       "calib_seqlen": args.seqlen}
-            _apply_and_eval(plan, model, before, "svd-llm", "uniform", keeps, calib, shared, evaluate, todo, args)
+            _apply_and_eval(plan, model, "svd-llm", "uniform", keeps, calib, shared, evaluate, todo, args)
             del plan
         del stats, data
         free()
     return out.rows
 
 
-def _apply_and_eval(plan, model, before, method, alloc, keeps, calib, shared, evaluate, todo, args, full=False):
+def _apply_and_eval(plan, model, method, alloc, keeps, calib, shared, evaluate, todo, args, full=False):
+    """The keep sweep of one plan at one allocation: each keep not yet done is applied to a copy and evaluated."""
     seqlen = args.full_seqlen if full else args.seqlen
     sets = list(args.full_eval_sets) if full else list(args.eval)
     wr = full_req(args) if full else str(args.windows)
-    for keep in keeps:
-        if not any(todo(calib, method, keep, ev, wr, seqlen) for ev in sets):
-            continue
-        m = copy.deepcopy(model)
-        t0 = time.perf_counter()
-        rep = plan.apply(m, keep=keep, alloc=alloc, model_params_before=before)
-        apply_s = time.perf_counter() - t0
+    points = [{"keep": k, "alloc": alloc} for k in keeps]
+    skip = lambda p: not any(todo(calib, method, p["keep"], ev, wr, seqlen) for ev in sets)  # noqa: E731
+    for res in keep_sweep(model, points, plan.apply, skip=skip):
+        rep = res.report
         extra = {**shared, "alloc": alloc, "keep_actual": rep.keep_actual, "predicted_loss": rep.predicted_loss,
-                 "apply_s": apply_s, "model_params_after": rep.model_params_after}
-        evaluate(m, calib, method, keep, extra, full=full)
-        del m
-        free()
+                 "apply_s": res.seconds, "model_params_after": rep.model_params_after}
+        evaluate(res.model, calib, method, res.point["keep"], extra, full=full)
 
 
 def markdown_table(rows: list[dict], model: str) -> str:
@@ -414,14 +256,6 @@ def markdown_table(rows: list[dict], model: str) -> str:
             out.append(f"| {r['eval']} | {r['method']} | {r['calib']} | {float(r['keep']):g} | {r['seqlen']} | "
                        f"{r['windows']} | {float(r['ppl']):.2f} |")
     return "\n".join(out)
-
-
-def read_rows(path) -> list[dict]:
-    p = Path(path)
-    if not p.exists():
-        return []
-    with p.open(newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def parse_args(argv=None):

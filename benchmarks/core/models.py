@@ -67,6 +67,11 @@ def load(spec: str, *, device: torch.device | str | None = None, dtype: torch.dt
     return model.eval(), tok
 
 
+def model_label(spec: str) -> str:
+    """The ``model`` column of the quality and allocation CSVs: ``tiny-llama`` for ``tiny``, else the spec."""
+    return "tiny-llama" if spec == "tiny" else spec
+
+
 def n_params(model: nn.Module) -> int:
     """Parameters of ``model`` (a tied tensor once)."""
     return sum(p.numel() for p in model.parameters())

@@ -66,3 +66,8 @@ def keep_sweep(model: nn.Module, points: Iterable[Point], apply: Callable[..., A
         finally:
             res.model = None  # the caller's handle no longer keeps the copy alive
             free()
+
+
+def plan_seconds(plan, *stages: str) -> float:
+    """Seconds ``plan`` spent in ``stages`` (obdk's stage names: ``calibration``, ``factorisation``, ...); 0 if absent."""
+    return sum(float(plan.timer.stages[s].seconds) for s in stages if s in plan.timer.stages)
