@@ -185,12 +185,57 @@ def _load_obdk(directory: str, dtype: torch.dtype | None, device: str | torch.de
     if not hasattr(obdk_io, "load_pretrained"):
         raise ImportError(f"{directory} is an obdk checkpoint but obdk.io has no load_pretrained")
     from transformers import AutoTokenizer
-    model = obdk_io.load_pretrained(directory, device=device, dtype=dtype)
-    try:
+
+    from .errors import CheckpointError
+    try:  # first: it is cheap, and a checkpoint without a tokenizer cannot be used by the CLI
         tok = AutoTokenizer.from_pretrained(directory)
     except Exception as exc:
-        raise OSError(f"obdk checkpoint {directory}: no loadable tokenizer saved beside the model ({exc})") from exc
+        why = (str(exc).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"obdk checkpoint {directory}: no loadable tokenizer saved beside the model "
+                              f"({type(exc).__name__}: {why}); copy the tokenizer files of the source model "
+                              "into it, or re-save with save_pretrained(..., tokenizer=tok)") from exc
+    model = obdk_io.load_pretrained(directory, device=device, dtype=dtype)
     return model, tok
+
+
+def _recover_obdk(p: Path) -> None:
+    """Roll back or clean up an interrupted obdk save of ``p`` (:func:`obdk.io.recover`) before looking at it."""
+    try:
+        from . import io as obdk_io
+    except ImportError:
+        return
+    obdk_io.recover(p)
+
+
+def _load_hf_dir(p: Path, dtype: torch.dtype | None):
+    """A Hugging Face model directory, refused where transformers would return random layers: obdk factors
+    whose ``quantization_config`` was removed or changed, or a quantization method nobody here can load."""
+    from .errors import CheckpointError
+    q = (_read_config(p) or {}).get("quantization_config")
+    method = q.get("quant_method") if isinstance(q, dict) else None
+    try:
+        from . import io as obdk_io
+    except ImportError:
+        obdk_io = None
+    if obdk_io is not None and obdk_io.has_obdk_tensors(p):
+        what = "missing" if q is None else f"quant_method={method!r}"
+        raise CheckpointError(f"{p / 'config.json'}: the directory holds obdk low-rank factors (*.weight_a, "
+                              f"*.weight_b) but its quantization_config is {what}; restore the config.json obdk "
+                              "wrote (quantization_config with quant_method 'obdk' and the ranks)")
+    if q is None:
+        return _load_hf(str(p.resolve()), dtype)
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING
+    if not isinstance(q, dict) or method not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        raise CheckpointError(f"{p / 'config.json'}: quantization_config.quant_method={method!r} is not a method "
+                              "transformers or obdk can load (transformers would skip it and initialise the "
+                              "quantized layers at random); obdk loads dense Hugging Face models and obdk checkpoints")
+    try:
+        return _load_hf(str(p.resolve()), dtype)
+    except Exception as exc:
+        why = (str(exc).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{p}: a {method!r}-quantized checkpoint, which transformers cannot load here "
+                              f"({type(exc).__name__}: {why}); obdk compresses dense models: use the "
+                              "unquantized original") from exc
 
 
 def load_tokenizer(spec: str | os.PathLike):
@@ -234,11 +279,12 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype | str | None = Non
     else:
         tried.append(f"alias: not one of {', '.join(sorted(ALIASES))}")
         p = Path(s).expanduser()
+        _recover_obdk(p)
         if p.is_dir():
             if is_obdk_checkpoint(p):
                 model, tok = _load_obdk(str(p.resolve()), dt, device)
             elif _read_config(p) is not None:
-                model, tok = _load_hf(str(p.resolve()), dt)
+                model, tok = _load_hf_dir(p, dt)
             else:
                 g = _single_gguf(p)
                 if g is None:
