@@ -6,10 +6,18 @@ load, every module named in ``quantization_config.ranks`` is swapped for a
 ``LowRankLinear`` of that rank, so ``weight_a``/``weight_b`` load as plain
 parameters. Called by ``import obdk``; failures only log (``obdk.load_pretrained``
 always works).
+
+The quantizer runs the checks of :func:`obdk.load_pretrained` (:mod:`obdk.io`): before the
+weights load, the ranks and every tensor header (names, shapes, factor dtypes) against the
+model; after, the finiteness of every tensor. Errors are :class:`obdk.errors.CheckpointError`
+naming the file and tensor. Without ``import obdk``, transformers does not know
+``quant_method: "obdk"`` (it warns and skips it); the empty ``<module>.weight`` tombstones an
+obdk checkpoint stores then fail the load with a size mismatch instead of random layers.
 """
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 import torch.nn as nn
@@ -56,32 +64,53 @@ def register() -> bool:
 
     @register_quantizer(QUANT_METHOD)
     class ObdkHfQuantizer(HfQuantizer):
-        """Swaps Linears for ``LowRankLinear`` of the saved ranks before weights load."""
+        """Swaps Linears for ``LowRankLinear`` of the saved ranks before weights load, and runs the checks
+        of :func:`obdk.load_pretrained` (headers before loading, finiteness after)."""
 
         requires_calibration = True
 
         def validate_environment(self, *args, **kwargs):
-            from .config import FORMAT_VERSION
-            ver = getattr(self.quantization_config, "format_version", None)
-            if not isinstance(ver, int) or not 1 <= ver <= FORMAT_VERSION:
-                raise ValueError(f"obdk checkpoint format_version={ver!r} is unknown (this obdk reads 1..{FORMAT_VERSION})")
+            from .io import check_quantization_config
+            check_quantization_config(self.quantization_config.to_dict(), "config.json")
 
-        def _process_model_before_weight_loading(self, model, **kwargs):
-            from .models import set_module
-            from .nn import LowRankLinear
-            modules = dict(model.named_modules())
-            for name, rank in self.quantization_config.ranks.items():
-                old = modules.get(name)
-                if not isinstance(old, nn.Linear):
-                    raise ValueError(f"obdk checkpoint names module {name!r}, which is not an nn.Linear of {type(model).__name__}")
-                dev = old.weight.device
-                with torch.device(dev):
-                    new = LowRankLinear(old.in_features, old.out_features, int(rank), bias=old.bias is not None,
-                                        dtype=old.weight.dtype)
-                set_module(model, name, new)
+        def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+            import os
+            from pathlib import Path
+
+            from .errors import CheckpointError
+            from .io import _read_config_json, _tied_names, check_tensors, install_lowrank, tensor_index
+            q = self.quantization_config.to_dict()
+            ckpt = Path(os.path.dirname(checkpoint_files[0])) if checkpoint_files else None
+            where = str(ckpt / "config.json") if ckpt is not None else "config.json"
+            first = next(model.parameters(), None)
+            kw = {"device": first.device, "dtype": first.dtype} if first is not None else {}
+            install_lowrank(model, q["ranks"], where, **kw)
+            self._obdk_index = {}
+            if ckpt is not None:
+                if not all(str(f).endswith(".safetensors") for f in checkpoint_files):
+                    raise CheckpointError(f"{ckpt}: an obdk checkpoint stores safetensors files only, found "
+                                          f"{[os.path.basename(f) for f in checkpoint_files][:3]}")
+                self._obdk_index = tensor_index(ckpt)
+                check_tensors(ckpt, _read_config_json(ckpt), q, self._obdk_index, model.state_dict(),
+                              _tied_names(model))
+            # the empty ``<module>.weight`` tombstones are expected: no "unexpected key" warning for them
+            tomb = {re.escape(f"{n}.weight") + "$" for n in q["ranks"]}
+            model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | tomb
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
+            from .io import check_finite
+            seen = set()
+            for name, t in model.state_dict().items():
+                if t.device.type == "meta":
+                    from .errors import CheckpointError
+                    raise CheckpointError(f"tensor {name!r} was not loaded (still on the meta device)")
+                key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype)
+                if key in seen:
+                    continue
+                seen.add(key)
+                info = self._obdk_index.get(name)
+                check_finite(name, t, info.file if info is not None else "checkpoint")
             return model
 
         def is_serializable(self, *args, **kwargs):
