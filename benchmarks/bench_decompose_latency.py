@@ -337,6 +337,9 @@ def parse_args(argv=None):
                     help="model dtype for every pipeline (default: fp32 for smollm2-135m's dequantised GGUF, "
                          "bf16 for llama7b-random)")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--layers", type=int, default=None,  # benchmarks/gpu_suite.sh: a 7B shape that fits its time
+                    help="llama7b-random only: this many decoder layers instead of 32 (model column "
+                         "llama7b-random-<N>layers; random token ids)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--data-dir", default=data_dir_of(None))
     ap.add_argument("--out", default=str(RESULTS / "decompose_latency_cpu.csv"))
@@ -366,7 +369,14 @@ def main(argv=None) -> list[dict]:
         raise SystemExit("--model llama7b-random needs a CUDA device (--device cuda)")
 
     t0 = time.perf_counter()
-    base, tok = load(args.model, device=device, dtype=args.dtype)
+    label = args.model
+    if args.layers and args.model == "llama7b-random":  # --layers (gpu_suite.sh): fewer 7B-shaped layers
+        from .core.models import DTYPES, LLAMA7B, random_llama
+        base, tok = random_llama(**dict(LLAMA7B, layers=args.layers), device=device,
+                                 dtype=DTYPES[args.dtype or "bf16"]), None
+        label = f"llama7b-random-{args.layers}layers"
+    else:
+        base, tok = load(args.model, device=device, dtype=args.dtype)
     if args.model == "llama7b-random":  # the dense original waits in host memory; each pipeline copies it to the GPU
         base = base.cpu()
     vocab = base.config.vocab_size
@@ -388,7 +398,7 @@ def main(argv=None) -> list[dict]:
 
     targeted = sum(t.m * t.n for t in select_targets(base, LowRankConfig()))
     env = env_fields(device)
-    meta = {"model": args.model, "model_dtype": model_dtype(base), "nsamples": args.nsamples, "seqlen": args.seqlen,
+    meta = {"model": label, "model_dtype": model_dtype(base), "nsamples": args.nsamples, "seqlen": args.seqlen,
             "tokens": int(data.input_ids.numel()), "eval_windows": args.eval_windows, "eval_seqlen": eval_seqlen,
             "threads": torch.get_num_threads(), "ref_rank": args.ref_rank, "run_id": env["timestamp"] + "/" + args.model,
             "_params_before": targeted, **env}
