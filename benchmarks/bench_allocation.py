@@ -223,6 +223,7 @@ def run(args) -> list[dict]:
                 s0 = plan_seconds(plan, "scores")
                 return plan.apply(m, **point), plan_seconds(plan, "scores") - s0
 
+            scored_allocs: set[str] = set()
             points = [{"keep": keep, "alloc": a, "correct": c or "none"} for keep in keeps for a, c in mine]
             skip = lambda p: not todo(calib, w, p["alloc"], _row_correct(p), p["keep"])  # noqa: E731
             for res in keep_sweep(model, points, apply, skip=skip):
@@ -230,6 +231,10 @@ def run(args) -> list[dict]:
                 a = res.point["alloc"]
                 # a plan's scores (zero-sum on the main plan, bsi on the BSI plan) are shared by its keeps
                 scores_s = plan_seconds(plan_of(a)[0], "scores") if a in ("zero-sum", "bsi") else 0.0
+                if scores_s and a not in scored_allocs:
+                    scored_allocs.add(a)
+                    print(f"[plan] {w}: {a} scores in {scores_s:.1f}s"
+                          + (f" ({k_bsi} windows, {args.bsi_probes} probes)" if a == "bsi" else ""), flush=True)
                 extra = {"calib_source": source, "calib_s": calib_s, "calib_stats": "+".join(STATS),
                          "decompose_s": plan_of(a)[1], "scores_s": scores_s,
                          "apply_s": res.seconds - scored,
