@@ -8,12 +8,15 @@ that cannot run raises instead of falling back.
 """
 from __future__ import annotations
 
-from .errors import BackendUnavailable  # noqa: F401
+import contextlib
+import contextvars
 import os
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+from .errors import BackendUnavailable, ConfigError  # noqa: F401
 
 BACKENDS = ("torch", "cpp", "triton", "cuda")
 ENV = "OBDK_BACKEND"
@@ -47,13 +50,37 @@ def register(op: str, cand: Candidate) -> None:
     _REGISTRY.setdefault(op, []).append(cand)
 
 
+#: a backend forced for the current context by :func:`use` (wins over ``OBDK_BACKEND``)
+_FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("obdk_backend", default=None)
+
+
+@contextlib.contextmanager
+def use(backend: str | None):
+    """Force ``backend`` (``torch``, ``cpp``, ``triton``, ``cuda``) for the ops run inside the block.
+
+    ``None`` or ``"auto"`` leaves the choice to ``OBDK_BACKEND`` and automatic selection. The
+    environment is not touched; a forced backend that cannot run raises
+    :class:`~obdk.errors.BackendUnavailable` at the op call.
+    """
+    val = None if backend in (None, "", "auto") else str(backend).strip().lower()
+    if val is not None and val not in BACKENDS:
+        raise ConfigError(f"backend {backend!r} is not a backend; choose one of {', '.join(BACKENDS)} or auto")
+    token = _FORCED.set(val)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
 def forced_backend() -> str | None:
-    """The backend named by ``OBDK_BACKEND``, validated; None when unset or ``auto``."""
+    """The backend forced by :func:`use`, else by ``OBDK_BACKEND`` (validated); None when unset or ``auto``."""
+    if _FORCED.get() is not None:
+        return _FORCED.get()
     val = os.environ.get(ENV, "").strip().lower()
     if val in ("", "auto"):
         return None
     if val not in BACKENDS:
-        raise ValueError(f"{ENV}={val!r} is not a backend; choose one of {', '.join(BACKENDS)} or auto")
+        raise ConfigError(f"{ENV}={val!r} is not a backend; choose one of {', '.join(BACKENDS)} or auto")
     return val
 
 

@@ -12,7 +12,7 @@ against earlier versions keeps working.
 from __future__ import annotations
 
 __all__ = [
-    "ObdkError", "ConfigError", "DataError", "NonFiniteError", "MissingFileError", "NotCollectedError", "CheckpointError", "OutputPathError",
+    "ObdkError", "ConfigError", "DataError", "NonFiniteError", "MissingFileError", "WrongTypeError", "UnknownNameError", "NotCollectedError", "CheckpointError", "OutputPathError",
     "ModelNotFoundError", "DatasetNotFoundError", "UnsupportedModelError", "NonFiniteLossError",
     "SharedInputMismatch", "BackendUnavailable",
 ]
@@ -38,11 +38,19 @@ class MissingFileError(ObdkError, FileNotFoundError):
     """A file or directory obdk was pointed at does not exist (the message names it)."""
 
 
-class NotCollectedError(ObdkError, KeyError):
-    """A statistic or module was asked for that the calibration did not collect (named in the message)."""
+class WrongTypeError(ObdkError, TypeError):
+    """An argument has a type obdk cannot use (the message names the argument and the type)."""
+
+
+class UnknownNameError(ObdkError, KeyError):
+    """A name (model alias, module, statistic) is not one obdk knows; the message lists what is."""
 
     def __str__(self) -> str:  # KeyError quotes its argument; the message reads better plain
         return str(self.args[0]) if self.args else ""
+
+
+class NotCollectedError(UnknownNameError):
+    """A statistic or module was asked for that the calibration did not collect (named in the message)."""
 
 
 class CheckpointError(ObdkError, ValueError):

@@ -15,7 +15,6 @@ windows are never skipped.
 """
 from __future__ import annotations
 
-from .errors import NonFiniteLossError  # noqa: F401
 import logging
 import math
 import os
@@ -27,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import DataError, NonFiniteLossError  # noqa: F401
 from .calibrate.data import check_token_ids, load_text, sha256_text, tokenize_text
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def _resolve_stream(dataset: Any, tokenizer: Any, split: str | None,
     """Token stream [N] (or windows [B, T]) and a description of where it came from."""
     if isinstance(dataset, Tensor):
         if split is not None:
-            raise ValueError(f"split={split!r} given with a tensor of token ids")
+            raise DataError(f"split={split!r} given with a tensor of token ids")
         ids = check_token_ids(dataset, "perplexity dataset tensor")
         if ids.dim() == 2 and ids.shape[0] == 1:
             ids = ids[0]
@@ -54,15 +54,15 @@ def _resolve_stream(dataset: Any, tokenizer: Any, split: str | None,
         text, info = dataset
     elif isinstance(dataset, (list, tuple)):
         if split is not None:
-            raise ValueError(f"split={split!r} given with a list of documents")
+            raise DataError(f"split={split!r} given with a list of documents")
         if not dataset or not all(isinstance(d, str) for d in dataset):
-            raise ValueError("perplexity dataset list must be a non-empty list of str documents")
+            raise DataError("perplexity dataset list must be a non-empty list of str documents")
         text = "\n\n".join(dataset)
         info = {"dataset": "list", "split": None, "path": None, "docs": len(dataset)}
     else:
         text, info = load_text(dataset, data_dir, split=split, default_split="eval")
     if tokenizer is None:
-        raise ValueError(f"perplexity: a tokenizer is needed to tokenise {info.get('dataset')}")
+        raise DataError(f"perplexity: a tokenizer is needed to tokenise {info.get('dataset')}")
     t0 = time.perf_counter()
     ids = tokenize_text(text, tokenizer)
     log.info("tokenised %d characters into %d tokens in %.2f s", len(text), ids.numel(), time.perf_counter() - t0)
@@ -93,11 +93,11 @@ def perplexity(model: nn.Module, tokenizer: Any, dataset: Any = "wikitext2", *, 
     Raises :class:`NonFiniteLossError` naming the first window with a NaN/inf loss.
     """
     if seqlen < 2:
-        raise ValueError(f"seqlen must be at least 2 (one predicted token), got {seqlen}")
+        raise DataError(f"seqlen must be at least 2 (one predicted token), got {seqlen}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise DataError(f"batch_size must be positive, got {batch_size}")
     if windows is not None and windows < 1:
-        raise ValueError(f"windows must be positive or None, got {windows}")
+        raise DataError(f"windows must be positive or None, got {windows}")
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
@@ -105,18 +105,18 @@ def perplexity(model: nn.Module, tokenizer: Any, dataset: Any = "wikitext2", *, 
     label = info["dataset"] + (f":{info['split']}" if info.get("split") else "")
     if stream.dim() == 2:
         if stream.shape[1] != seqlen:
-            raise ValueError(f"perplexity: token windows [{stream.shape[0]}, {stream.shape[1]}] do not have "
+            raise DataError(f"perplexity: token windows [{stream.shape[0]}, {stream.shape[1]}] do not have "
                              f"seqlen={seqlen} columns (pass a 1-D stream to cut windows)")
         all_windows, total = stream, stream.numel()
     else:
         total = stream.numel()
         n_avail = total // seqlen
         if n_avail == 0:
-            raise ValueError(f"perplexity: {label} has {total} tokens, fewer than one window of seqlen={seqlen}")
+            raise DataError(f"perplexity: {label} has {total} tokens, fewer than one window of seqlen={seqlen}")
         all_windows = stream[: n_avail * seqlen].view(n_avail, seqlen)
     n_avail = all_windows.shape[0]
     if windows is not None and windows > n_avail:
-        raise ValueError(f"perplexity: windows={windows} but {label} has only {n_avail} windows of {seqlen} tokens")
+        raise DataError(f"perplexity: windows={windows} but {label} has only {n_avail} windows of {seqlen} tokens")
     n = n_avail if windows is None else windows
     dev = torch.device(device) if device is not None else _model_device(model)
 

@@ -14,15 +14,16 @@
 4. a Hugging Face hub id (``org/name``): the local cache first, then the hub
    unless ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` is set.
 
-:func:`model_fingerprint` and :func:`tokenizer_hash` give stable identities for
-cache keys (calibration statistics must not be reused across tokenizers or
+:func:`model_fingerprint` and :func:`tokenizer_hash` (from :mod:`obdk.calibrate.fingerprint`) give
+stable identities for cache keys (calibration statistics must not be reused across tokenizers or
 model configurations).
 """
 from __future__ import annotations
 
-from .errors import ModelNotFoundError  # noqa: F401
+from .errors import ConfigError, ModelNotFoundError, UnknownNameError  # noqa: F401
+from .calibrate import fingerprint as _fingerprint
+from .calibrate.fingerprint import config_hash, tokenizer_hash  # noqa: F401  (public here too)
 import glob
-import hashlib
 import importlib.util
 import json
 import logging
@@ -71,7 +72,7 @@ def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
             return None
         if key in _DTYPES:
             return _DTYPES[key]
-    raise ValueError(f"dtype={dtype!r} is not a floating dtype; use a torch.dtype or one of {sorted(_DTYPES)}")
+    raise ConfigError(f"dtype={dtype!r} is not a floating dtype; use a torch.dtype or one of {sorted(_DTYPES)}")
 
 
 def alias_path(alias: str) -> str:
@@ -82,7 +83,7 @@ def alias_path(alias: str) -> str:
     """
     key = alias.strip().lower()
     if key not in ALIASES:
-        raise KeyError(f"unknown model alias {alias!r}; known: {', '.join(sorted(ALIASES))}")
+        raise UnknownNameError(f"unknown model alias {alias!r}; known: {', '.join(sorted(ALIASES))}")
     pkg, pattern = ALIASES[key]
     spec = importlib.util.find_spec(pkg)  # top-level name: locates without importing
     if spec is None:
@@ -105,7 +106,7 @@ def _read_config(directory: Path) -> dict | None:
         with open(cfg, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{cfg}: cannot read model config ({exc})") from exc
+        raise ConfigError(f"{cfg}: cannot read model config ({exc})") from exc
 
 
 def is_obdk_checkpoint(path: str | os.PathLike) -> bool:
@@ -121,7 +122,7 @@ def is_obdk_checkpoint(path: str | os.PathLike) -> bool:
 def _single_gguf(directory: Path) -> str | None:
     ggufs = sorted(directory.glob("*.gguf"))
     if len(ggufs) > 1:
-        raise ValueError(f"{directory} has no config.json and {len(ggufs)} .gguf files "
+        raise ConfigError(f"{directory} has no config.json and {len(ggufs)} .gguf files "
                          f"({', '.join(g.name for g in ggufs)}); pass the path of one of them")
     return str(ggufs[0].resolve()) if ggufs else None
 
@@ -244,7 +245,7 @@ def load_tokenizer(spec: str | os.PathLike):
     path = resolve_model_path(spec)
     if os.path.isfile(path):
         if not path.endswith(".gguf"):
-            raise ValueError(f"model file {path}: only .gguf files can be loaded directly")
+            raise ConfigError(f"model file {path}: only .gguf files can be loaded directly")
         return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     if os.path.isdir(path):
         return AutoTokenizer.from_pretrained(path)
@@ -292,7 +293,7 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype | str | None = Non
                 model, tok = _load_gguf(g, dt)
         elif p.is_file():
             if p.suffix.lower() != ".gguf":
-                raise ValueError(f"model file {p.resolve()}: only .gguf files can be loaded directly; "
+                raise ConfigError(f"model file {p.resolve()}: only .gguf files can be loaded directly; "
                                  "pass the model directory for safetensors/bin checkpoints")
             model, tok = _load_gguf(str(p.resolve()), dt)
         else:
@@ -318,69 +319,16 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype | str | None = Non
     return model, tok
 
 
-def _sha(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()[:16]
-
-
-def config_hash(config: Any) -> str:
-    """16-hex-char hash of a model config, ignoring dtype, paths, versions and private (``_``) keys."""
-    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    drop = {"transformers_version", "dtype", "torch_dtype", "name_or_path"}
-    d = {k: v for k, v in d.items() if k not in drop and not k.startswith("_")}
-    return _sha(d)
-
-
 def model_fingerprint(model: nn.Module, spec: str | os.PathLike | None = None) -> dict:
-    """Identity of a loaded model for cache keys.
+    """:func:`obdk.calibrate.fingerprint.model_fingerprint` of ``model``, with ``path`` resolved from ``spec``.
 
-    Returns ``{"spec", "path", "model_type", "architectures", "config_sha256",
-    "dtype", "num_parameters"}`` (+ ``"file_size"`` when ``path`` is a file);
-    ``path`` is :func:`resolve_model_path` of ``spec`` (or the config's
-    ``_name_or_path`` when no spec is given).
+    ``path`` is :func:`resolve_model_path` of ``spec`` (or the config's ``_name_or_path``
+    when no spec is given); ``file_size`` is added when it is a file.
     """
-    cfg = getattr(model, "config", None)
     path = None
     if spec is not None:
         try:
             path = resolve_model_path(spec)
         except (ModelNotFoundError, KeyError, ValueError):
             path = os.fspath(spec)
-    elif cfg is not None:
-        path = getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None)
-    first = next(model.parameters(), None)
-    fp = {
-        "spec": os.fspath(spec) if spec is not None else None,
-        "path": path,
-        "model_type": getattr(cfg, "model_type", None),
-        "architectures": list(getattr(cfg, "architectures", None) or [type(model).__name__]),
-        "config_sha256": config_hash(cfg) if cfg is not None else None,
-        "dtype": str(first.dtype).removeprefix("torch.") if first is not None else None,
-        "num_parameters": sum(p.numel() for p in model.parameters()),
-    }
-    if path and os.path.isfile(path):
-        fp["file_size"] = os.path.getsize(path)
-    return fp
-
-
-#: fixed text whose ids capture what the vocabulary alone does not (BOS/EOS insertion, normaliser, merges)
-_PROBE = "Hello world!\n\n = Valkyria Chronicles III = \n 1,294,336 tokens @-@ obdk"
-
-
-def tokenizer_hash(tokenizer: Any) -> str:
-    """Stable 16-hex-char hash of a tokenizer: vocabulary (token -> id), special and added tokens,
-    and the ids of a fixed probe string (with special tokens), so that tokenizers that share a
-    vocabulary but differ in BOS insertion or normalisation hash differently."""
-    if tokenizer is None:
-        raise ValueError("tokenizer_hash: tokenizer is None")
-    vocab = tokenizer.get_vocab()
-    special = {k: (list(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
-               for k, v in (getattr(tokenizer, "special_tokens_map", None) or {}).items()}
-    added = sorted((int(i), str(t)) for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items())
-    probe = list(tokenizer(_PROBE, add_special_tokens=True)["input_ids"])
-    payload = {
-        "vocab": sorted(((str(t), int(i)) for t, i in vocab.items()), key=lambda ti: (ti[1], ti[0])),
-        "special": special,
-        "added": added,
-        "probe": probe,
-    }
-    return _sha(payload)
+    return _fingerprint.model_fingerprint(model, spec=spec, path=path)

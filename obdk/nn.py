@@ -29,6 +29,7 @@ from torch import Tensor
 from . import ops
 from .backends import select
 from .models import set_module
+from .errors import DataError, WrongTypeError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class LowRankLinear(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         if rank <= 0:
-            raise ValueError(f"LowRankLinear: rank must be positive, got {rank}")
+            raise DataError(f"LowRankLinear: rank must be positive, got {rank}")
         kw = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.weight_a = nn.Parameter(torch.empty(rank, in_features, **kw))
@@ -59,7 +60,7 @@ class LowRankLinear(nn.Module):
     def from_factors(cls, a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> "LowRankLinear":
         """Build from ``a`` [r, in] and ``b`` [out, r] (and ``bias`` [out]); tensors are copied."""
         if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
-            raise ValueError(f"LowRankLinear.from_factors: need a [r, in] and b [out, r], got {tuple(a.shape)} and {tuple(b.shape)}")
+            raise DataError(f"LowRankLinear.from_factors: need a [r, in] and b [out, r], got {tuple(a.shape)} and {tuple(b.shape)}")
         mod = cls(a.shape[1], b.shape[0], a.shape[0], bias=bias is not None, device=a.device, dtype=a.dtype)
         with torch.no_grad():
             mod.weight_a.copy_(a)
@@ -109,16 +110,16 @@ def _grouped_meta(ranks: Sequence[int], outs: Sequence[int]) -> Tensor:
 def _check_grouped(x: Tensor, a_cat: Tensor, b_flat: Tensor, meta: Tensor, ranks: Sequence[int],
                    outs: Sequence[int], bias: Optional[Tensor]) -> None:
     if len(ranks) != len(outs) or not ranks:
-        raise ValueError(f"lowrank_linear_grouped: ranks {list(ranks)} and outs {list(outs)} must be non-empty and match")
+        raise DataError(f"lowrank_linear_grouped: ranks {list(ranks)} and outs {list(outs)} must be non-empty and match")
     if a_cat.dim() != 2 or a_cat.shape[0] != sum(ranks) or x.shape[-1] != a_cat.shape[1]:
-        raise ValueError(f"lowrank_linear_grouped: a_cat must be [{sum(ranks)}, {x.shape[-1]}], got {tuple(a_cat.shape)}")
+        raise DataError(f"lowrank_linear_grouped: a_cat must be [{sum(ranks)}, {x.shape[-1]}], got {tuple(a_cat.shape)}")
     if b_flat.dim() != 1 or b_flat.numel() != sum(r * m for r, m in zip(ranks, outs)):
-        raise ValueError(f"lowrank_linear_grouped: b_flat must be 1-D of Σ m_g·r_g = {sum(r * m for r, m in zip(ranks, outs))} "
+        raise DataError(f"lowrank_linear_grouped: b_flat must be 1-D of Σ m_g·r_g = {sum(r * m for r, m in zip(ranks, outs))} "
                          f"elements, got {tuple(b_flat.shape)}")
     if meta.shape != (len(ranks), 5):
-        raise ValueError(f"lowrank_linear_grouped: meta must be [{len(ranks)}, 5], got {tuple(meta.shape)}")
+        raise DataError(f"lowrank_linear_grouped: meta must be [{len(ranks)}, 5], got {tuple(meta.shape)}")
     if bias is not None and bias.shape != (sum(outs),):
-        raise ValueError(f"lowrank_linear_grouped: bias must be [{sum(outs)}], got {tuple(bias.shape)}")
+        raise DataError(f"lowrank_linear_grouped: bias must be [{sum(outs)}], got {tuple(bias.shape)}")
 
 
 def _grouped_torch(x: Tensor, a_cat: Tensor, b_flat: Tensor, ranks: Sequence[int], outs: Sequence[int],
@@ -173,7 +174,7 @@ class PackedLowRankLinear(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         if len(out_features) != len(ranks) or not ranks or min(ranks) <= 0:
-            raise ValueError(f"PackedLowRankLinear: need one positive rank per member, got ranks {list(ranks)} "
+            raise DataError(f"PackedLowRankLinear: need one positive rank per member, got ranks {list(ranks)} "
                              f"for outputs {list(out_features)}")
         kw = {"device": device, "dtype": dtype}
         self.in_features = in_features
@@ -189,14 +190,14 @@ class PackedLowRankLinear(nn.Module):
     def from_modules(cls, members: Sequence[LowRankLinear]) -> "PackedLowRankLinear":
         """Pack ``members`` (same ``in_features``, dtype and device); tensors are copied."""
         if not members:
-            raise ValueError("PackedLowRankLinear.from_modules: no members")
+            raise DataError("PackedLowRankLinear.from_modules: no members")
         first = members[0]
         for m in members:
             if not isinstance(m, LowRankLinear):
-                raise TypeError(f"PackedLowRankLinear.from_modules: {type(m).__name__} is not a LowRankLinear")
+                raise WrongTypeError(f"PackedLowRankLinear.from_modules: {type(m).__name__} is not a LowRankLinear")
             if (m.in_features, m.weight_a.dtype, m.weight_a.device) != (first.in_features, first.weight_a.dtype,
                                                                         first.weight_a.device):
-                raise ValueError("PackedLowRankLinear.from_modules: members differ in in_features, dtype or device")
+                raise DataError("PackedLowRankLinear.from_modules: members differ in in_features, dtype or device")
         has_bias = any(m.bias is not None for m in members)
         mod = cls(first.in_features, [m.out_features for m in members], [m.rank for m in members], bias=has_bias,
                   device=first.weight_a.device, dtype=first.weight_a.dtype)

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from . import _ext
 from .backends import Candidate, register, select
+from .errors import DataError
 
 # --------------------------------------------------------------------------- references
 
@@ -45,15 +46,15 @@ def lowrank_linear_reference(x: Tensor, a: Tensor, b: Tensor, bias: Optional[Ten
 
 def _check_gram(acc: Tensor, x: Tensor) -> None:
     if acc.dim() != 2 or acc.shape[0] != acc.shape[1]:
-        raise ValueError(f"gram_acc_: acc must be a square [n, n] matrix, got shape {tuple(acc.shape)}")
+        raise DataError(f"gram_acc_: acc must be a square [n, n] matrix, got shape {tuple(acc.shape)}")
     if acc.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"gram_acc_: acc must be float32 or float64 (statistics accumulate in fp32 or better), got {acc.dtype}")
+        raise DataError(f"gram_acc_: acc must be float32 or float64 (statistics accumulate in fp32 or better), got {acc.dtype}")
     if x.shape[-1] != acc.shape[0]:
-        raise ValueError(f"gram_acc_: x must be [..., {acc.shape[0]}], got shape {tuple(x.shape)}")
+        raise DataError(f"gram_acc_: x must be [..., {acc.shape[0]}], got shape {tuple(x.shape)}")
     if not x.is_floating_point():
-        raise ValueError(f"gram_acc_: x must be floating point, got {x.dtype}")
+        raise DataError(f"gram_acc_: x must be floating point, got {x.dtype}")
     if x.device != acc.device:
-        raise ValueError(f"gram_acc_: x is on {x.device} but acc is on {acc.device}")
+        raise DataError(f"gram_acc_: x is on {x.device} but acc is on {acc.device}")
 
 
 @torch.library.custom_op("obdk::gram_acc_", mutates_args=("acc",))
@@ -87,13 +88,13 @@ def _gram_torch(acc: Tensor, x2: Tensor, alpha: float) -> None:
 
 def _check_lowrank(x: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor]) -> None:
     if a.dim() != 2 or b.dim() != 2:
-        raise ValueError(f"lowrank_linear: a must be [r, n] and b [m, r], got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise DataError(f"lowrank_linear: a must be [r, n] and b [m, r], got {tuple(a.shape)} and {tuple(b.shape)}")
     if x.shape[-1] != a.shape[1]:
-        raise ValueError(f"lowrank_linear: x has {x.shape[-1]} features but a is {tuple(a.shape)} (expected [r, {x.shape[-1]}])")
+        raise DataError(f"lowrank_linear: x has {x.shape[-1]} features but a is {tuple(a.shape)} (expected [r, {x.shape[-1]}])")
     if b.shape[1] != a.shape[0]:
-        raise ValueError(f"lowrank_linear: b is {tuple(b.shape)} but a has rank {a.shape[0]} (expected [m, {a.shape[0]}])")
+        raise DataError(f"lowrank_linear: b is {tuple(b.shape)} but a has rank {a.shape[0]} (expected [m, {a.shape[0]}])")
     if bias is not None and bias.shape != (b.shape[0],):
-        raise ValueError(f"lowrank_linear: bias must be [{b.shape[0]}], got {tuple(bias.shape)}")
+        raise DataError(f"lowrank_linear: bias must be [{b.shape[0]}], got {tuple(bias.shape)}")
 
 
 @torch.library.custom_op("obdk::lowrank_linear", mutates_args=())

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .budget import Allocation, MatrixSpec, _check_specs, budget, max_factored_rank, total_params
 from .knapsack import DP_LIMIT, rank_choices, floor_rank, solve_choices, suffix_sums
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +49,13 @@ def allocate_bsi(specs: Sequence[MatrixSpec], keep: float, multiple: int = 1, *,
     (all ``min(m, n)`` when dense); ``ranks[name]`` is its length or ``None``.
     """
     if order not in ("importance", "spectral"):
-        raise ValueError(f"allocate_bsi: order must be 'importance' or 'spectral', got {order!r}")
+        raise ConfigError(f"allocate_bsi: order must be 'importance' or 'spectral', got {order!r}")
     _check_specs(specs)
     missing = [s.name for s in specs if s.importance is None]
     if missing:
-        raise ValueError(f"allocate_bsi needs importance for every matrix; missing for {missing[:5]}")
+        raise ConfigError(f"allocate_bsi needs importance for every matrix; missing for {missing[:5]}")
     if multiple < 1:
-        raise ValueError(f"allocate_bsi: multiple must be >= 1, got {multiple}")
+        raise ConfigError(f"allocate_bsi: multiple must be >= 1, got {multiple}")
     B = budget(specs, keep)
     opts, orders = [], []
     for s in specs:

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +36,18 @@ def params(m: int, n: int, rank: Optional[int]) -> int:
     more than dense; allocators never choose it.
     """
     if m <= 0 or n <= 0:
-        raise ValueError(f"params: matrix dims must be positive, got {m}×{n}")
+        raise ConfigError(f"params: matrix dims must be positive, got {m}×{n}")
     if rank is None:
         return m * n
     if rank < 0:
-        raise ValueError(f"params: rank must be >= 0 or None (dense), got {rank}")
+        raise ConfigError(f"params: rank must be >= 0 or None (dense), got {rank}")
     return int(rank) * (m + n)
 
 
 def break_even(m: int, n: int) -> float:
     """The break-even rank ``r* = mn/(m+n)`` of an ``m×n`` matrix (a float, ``< min(m, n)``)."""
     if m <= 0 or n <= 0:
-        raise ValueError(f"break_even: matrix dims must be positive, got {m}×{n}")
+        raise ConfigError(f"break_even: matrix dims must be positive, got {m}×{n}")
     return m * n / (m + n)
 
 
@@ -56,7 +57,7 @@ def max_factored_rank(m: int, n: int, multiple: int = 1) -> int:
     Returns 0 when no positive multiple is below break-even (the matrix can only stay dense).
     """
     if multiple < 1:
-        raise ValueError(f"max_factored_rank: multiple must be >= 1, got {multiple}")
+        raise ConfigError(f"max_factored_rank: multiple must be >= 1, got {multiple}")
     r = (m * n - 1) // (m + n)  # largest integer with r(m+n) < mn
     return (r // multiple) * multiple
 
@@ -67,9 +68,9 @@ def round_rank(r: float, multiple: int = 1) -> int:
     ``r <= 0`` still gives ``multiple``: a factorised matrix keeps at least one block.
     """
     if multiple < 1:
-        raise ValueError(f"round_rank: multiple must be >= 1, got {multiple}")
+        raise ConfigError(f"round_rank: multiple must be >= 1, got {multiple}")
     if not math.isfinite(r):
-        raise ValueError(f"round_rank: rank must be finite, got {r}")
+        raise ConfigError(f"round_rank: rank must be finite, got {r}")
     k = math.floor(r / multiple + 0.5)
     return max(1, k) * multiple
 
@@ -87,7 +88,7 @@ def total_params(specs: Iterable["MatrixSpec"]) -> int:
 def budget(specs: Iterable["MatrixSpec"], keep: float) -> float:
     """The parameter budget ``keep · Σ m·n``. ``keep`` must lie in ``(0, 1]``."""
     if not (0.0 < keep <= 1.0):
-        raise ValueError(f"budget: keep is the fraction of targeted parameters kept and must lie in (0, 1], got {keep}")
+        raise ConfigError(f"budget: keep is the fraction of targeted parameters kept and must lie in (0, 1], got {keep}")
     return keep * total_params(specs)
 
 
@@ -96,11 +97,11 @@ def _as_vector(x: Optional[Tensor], name: str, what: str, limit: int) -> Optiona
         return None
     t = torch.as_tensor(x).detach().to("cpu", torch.float64)
     if t.dim() != 1:
-        raise ValueError(f"MatrixSpec {name!r}: {what} must be 1-D, got shape {tuple(t.shape)}")
+        raise ConfigError(f"MatrixSpec {name!r}: {what} must be 1-D, got shape {tuple(t.shape)}")
     if t.numel() > limit:
-        raise ValueError(f"MatrixSpec {name!r}: {what} has {t.numel()} entries, more than min(m, n) = {limit}")
+        raise ConfigError(f"MatrixSpec {name!r}: {what} has {t.numel()} entries, more than min(m, n) = {limit}")
     if not torch.isfinite(t).all():
-        raise ValueError(f"MatrixSpec {name!r}: {what} contains non-finite values")
+        raise ConfigError(f"MatrixSpec {name!r}: {what} contains non-finite values")
     return t
 
 
@@ -129,7 +130,7 @@ class MatrixSpec:
 
     def __post_init__(self) -> None:
         if self.m <= 0 or self.n <= 0:
-            raise ValueError(f"MatrixSpec {self.name!r}: dims must be positive, got {self.m}×{self.n}")
+            raise ConfigError(f"MatrixSpec {self.name!r}: dims must be positive, got {self.m}×{self.n}")
         self.m, self.n = int(self.m), int(self.n)
         k = min(self.m, self.n)
         self.costs = _as_vector(self.costs, self.name, "costs", k)
@@ -139,7 +140,7 @@ class MatrixSpec:
             d = self.costs[1:] - self.costs[:-1]
             tol = 1e-12 * float(self.costs.abs().max())
             if (d > tol).any():
-                raise ValueError(f"MatrixSpec {self.name!r}: costs must be non-increasing (spectral order); "
+                raise ConfigError(f"MatrixSpec {self.name!r}: costs must be non-increasing (spectral order); "
                                  f"first increase at index {int(torch.nonzero(d > tol)[0]) + 1}")
 
     @property
@@ -158,7 +159,7 @@ class MatrixSpec:
         Raises ``ValueError`` when the spec carries no ``costs``.
         """
         if self.costs is None:
-            raise ValueError(f"MatrixSpec {self.name!r}: no costs given")
+            raise ConfigError(f"MatrixSpec {self.name!r}: no costs given")
         if rank is None:
             return 0.0
         return float(self.costs[rank:].sum())
@@ -210,7 +211,7 @@ class Allocation:
 def _check_specs(specs: Sequence[MatrixSpec]) -> None:
     names = [s.name for s in specs]
     if not names:
-        raise ValueError("allocation needs at least one MatrixSpec")
+        raise ConfigError("allocation needs at least one MatrixSpec")
     if len(set(names)) != len(names):
         dup = sorted({x for x in names if names.count(x) > 1})
-        raise ValueError(f"duplicate MatrixSpec names: {dup}")
+        raise ConfigError(f"duplicate MatrixSpec names: {dup}")

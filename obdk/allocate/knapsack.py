@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from .budget import (Allocation, MatrixSpec, _check_specs, budget, max_factored_rank,
                      total_params, uniform_rank)
 
@@ -43,11 +44,11 @@ class Choices:
         self.params = np.asarray(self.params, dtype=np.int64).reshape(-1)
         self.loss = np.asarray(self.loss, dtype=np.float64).reshape(-1)
         if not (len(self.params) == len(self.loss) == len(self.labels)) or len(self.params) == 0:
-            raise ValueError(f"Choices {self.name!r}: params, loss and labels must be non-empty and of equal length")
+            raise ConfigError(f"Choices {self.name!r}: params, loss and labels must be non-empty and of equal length")
         if (np.diff(self.params) <= 0).any():
-            raise ValueError(f"Choices {self.name!r}: params must be strictly increasing")
+            raise ConfigError(f"Choices {self.name!r}: params must be strictly increasing")
         if not np.isfinite(self.loss).all():
-            raise ValueError(f"Choices {self.name!r}: loss must be finite")
+            raise ConfigError(f"Choices {self.name!r}: loss must be finite")
 
 
 def suffix_sums(costs: torch.Tensor, length: int) -> torch.Tensor:
@@ -224,10 +225,10 @@ def solve_choices(opts: Sequence[Choices], budget_params: float, *, method: str 
     """
     opts = list(opts)
     if not opts:
-        raise ValueError("solve_choices: no matrices")
+        raise ConfigError("solve_choices: no matrices")
     base = sum(int(ch.params[0]) for ch in opts)
     if base > budget_params:
-        raise ValueError(f"infeasible budget: the cheapest option of every matrix already costs {base} params "
+        raise ConfigError(f"infeasible budget: the cheapest option of every matrix already costs {base} params "
                          f"> budget {budget_params:.0f}; lower the floor or the rank multiple, or raise keep")
     pruned = []
     for ch in opts:
@@ -240,13 +241,14 @@ def solve_choices(opts: Sequence[Choices], budget_params: float, *, method: str 
     elif method == "lagrange":
         choice, meta = _solve_lagrange(pruned, budget_params)
     else:
-        raise ValueError(f"solve_choices: method must be 'auto', 'dp' or 'lagrange', got {method!r}")
+        raise ConfigError(f"solve_choices: method must be 'auto', 'dp' or 'lagrange', got {method!r}")
     used = int(sum(int(pruned[j].params[c]) for j, c in enumerate(choice)))
     loss = float(sum(float(pruned[j].loss[c]) for j, c in enumerate(choice)))
     gap = max(0.0, loss - meta["lower_bound"])
     scale = max(1.0, abs(loss))
     meta.update(params=used, loss=loss, gap=gap, optimal=bool(meta["method"] == "dp" or gap <= 1e-9 * scale))
-    assert used <= budget_params, (used, budget_params)
+    if used > budget_params:  # a bug, not a user error: keep the traceback
+        raise RuntimeError(f"allocate_global: internal error, {used} params chosen over the budget {budget_params}")
     return [pruned[j].labels[c] for j, c in enumerate(choice)], meta
 
 
@@ -311,12 +313,12 @@ def allocate_global(specs: Sequence[MatrixSpec], keep: float, *, floor: float = 
     """
     _check_specs(specs)
     if multiple < 1:
-        raise ValueError(f"allocate_global: multiple must be >= 1, got {multiple}")
+        raise ConfigError(f"allocate_global: multiple must be >= 1, got {multiple}")
     if floor < 0:
-        raise ValueError(f"allocate_global: floor must be >= 0, got {floor}")
+        raise ConfigError(f"allocate_global: floor must be >= 0, got {floor}")
     missing = [s.name for s in specs if s.costs is None]
     if missing:
-        raise ValueError(f"allocate_global needs costs (λ_i/2) for every matrix; missing for {missing[:5]}")
+        raise ConfigError(f"allocate_global needs costs (λ_i/2) for every matrix; missing for {missing[:5]}")
     B = budget(specs, keep)
     opts, floors = [], {}
     for s in specs:

@@ -5,6 +5,7 @@ import logging
 from typing import Optional, Sequence
 
 from .budget import Allocation, MatrixSpec, _check_specs, budget, params, round_rank, total_params, uniform_rank
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ def allocate_uniform(specs: Sequence[MatrixSpec], keep: float, multiple: int = 1
     """
     _check_specs(specs)
     if multiple < 1:
-        raise ValueError(f"allocate_uniform: multiple must be >= 1, got {multiple}")
+        raise ConfigError(f"allocate_uniform: multiple must be >= 1, got {multiple}")
     B = budget(specs, keep)
     ranks: dict[str, Optional[int]] = {}
     for s in specs:

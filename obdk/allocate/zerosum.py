@@ -14,12 +14,13 @@ from __future__ import annotations
 import heapq
 import logging
 import math
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from .budget import Allocation, MatrixSpec, _check_specs, budget, max_factored_rank, total_params
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def allocate_zero_sum(specs: Sequence[MatrixSpec], keep: float, *, min_rank_rati
     _check_specs(specs)
     missing = [s.name for s in specs if s.deltas is None]
     if missing:
-        raise ValueError(f"allocate_zero_sum needs deltas for every matrix; missing for {missing[:5]}")
+        raise ConfigError(f"allocate_zero_sum needs deltas for every matrix; missing for {missing[:5]}")
     B = budget(specs, keep)
     J = len(specs)
     deltas, rank, rmax, lo = [], [], [], []
@@ -75,7 +76,7 @@ def allocate_zero_sum(specs: Sequence[MatrixSpec], keep: float, *, min_rank_rati
         lo.append(max(1, math.ceil(min_rank_ratio * rm - 1e-9)))
     floor_params = sum(lo[j] * (s.m + s.n) for j, s in enumerate(specs))
     if floor_params > B:
-        raise ValueError(f"infeasible budget: the minimum ranks alone cost {floor_params} params > budget {B:.0f}; "
+        raise ConfigError(f"infeasible budget: the minimum ranks alone cost {floor_params} params > budget {B:.0f}; "
                          f"lower min_rank_ratio or raise keep")
     P = sum(s.dense_params for s in specs)
     pos: list[tuple[float, int, int]] = []
@@ -110,7 +111,8 @@ def allocate_zero_sum(specs: Sequence[MatrixSpec], keep: float, *, min_rank_rati
         P += _zs_params(s.m, s.n, rank[j], rmax[j]) - before
         running += d
         offer(j)
-    assert P <= B, (P, B)  # feasible: the minimum ranks fit, and every matrix can reach them
+    if P > B:  # feasible by construction (the minimum ranks fit): a bug, not a user error
+        raise RuntimeError(f"allocate_zero_sum: internal error, {P} params left over the budget {B}")
     ranks: dict[str, Optional[int]] = {}
     restored, loss = [], 0.0
     for j, s in enumerate(specs):

@@ -48,7 +48,6 @@ uses ``train``; ``c4`` uses ``validation``.
 """
 from __future__ import annotations
 
-from ..errors import DatasetNotFoundError  # noqa: F401
 import hashlib
 import json
 import logging
@@ -59,6 +58,8 @@ from typing import Any, Sequence, Union
 
 import torch
 from torch import Tensor
+
+from ..errors import DataError, DatasetNotFoundError, MissingFileError, WrongTypeError  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -120,13 +121,13 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
     if data_dir is not None:
         p = Path(data_dir).expanduser()
         if not p.is_dir():
-            raise FileNotFoundError(f"data_dir={os.fspath(data_dir)!r} is not a directory")
+            raise MissingFileError(f"data_dir={os.fspath(data_dir)!r} is not a directory")
         return p
     env = os.environ.get(DATA_DIR_ENV, "").strip()
     if env:
         p = Path(env).expanduser()
         if not p.is_dir():
-            raise FileNotFoundError(f"{DATA_DIR_ENV}={env!r} is not a directory")
+            raise MissingFileError(f"{DATA_DIR_ENV}={env!r} is not a directory")
         return p
     return None
 
@@ -146,7 +147,7 @@ def parse_dataset(spec: str) -> tuple[str, str | None] | None:
     s = _SPLIT_ALIASES.get(split.strip().lower(), split.strip().lower())
     known = sorted(set(DATASETS[key].local) | set(DATASETS[key].hub))
     if s not in known:
-        raise ValueError(f"dataset {key!r} has no split {split!r}; available splits: {', '.join(known)}")
+        raise DataError(f"dataset {key!r} has no split {split!r}; available splits: {', '.join(known)}")
     return key, s
 
 
@@ -181,7 +182,7 @@ def _read_docs(path: Path) -> list[str]:
             raise ImportError(f"{path}: reading .parquet needs pyarrow (or use the .jsonl)") from exc
         table = pq.read_table(path)
         if "text" not in table.column_names:
-            raise ValueError(f"{path}: no 'text' column (columns: {', '.join(table.column_names)})")
+            raise DataError(f"{path}: no 'text' column (columns: {', '.join(table.column_names)})")
         return [str(t) for t in table.column("text").to_pylist()]
     docs: list[str] = []
     with open(path, encoding="utf-8") as f:
@@ -191,9 +192,9 @@ def _read_docs(path: Path) -> list[str]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
+                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise ValueError(f"{path}:{lineno}: expected an object with a string 'text' field")
+                raise DataError(f"{path}:{lineno}: expected an object with a string 'text' field")
             docs.append(obj["text"])
     return docs
 
@@ -201,7 +202,7 @@ def _read_docs(path: Path) -> list[str]:
 def _join_docs(docs: Sequence[str], doc_sep: str, max_docs: int | None) -> str:
     if max_docs is not None:
         if max_docs <= 0:
-            raise ValueError(f"max_docs must be positive, got {max_docs}")
+            raise DataError(f"max_docs must be positive, got {max_docs}")
         docs = docs[:max_docs]
     return doc_sep.join(docs)
 
@@ -254,7 +255,7 @@ def _load_named(name: str, split: str, data_dir: str | os.PathLike | None, doc_s
         text = _join_docs(rows, doc_sep, max_docs)
         info.update(docs=min(len(rows), max_docs or len(rows)), doc_sep=doc_sep, max_docs=max_docs)
     if not text.strip():
-        raise ValueError(f"{name}:{split} from {info['path']} is empty")
+        raise DataError(f"{name}:{split} from {info['path']} is empty")
     return text, info
 
 
@@ -263,10 +264,10 @@ def _load_file(path: Path, doc_sep: str, max_docs: int | None) -> tuple[str, dic
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory; pass a file, or a dataset name with data_dir={str(path)!r}")
     if suffix not in _TEXT_SUFFIXES + _DOC_SUFFIXES:
-        raise ValueError(f"{path}: unsupported file type {suffix or '(none)'!r}; "
+        raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}; "
                          f"use one of {', '.join(_TEXT_SUFFIXES + _DOC_SUFFIXES)}")
     if path.stat().st_size == 0:
-        raise ValueError(f"{path} is empty")
+        raise DataError(f"{path} is empty")
     info: dict[str, Any] = {"dataset": "file", "split": None, "path": str(path.resolve()), "origin": "file"}
     if suffix in _TEXT_SUFFIXES:
         text = path.read_text(encoding="utf-8")
@@ -275,7 +276,7 @@ def _load_file(path: Path, doc_sep: str, max_docs: int | None) -> tuple[str, dic
         text = _join_docs(docs, doc_sep, max_docs)
         info.update(docs=min(len(docs), max_docs or len(docs)), doc_sep=doc_sep, max_docs=max_docs)
     if not text.strip():
-        raise ValueError(f"{path} has no text (only whitespace or no documents)")
+        raise DataError(f"{path} has no text (only whitespace or no documents)")
     return text, info
 
 
@@ -302,22 +303,22 @@ def load_text(name_or_path: str | os.PathLike, data_dir: str | os.PathLike | Non
     if parsed is None:
         if not p.exists():
             if os.sep in s or p.suffix:
-                raise FileNotFoundError(f"dataset file {p.resolve()} does not exist")
-            raise ValueError(f"unknown dataset {s!r}; named datasets: {', '.join(DATASETS)} "
+                raise MissingFileError(f"dataset file {p.resolve()} does not exist")
+            raise DataError(f"unknown dataset {s!r}; named datasets: {', '.join(DATASETS)} "
                              f"(NAME[:SPLIT]), or the path of a {'/'.join(_TEXT_SUFFIXES + _DOC_SUFFIXES)} file")
         if split is not None:
-            raise ValueError(f"split={split!r} given for the file {p}; splits apply to named datasets only")
+            raise DataError(f"split={split!r} given for the file {p}; splits apply to named datasets only")
         text, info = _load_file(p, doc_sep, max_docs)
     else:
         name, sp = parsed
         if split is not None:
             other = parse_dataset(f"{name}:{split}")[1]
             if sp is not None and sp != other:
-                raise ValueError(f"dataset {s!r} names split {sp!r} but split={split!r} was given")
+                raise DataError(f"dataset {s!r} names split {sp!r} but split={split!r} was given")
             sp = other
         if sp is None:
             if default_split not in ("eval", "calib"):
-                raise ValueError(f"default_split must be 'eval' or 'calib', got {default_split!r}")
+                raise DataError(f"default_split must be 'eval' or 'calib', got {default_split!r}")
             sp = DATASETS[name].eval_split if default_split == "eval" else DATASETS[name].calib_split
         text, info = _load_named(name, sp, data_dir, doc_sep, max_docs)
     info["chars"] = len(text)
@@ -339,7 +340,7 @@ def tokenize_text(text: str, tokenizer: Any) -> Tensor:
     (``verbose=False``): long streams are cut into windows afterwards.
     """
     if tokenizer is None:
-        raise ValueError("a tokenizer is needed to tokenise text")
+        raise DataError("a tokenizer is needed to tokenise text")
     enc = tokenizer(text, add_special_tokens=True, truncation=False, verbose=False, return_attention_mask=False)
     return torch.tensor(enc["input_ids"], dtype=torch.long)
 
@@ -347,13 +348,13 @@ def tokenize_text(text: str, tokenizer: Any) -> Tensor:
 def check_token_ids(ids: Tensor, what: str) -> Tensor:
     """Validate token ids (integer tensor, [N] or [B, T], non-negative) and return them as CPU int64."""
     if not isinstance(ids, Tensor):
-        raise TypeError(f"{what}: expected a torch.Tensor of token ids, got {type(ids).__name__}")
+        raise WrongTypeError(f"{what}: expected a torch.Tensor of token ids, got {type(ids).__name__}")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise TypeError(f"{what}: token ids must be an integer tensor, got {ids.dtype}")
+        raise WrongTypeError(f"{what}: token ids must be an integer tensor, got {ids.dtype}")
     if ids.dim() not in (1, 2):
-        raise ValueError(f"{what}: token ids must be [N] or [B, T], got shape {tuple(ids.shape)}")
+        raise DataError(f"{what}: token ids must be [N] or [B, T], got shape {tuple(ids.shape)}")
     if ids.numel() and int(ids.min()) < 0:
-        raise ValueError(f"{what}: negative token id {int(ids.min())}")
+        raise DataError(f"{what}: negative token id {int(ids.min())}")
     return ids.to(torch.long).cpu()
 
 
@@ -406,7 +407,7 @@ class CalibrationData:
 def _random_windows(stream: Tensor, nsamples: int, seqlen: int, seed: int, label: str) -> Tensor:
     n = stream.numel()
     if n < seqlen:
-        raise ValueError(f"{label} has {n} tokens, fewer than one window of seqlen={seqlen}")
+        raise DataError(f"{label} has {n} tokens, fewer than one window of seqlen={seqlen}")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, n - seqlen + 1, (nsamples,), generator=g)
     return torch.stack([stream[s:s + seqlen] for s in starts.tolist()])
@@ -415,7 +416,7 @@ def _random_windows(stream: Tensor, nsamples: int, seqlen: int, seed: int, label
 def _document_windows(docs: Sequence[str], tokenizer: Any, nsamples: int, seqlen: int,
                       seed: int) -> tuple[Tensor, Tensor]:
     if len(docs) < nsamples:
-        raise ValueError(f"list of {len(docs)} documents: fewer than nsamples={nsamples}")
+        raise DataError(f"list of {len(docs)} documents: fewer than nsamples={nsamples}")
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(docs), generator=g)[:nsamples].tolist() if len(docs) > nsamples else list(range(nsamples))
     pad = getattr(tokenizer, "pad_token_id", None)
@@ -426,11 +427,11 @@ def _document_windows(docs: Sequence[str], tokenizer: Any, nsamples: int, seqlen
     mask = torch.zeros((nsamples, seqlen), dtype=torch.long)
     for row, i in enumerate(pick):
         if not isinstance(docs[i], str):
-            raise TypeError(f"document {i} of the list is a {type(docs[i]).__name__}, not str")
+            raise WrongTypeError(f"document {i} of the list is a {type(docs[i]).__name__}, not str")
         toks = tokenizer(docs[i], add_special_tokens=True, truncation=True, max_length=seqlen,
                          verbose=False)["input_ids"]
         if len(toks) == 0:
-            raise ValueError(f"document {i} of the list tokenises to no tokens")
+            raise DataError(f"document {i} of the list tokenises to no tokens")
         ids[row, :len(toks)] = torch.tensor(toks, dtype=torch.long)
         mask[row, :len(toks)] = 1
     return ids, mask
@@ -454,7 +455,7 @@ def get_calibration_windows(source: Source, tokenizer: Any = None, *, nsamples: 
     ``FileNotFoundError`` for a missing file.
     """
     if nsamples <= 0 or seqlen <= 0:
-        raise ValueError(f"nsamples and seqlen must be positive, got nsamples={nsamples}, seqlen={seqlen}")
+        raise DataError(f"nsamples and seqlen must be positive, got nsamples={nsamples}, seqlen={seqlen}")
     fp: dict[str, Any] = {"sampler": SAMPLER, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     mask = None
     if isinstance(source, Tensor):
@@ -466,18 +467,18 @@ def get_calibration_windows(source: Source, tokenizer: Any = None, *, nsamples: 
         else:
             b, t = ids.shape
             if t != seqlen:
-                raise ValueError(f"calibration tensor [{b}, {t}]: rows must have seqlen={seqlen} tokens "
+                raise DataError(f"calibration tensor [{b}, {t}]: rows must have seqlen={seqlen} tokens "
                                  "(pass a 1-D stream to draw windows from)")
             if b < nsamples:
-                raise ValueError(f"calibration tensor [{b}, {t}] has {b} rows, fewer than nsamples={nsamples}")
+                raise DataError(f"calibration tensor [{b}, {t}] has {b} rows, fewer than nsamples={nsamples}")
             windows = ids[:nsamples].clone()
     elif isinstance(source, (list, tuple)) and not (isinstance(source, tuple) and len(source) == 2
                                                      and isinstance(source[0], str) and isinstance(source[1], dict)):
         if tokenizer is None:
-            raise ValueError("a tokenizer is needed for a list of documents")
+            raise DataError("a tokenizer is needed for a list of documents")
         docs = list(source)
         if not docs:
-            raise ValueError("the list of calibration documents is empty")
+            raise DataError("the list of calibration documents is empty")
         windows, mask = _document_windows(docs, tokenizer, nsamples, seqlen, seed)
         blob = json.dumps(docs, ensure_ascii=False)
         fp.update(dataset="list", split=None, path=None, kind="documents", docs=len(docs),
@@ -490,7 +491,7 @@ def get_calibration_windows(source: Source, tokenizer: Any = None, *, nsamples: 
         else:
             text, info = load_text(source, data_dir, default_split="calib")
         if tokenizer is None:
-            raise ValueError(f"a tokenizer is needed to tokenise {_label(info)}")
+            raise DataError(f"a tokenizer is needed to tokenise {_label(info)}")
         ds = DATASETS.get(info.get("dataset", ""))
         if ds is not None and info.get("split") == ds.eval_split:
             (log.warning if ds.calib_split != ds.eval_split else log.info)(

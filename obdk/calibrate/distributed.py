@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+from ..errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def world() -> tuple[int, int]:
 def shard(n: int, rank: int, world_size: int) -> list[int]:
     """Window indices ``i < n`` with ``i % world_size == rank`` (rank ``rank``'s share)."""
     if not 0 <= rank < world_size:
-        raise ValueError(f"shard: rank {rank} is outside world of size {world_size}")
+        raise DataError(f"shard: rank {rank} is outside world of size {world_size}")
     return list(range(rank, n, world_size))
 
 

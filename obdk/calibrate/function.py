@@ -27,7 +27,6 @@ not all representable in bf16).
 """
 from __future__ import annotations
 
-from ..errors import SharedInputMismatch  # noqa: F401
 import contextlib
 from typing import Iterator, Optional
 
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ..errors import DataError, SharedInputMismatch  # noqa: F401
 from .. import _ext
 from .. import ops  # noqa: F401  (declares torch.ops.obdk.gram_acc_)
 
@@ -138,7 +138,7 @@ class CalibrationContext:
         if self._rows is None:
             return t2
         if t2.shape[0] != self.batch_tokens:
-            raise RuntimeError(f"obdk calibration: a Linear received {t2.shape[0]} token rows but the batch has "
+            raise DataError(f"obdk calibration: a Linear received {t2.shape[0]} token rows but the batch has "
                                f"{self.batch_tokens} tokens; cannot drop padding rows (is the module called on a "
                                f"reshaped or packed input?)")
         rows = self._rows_on.get(t2.device)

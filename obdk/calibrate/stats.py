@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..errors import DataError, WrongTypeError
 from . import distributed as dist
 from .cache import StatsCache, cache_key, data_fingerprint, model_fingerprint
 from .function import CalibrationContext, CalibrationLinear, GroupState, ModuleSlot
@@ -63,20 +64,20 @@ def _windows(data: Any) -> tuple[Tensor, Optional[Tensor], Any]:
     elif isinstance(data, dict) and "input_ids" in data:
         ids, mask = data["input_ids"], data.get("attention_mask")
     else:
-        raise TypeError(f"calibrate: data must be a LongTensor [N, T] or have .input_ids, got {type(data).__name__}")
+        raise WrongTypeError(f"calibrate: data must be a LongTensor [N, T] or have .input_ids, got {type(data).__name__}")
     ids = torch.as_tensor(ids)
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)
     if ids.dim() != 2 or ids.is_floating_point() or ids.dtype == torch.bool:
-        raise ValueError(f"calibrate: input_ids must be an integer tensor [N, T], got {ids.dtype} {tuple(ids.shape)}")
+        raise DataError(f"calibrate: input_ids must be an integer tensor [N, T], got {ids.dtype} {tuple(ids.shape)}")
     if ids.shape[0] == 0 or ids.shape[1] == 0:
-        raise ValueError(f"calibrate: no calibration tokens (input_ids {tuple(ids.shape)})")
+        raise DataError(f"calibrate: no calibration tokens (input_ids {tuple(ids.shape)})")
     if mask is not None:
         mask = torch.as_tensor(mask)
         if mask.dim() == 1:
             mask = mask.unsqueeze(0)
         if mask.shape != ids.shape:
-            raise ValueError(f"calibrate: attention_mask {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}")
+            raise DataError(f"calibrate: attention_mask {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}")
         mask = mask.to(torch.int64)
         if bool((mask == 1).all()):
             mask = None
@@ -161,15 +162,15 @@ def calibrate(model: nn.Module, data: Any, *, stats: Sequence[str] = ("cx", "cg"
     want = tuple(dict.fromkeys(stats))
     bad = [s for s in want if s not in STATS]
     if bad or not want:
-        raise ValueError(f"calibrate: stats must be a non-empty subset of {STATS}, got {tuple(stats)}")
+        raise DataError(f"calibrate: stats must be a non-empty subset of {STATS}, got {tuple(stats)}")
     if fisher not in _FISHER:
-        raise ValueError(f"calibrate: fisher must be one of {_FISHER}, got {fisher!r}")
+        raise DataError(f"calibrate: fisher must be one of {_FISHER}, got {fisher!r}")
     if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"calibrate: dtype must be torch.float32 or torch.float64, got {dtype}")
+        raise DataError(f"calibrate: dtype must be torch.float32 or torch.float64, got {dtype}")
     if int(batch_size) < 1:
-        raise ValueError(f"calibrate: batch_size must be >= 1, got {batch_size}")
+        raise DataError(f"calibrate: batch_size must be >= 1, got {batch_size}")
     if checkpoint_every is not None and (cache_dir is None or int(checkpoint_every) < 1):
-        raise ValueError(f"calibrate: checkpoint_every={checkpoint_every} needs cache_dir and a positive count")
+        raise DataError(f"calibrate: checkpoint_every={checkpoint_every} needs cache_dir and a positive count")
     backward = "cg" in want or "grad" in want
 
     ids, mask, src = _windows(data)
@@ -225,7 +226,7 @@ def calibrate(model: nn.Module, data: Any, *, stats: Sequence[str] = ("cx", "cg"
         if part is not None:
             tensors, meta = part
             if set(tensors) != set(accs):
-                raise RuntimeError(f"calibrate: partial checkpoint {cache.partial_path(key, rank, world)} holds "
+                raise DataError(f"calibrate: partial checkpoint {cache.partial_path(key, rank, world)} holds "
                                    f"other accumulators than this run; delete it or pass resume=False")
             for k, t in tensors.items():
                 accs[k].copy_(t)
@@ -272,9 +273,9 @@ def calibrate(model: nn.Module, data: Any, *, stats: Sequence[str] = ("cx", "cg"
     like = next(iter(accs.values()))
     tokens, loss_tokens = dist.all_reduce_counts([tokens, loss_tokens], like=like)
     if tokens == 0:
-        raise ValueError("calibrate: every token is padding; no statistics")
+        raise DataError("calibrate: every token is padding; no statistics")
     if backward and loss_tokens == 0:
-        raise ValueError("calibrate: no position has a next-token label (windows of length 1?); C_g is undefined")
+        raise DataError("calibrate: no position has a next-token label (windows of length 1?); C_g is undefined")
     out = Statistics(input_key=input_key, tokens=tokens, loss_tokens=loss_tokens if backward else 0,
                      windows=int(ids.shape[0]), fisher=fisher, dtype=dtype, fingerprint=fingerprint)
     keys = list(accs)

@@ -38,6 +38,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from ..errors import DataError
 from .roots import (_escalate, add_damping, all_finite, damped_cholesky, damped_eigen_root, eigh_desc, normalize_cov,
                     try_cholesky)
 
@@ -93,7 +94,7 @@ _COMPUTE_DTYPES = (torch.float32, torch.float64)
 def break_even_rank(m: int, n: int) -> float:
     """The rank ``mn/(m+n)`` at which factors ``[m, r] + [r, n]`` hold as many parameters as ``[m, n]``."""
     if m <= 0 or n <= 0:
-        raise ValueError(f"break_even_rank: m and n must be positive, got m={m}, n={n}")
+        raise DataError(f"break_even_rank: m and n must be positive, got m={m}, n={n}")
     return m * n / (m + n)
 
 
@@ -197,7 +198,7 @@ class Spectrum:
         factors do not carry (beyond ``kept``) count as dropped.
         """
         if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 0:
-            raise ValueError(f"Spectrum.tail_loss: rank must be a non-negative int, got {rank!r}")
+            raise DataError(f"Spectrum.tail_loss: rank must be a non-negative int, got {rank!r}")
         r = min(int(rank), self.kept)
         return 0.5 * float(self.eigenvalues[r:].sum())
 
@@ -240,9 +241,9 @@ def _resolve_rank(rank, rank_multiple, m: int, n: int, keep_dense: bool, fn: str
 
 def _check_rank(rank, rank_multiple, fn: str) -> None:
     if not _is_int(rank) or rank <= 0:
-        raise ValueError(f"{fn}: rank must be a positive int, got {rank!r}")
+        raise DataError(f"{fn}: rank must be a positive int, got {rank!r}")
     if not _is_int(rank_multiple) or rank_multiple <= 0:
-        raise ValueError(f"{fn}: rank_multiple must be a positive int, got {rank_multiple!r}")
+        raise DataError(f"{fn}: rank_multiple must be a positive int, got {rank_multiple!r}")
 
 
 def _check_device(fn: str, device) -> Optional[torch.device]:
@@ -251,54 +252,54 @@ def _check_device(fn: str, device) -> Optional[torch.device]:
     try:
         return torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"{fn}: device must be None, a torch.device or a device string like 'cuda:0', "
+        raise DataError(f"{fn}: device must be None, a torch.device or a device string like 'cuda:0', "
                          f"got {device!r} ({exc})") from None
 
 
 def _check_options(fn, method, solver, compute_dtype, damping, damping_max, damping_growth, rtol) -> None:
     if method not in METHODS:
-        raise ValueError(f"{fn}: method must be one of {METHODS}, got {method!r}")
+        raise DataError(f"{fn}: method must be one of {METHODS}, got {method!r}")
     if solver not in SOLVERS:
-        raise ValueError(f"{fn}: solver must be one of {SOLVERS}, got {solver!r}")
+        raise DataError(f"{fn}: solver must be one of {SOLVERS}, got {solver!r}")
     if compute_dtype not in _COMPUTE_DTYPES:
-        raise ValueError(f"{fn}: compute_dtype must be torch.float64 or torch.float32, got {compute_dtype!r}")
+        raise DataError(f"{fn}: compute_dtype must be torch.float64 or torch.float32, got {compute_dtype!r}")
     for name, v in (("damping", damping), ("damping_max", damping_max), ("damping_growth", damping_growth)):
         if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
-            raise ValueError(f"{fn}: {name} must be a finite non-negative number, got {v!r}")
+            raise DataError(f"{fn}: {name} must be a finite non-negative number, got {v!r}")
     if damping > damping_max:
-        raise ValueError(f"{fn}: damping ({damping:g}) must not exceed damping_max ({damping_max:g})")
+        raise DataError(f"{fn}: damping ({damping:g}) must not exceed damping_max ({damping_max:g})")
     if damping_growth <= 1:
-        raise ValueError(f"{fn}: damping_growth must be > 1, got {damping_growth!r}")
+        raise DataError(f"{fn}: damping_growth must be > 1, got {damping_growth!r}")
     if rtol is not None and (not isinstance(rtol, numbers.Real) or not math.isfinite(rtol) or not 0 <= rtol < 1):
-        raise ValueError(f"{fn}: rtol must be None or a number in [0, 1), got {rtol!r}")
+        raise DataError(f"{fn}: rtol must be None or a number in [0, 1), got {rtol!r}")
 
 
 def _check_weight(w, fn: str, name: str, batched: bool) -> None:
     if not isinstance(w, Tensor):
-        raise ValueError(f"{fn}: {name} must be a torch.Tensor, got {type(w).__name__}")
+        raise DataError(f"{fn}: {name} must be a torch.Tensor, got {type(w).__name__}")
     want = 3 if batched else 2
     shape = "[B, m, n]" if batched else "[m, n] (out × in)"
     if w.dim() != want or 0 in w.shape:
-        raise ValueError(f"{fn}: {name} must be a non-empty {want}-D tensor {shape}, got shape {tuple(w.shape)}")
+        raise DataError(f"{fn}: {name} must be a non-empty {want}-D tensor {shape}, got shape {tuple(w.shape)}")
     if not w.is_floating_point():
-        raise ValueError(f"{fn}: {name} must be floating point, got {w.dtype}")
+        raise DataError(f"{fn}: {name} must be floating point, got {w.dtype}")
     if not all_finite(w):
-        raise ValueError(f"{fn}: {name} contains non-finite values (NaN or inf)")
+        raise DataError(f"{fn}: {name} contains non-finite values (NaN or inf)")
 
 
 def _check_cov(c, k: int, batch: Optional[int], fn: str, name: str, what: str) -> Tuple[Tensor, bool]:
     """Validate a covariance, returning it as [B', k, k] (B' = 1 when shared) and whether it is
     exactly symmetric (then :func:`_prepare_cov` need not test nor symmetrise it again)."""
     if not isinstance(c, Tensor):
-        raise ValueError(f"{fn}: {name} must be a torch.Tensor [{k}, {k}] ({what}), got {type(c).__name__}")
+        raise DataError(f"{fn}: {name} must be a torch.Tensor [{k}, {k}] ({what}), got {type(c).__name__}")
     ok_shapes = [(k, k)] + ([(batch, k, k)] if batch is not None else [])
     if tuple(c.shape) not in ok_shapes:
         want = " or ".join(str(list(s)) for s in ok_shapes)
-        raise ValueError(f"{fn}: {name} must be a square {want} covariance ({what}), got shape {tuple(c.shape)}")
+        raise DataError(f"{fn}: {name} must be a square {want} covariance ({what}), got shape {tuple(c.shape)}")
     if not c.is_floating_point():
-        raise ValueError(f"{fn}: {name} must be floating point, got {c.dtype}")
+        raise DataError(f"{fn}: {name} must be floating point, got {c.dtype}")
     if not all_finite(c):
-        raise ValueError(f"{fn}: {name} contains non-finite values (NaN or inf)")
+        raise DataError(f"{fn}: {name} contains non-finite values (NaN or inf)")
     c3 = c if c.dim() == 3 else c.unsqueeze(0)
     exact = torch.equal(c3, c3.mT)
     if not exact:  # obdk's own statistics are exactly symmetric: no temporaries then
@@ -308,10 +309,10 @@ def _check_cov(c, k: int, batch: Optional[int], fn: str, name: str, what: str) -
         tol = max(1e-3, 4 * torch.finfo(c.dtype).eps)
         if bool((asym > tol * scale).any()):
             worst = float((asym / scale.clamp_min(torch.finfo(c32.dtype).tiny)).max())
-            raise ValueError(f"{fn}: {name} must be a symmetric covariance; max |C - Cᵀ| / max |C| = {worst:.3g} "
+            raise DataError(f"{fn}: {name} must be a symmetric covariance; max |C - Cᵀ| / max |C| = {worst:.3g} "
                              f"exceeds tolerance {tol:g}")
     if bool((torch.diagonal(c3, dim1=-2, dim2=-1) < 0).any()):
-        raise ValueError(f"{fn}: {name} must be positive semi-definite but has negative diagonal entries")
+        raise DataError(f"{fn}: {name} must be positive semi-definite but has negative diagonal entries")
     return c3, exact
 
 
@@ -364,7 +365,7 @@ class _Escalator:
 
     def __call__(self, reason: str) -> None:
         if self.alpha is None:
-            raise ValueError(f"{self.fn}: weight: {reason}; the weight is too ill-conditioned for "
+            raise DataError(f"{self.fn}: weight: {reason}; the weight is too ill-conditioned for "
                              f"compute_dtype={self.cd}")
         _escalate(self.alpha, list(range(len(self.alpha))), name=self.name, reason=reason, **self.esc)
 
@@ -534,7 +535,7 @@ def _decompose(weights: Tensor, cx: Optional[Tensor], cg: Optional[Tensor], *, m
         fa = fa.mul_((root_w[:, None] / torch.where(ok, bal, torch.ones_like(bal)) * ok)[:, :, None])
     lam = (lam.clamp_min(0) * (s_w.square() * s_x * s_g)[:, None]).to(torch.float64)
     if not _finite(fb, fa, lam):  # pragma: no cover - guarded by the checks above
-        raise ValueError(f"{fn}: weight: decomposition produced non-finite factors (compute_dtype={cd})")
+        raise DataError(f"{fn}: weight: decomposition produced non-finite factors (compute_dtype={cd})")
 
     home = weights.device
     lam, fb, fa = lam.to(home), fb.to(home), fa.to(home)
@@ -562,13 +563,13 @@ def _prepare(fn: str, weight: Tensor, cx, cg, method: str, batched: bool):
     sx = sg = False
     if method in ("svd-llm", "obd"):
         if cx is None:
-            raise ValueError(f"{fn}: {xname} (the [{n}, {n}] input covariance C_x) is required for method={method!r}")
+            raise DataError(f"{fn}: {xname} (the [{n}, {n}] input covariance C_x) is required for method={method!r}")
         cx3, sx = _check_cov(cx, n, batch, fn, xname, f"input covariance C_x, n = {wname}.shape[-1] = {n}")
     elif cx is not None:
         logger.debug("%s: %s ignored for method=%r", fn, xname, method)
     if method == "obd":
         if cg is None:
-            raise ValueError(f"{fn}: {gname} (the [{m}, {m}] output-gradient covariance C_g) is required "
+            raise DataError(f"{fn}: {gname} (the [{m}, {m}] output-gradient covariance C_g) is required "
                              "for method='obd'")
         cg3, sg = _check_cov(cg, m, batch, fn, gname, f"output-gradient covariance C_g, m = {wname}.shape[-2] = {m}")
     elif cg is not None:
@@ -630,7 +631,7 @@ def spectra(weights: Union[Tensor, Sequence[Tensor]], *, method: str = "obd",
             return x
         xs = list(x)
         if not xs or not all(isinstance(t, Tensor) for t in xs) or len({tuple(t.shape) for t in xs}) != 1:
-            raise ValueError(f"{fn}: {name} must be a tensor or a non-empty sequence of same-shaped tensors")
+            raise DataError(f"{fn}: {name} must be a tensor or a non-empty sequence of same-shaped tensors")
         return torch.stack(xs)
 
     w3, cx3, cg3, exact = _prepare(fn, stack(weights, "weights"), stack(cxs, "cxs"), stack(cgs, "cgs"), method,
