@@ -94,6 +94,8 @@ def perplexity(model: nn.Module, tokenizer: Any, dataset: Any = "wikitext2", *, 
     """
     if seqlen < 2:
         raise DataError(f"seqlen must be at least 2 (one predicted token), got {seqlen}")
+    from .models import check_context
+    check_context(model, seqlen, "seqlen")
     if batch_size < 1:
         raise DataError(f"batch_size must be positive, got {batch_size}")
     if windows is not None and windows < 1:

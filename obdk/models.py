@@ -170,8 +170,8 @@ def coverage(model: nn.Module, targets: Sequence[Target]) -> dict:
     """Which parameters the targets cover, and which large ones they do not.
 
     Returns ``{"model_params", "targeted_params", "targeted_fraction", "untargeted": [...]}``
-    where ``untargeted`` lists, largest first, the parameters of ≥ :data:`LARGE_PARAM`
-    elements outside the targets (``{"name", "shape", "params", "kind"}``; ``kind`` is
+    where ``untargeted`` lists, largest first, the parameters outside the targets of ≥
+    :data:`LARGE_PARAM` elements, and every fused-expert or ``Conv1D`` one whatever its size (``{"name", "shape", "params", "kind"}``; ``kind`` is
     ``embedding``, ``lm_head``, ``fused-experts`` for ≥ 3-D expert tensors of MoE models,
     ``Conv1D`` for GPT-2-style layers, ``linear`` for an ignored or unmatched Linear, else
     ``other``). Tied parameters count once.
@@ -192,9 +192,9 @@ def coverage(model: nn.Module, targets: Sequence[Target]) -> dict:
         if name in targeted:
             covered += p.numel()
             continue
-        if p.numel() < LARGE_PARAM:
-            continue
         mod = owners.get(name)
+        if p.numel() < LARGE_PARAM and p.dim() < 3 and type(mod).__name__ not in _UNSUPPORTED_LINEAR_TYPES:
+            continue
         kind = ("embedding" if isinstance(mod, nn.Embedding) else
                 "lm_head" if name.startswith("lm_head") else
                 "Conv1D" if type(mod).__name__ in _UNSUPPORTED_LINEAR_TYPES else
@@ -204,3 +204,19 @@ def coverage(model: nn.Module, targets: Sequence[Target]) -> dict:
     untargeted.sort(key=lambda u: -u["params"])
     return {"model_params": int(total), "targeted_params": int(covered),
             "targeted_fraction": covered / max(1, total), "untargeted": untargeted}
+
+
+def check_context(model: nn.Module, seqlen: int, what: str = "--seqlen") -> None:
+    """Refuse windows longer than a learned-position model can embed (OPT, GPT-2): a ``ConfigError``.
+
+    Rotary models (Llama, Qwen, …) have no such table and are not limited here.
+    """
+    cfg = getattr(model, "config", None)
+    learned = [n for n, m in model.named_modules()
+               if isinstance(m, nn.Embedding) and n.rsplit(".", 1)[-1] in ("embed_positions", "wpe", "position_embeddings")]
+    if not learned:
+        return
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if limit is not None and int(seqlen) > int(limit):
+        raise ConfigError(f"{what} {seqlen}: {type(model).__name__} has learned position embeddings "
+                          f"({learned[0]}) for at most {limit} tokens; use {what} {limit} or less")

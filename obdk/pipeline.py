@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from .config import APPLY_FIELDS, DEFAULT_FLOOR, DEFAULT_RANK_MULTIPLE, LowRankConfig
 from .errors import ConfigError, NotCollectedError
-from .models import Target, coverage, select_targets, set_module
+from .models import Target, check_context, coverage, select_targets, set_module
 from .nn import LowRankLinear
 from .report import CompressionReport, ModuleReport, Stage, StageTimer, count_params
 
@@ -270,6 +270,8 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
     need = config.needed_stats
     data = None
     if (need and stats is None) or config.resolved_alloc == "bsi" or config.resolved_correct is not None:
+        check_context(model, calibration.shape[1] if isinstance(calibration, torch.Tensor) and calibration.dim() == 2
+                      else seqlen, "seqlen")
         data = _calibration_windows(calibration, tokenizer, nsamples, seqlen, seed, data_dir, config)
     if need and stats is None:
         with timer("calibration"):

@@ -262,17 +262,22 @@ def _load_named(name: str, split: str, data_dir: str | os.PathLike | None, doc_s
 def _load_file(path: Path, doc_sep: str, max_docs: int | None) -> tuple[str, dict]:
     suffix = path.suffix.lower()
     if path.is_dir():
-        raise IsADirectoryError(f"{path} is a directory; pass a file, or a dataset name with data_dir={str(path)!r}")
+        raise DataError(f"{path} is a directory; pass a file, or a dataset name with data_dir={str(path)!r}")
     if suffix not in _TEXT_SUFFIXES + _DOC_SUFFIXES:
         raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}; "
                          f"use one of {', '.join(_TEXT_SUFFIXES + _DOC_SUFFIXES)}")
     if path.stat().st_size == 0:
         raise DataError(f"{path} is empty")
     info: dict[str, Any] = {"dataset": "file", "split": None, "path": str(path.resolve()), "origin": "file"}
-    if suffix in _TEXT_SUFFIXES:
-        text = path.read_text(encoding="utf-8")
-    else:
-        docs = _read_docs(path)
+    try:
+        if suffix in _TEXT_SUFFIXES:
+            text = path.read_text(encoding="utf-8")
+        else:
+            docs = _read_docs(path)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); calibration and evaluation "
+                        f"files must be UTF-8 text or JSON lines") from None
+    if suffix not in _TEXT_SUFFIXES:
         text = _join_docs(docs, doc_sep, max_docs)
         info.update(docs=min(len(docs), max_docs or len(docs)), doc_sep=doc_sep, max_docs=max_docs)
     if not text.strip():

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..errors import DataError, WrongTypeError
+from ..errors import DataError, NonFiniteError, WrongTypeError
 from . import distributed as dist
 from .cache import StatsCache, cache_key, data_fingerprint, model_fingerprint
 from .function import CalibrationContext, CalibrationLinear, GroupState, ModuleSlot
@@ -175,6 +175,7 @@ def calibrate(model: nn.Module, data: Any, *, stats: Sequence[str] = ("cx", "cg"
 
     ids, mask, src = _windows(data)
     groups, linears = _resolve_groups(model, groups)
+    _check_finite_weights(model)
     rank, world = dist.world()
     seed_used = int(seed) if (fisher == "true" and backward) else None
 
@@ -346,3 +347,16 @@ def _run_batch(model: nn.Module, ctx: CalibrationContext, group_states: Sequence
             model(**forward_kwargs(ids, mask, accepts_pos))
         check()
     return n_tok, n_lab
+
+
+def _check_finite_weights(model: nn.Module) -> None:
+    """Name the first parameter (in forward order) holding NaN/inf, before a pass spreads it.
+
+    A NaN weight in layer 1 flows back through the backward pass into every earlier layer's
+    ``C_g``; checked here (one reduction per tensor), the error names where it first appears.
+    """
+    from ..decompose.roots import all_finite
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not all_finite(p.detach()):
+            raise NonFiniteError(f"calibrate: parameter {name} {tuple(p.shape)} holds NaN/inf values; "
+                                 f"fix or reload the model before compressing it")
