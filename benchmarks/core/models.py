@@ -38,14 +38,13 @@ def random_llama(*, hidden: int, inter: int, layers: int, heads: int, vocab: int
     return model.eval()
 
 
-def load(spec: str, *, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
-         layers: Optional[int] = None):
+def load(spec: str, *, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None):
     """``(model, tokenizer)`` in eval mode.
 
     ``tiny``: :func:`obdk.testing.tiny_llama_and_tokenizer` (a 2-layer Llama and a character
     tokenizer, for dry runs); ``llama7b-random``: :func:`random_llama` at :data:`LLAMA7B` (bf16 by
     default) with SmolLM2's tokenizer and vocabulary when that package is installed, else no
-    tokenizer (``None``) and vocabulary 32000 (``layers``: fewer decoder layers than 32); anything else: :func:`obdk.hub.load_model`
+    tokenizer (``None``) and vocabulary 32000; anything else: :func:`obdk.hub.load_model`
     (an HF id or directory, a ``.gguf`` file, an obdk directory, or the alias ``smollm2-135m``).
     ``dtype``: a torch dtype or ``fp32``/``bf16``/``fp16`` (default: the model's own).
     """
@@ -61,7 +60,7 @@ def load(spec: str, *, device: torch.device | str | None = None, dtype: torch.dt
             tok = load_tokenizer("smollm2-135m")
         except Exception as exc:  # no tokenizer package on this machine: random token ids
             log.warning("llama7b-random: no SmolLM2 tokenizer (%s); random token ids, vocab 32000", exc)
-        shape = dict(LLAMA7B, vocab=len(tok) if tok is not None else LLAMA7B["vocab"], layers=layers or LLAMA7B["layers"])
+        shape = dict(LLAMA7B, vocab=len(tok) if tok is not None else LLAMA7B["vocab"])
         return random_llama(**shape, device=device or "cpu", dtype=dt or torch.bfloat16), tok
     from obdk.hub import load_model
     model, tok = load_model(spec, device=device, dtype=dt)
