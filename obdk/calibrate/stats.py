@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..errors import DataError, NonFiniteError, WrongTypeError
+from ..errors import ConfigError, DataError, NonFiniteError, WrongTypeError
 from . import distributed as dist
 from .cache import StatsCache, cache_key, data_fingerprint, model_fingerprint
 from .function import CalibrationContext, CalibrationLinear, GroupState, ModuleSlot
@@ -159,18 +159,7 @@ def calibrate(model: nn.Module, data: Any, *, stats: Sequence[str] = ("cx", "cg"
     ``torch.distributed`` each rank takes windows ``i % world == rank`` and the sums are
     all-reduced before normalising. Returns :class:`Statistics`.
     """
-    want = tuple(dict.fromkeys(stats))
-    bad = [s for s in want if s not in STATS]
-    if bad or not want:
-        raise DataError(f"calibrate: stats must be a non-empty subset of {STATS}, got {tuple(stats)}")
-    if fisher not in _FISHER:
-        raise DataError(f"calibrate: fisher must be one of {_FISHER}, got {fisher!r}")
-    if dtype not in (torch.float32, torch.float64):
-        raise DataError(f"calibrate: dtype must be torch.float32 or torch.float64, got {dtype}")
-    if int(batch_size) < 1:
-        raise DataError(f"calibrate: batch_size must be >= 1, got {batch_size}")
-    if checkpoint_every is not None and (cache_dir is None or int(checkpoint_every) < 1):
-        raise DataError(f"calibrate: checkpoint_every={checkpoint_every} needs cache_dir and a positive count")
+    want = _check_options(stats, fisher, dtype, batch_size, checkpoint_every, cache_dir)
     backward = "cg" in want or "grad" in want
 
     ids, mask, src = _windows(data)
@@ -192,10 +181,64 @@ def calibrate(model: nn.Module, data: Any, *, stats: Sequence[str] = ("cx", "cg"
         hit = cache.load(key)
         return hit if offload else _place(hit, linears, groups)
 
-    # ---------------------------------------------------------------- accumulators
     ctx = CalibrationContext()
+    slots, accs, input_key = accumulators(groups, linears, want, dtype, ctx)
+    nbytes = sum(t.numel() * t.element_size() for t in accs.values())
+    mine = dist.shard(ids.shape[0], rank, world)
+    log.info("calibrate: %d windows x %d tokens (rank %d/%d: %d), %d Linears in %d input groups, stats %s in %s "
+             "(%.3f GiB), fisher=%s", ids.shape[0], ids.shape[1], rank, world, len(mine), len(linears), len(groups),
+             "+".join(want), str(dtype).replace("torch.", ""), nbytes / 2**30, fisher)
+
+    done, tokens, loss_tokens = 0, 0, 0
+    if cache is not None and resume:
+        done, tokens, loss_tokens = _resume(cache, key, rank, world, accs, len(mine))
+    tokens, loss_tokens = _run_pass(model, ctx, slots, linears, accs, ids=ids, mask=mask, mine=mine, done=done,
+                                    tokens=tokens, loss_tokens=loss_tokens, backward=backward, fisher=fisher,
+                                    seed=seed, batch_size=int(batch_size), want=want, progress=progress,
+                                    checkpoint=(cache, key, rank, world, checkpoint_every))
+    out = reduce_statistics(accs, input_key, tokens=tokens, loss_tokens=loss_tokens, backward=backward,
+                            windows=int(ids.shape[0]), fisher=fisher, dtype=dtype, fingerprint=fingerprint,
+                            offload=offload, progress=progress)
+    for s in slots.values():
+        s.cg = s.grad = None
+        s.group.cx = None
+
+    if cache is not None:
+        if rank == 0:
+            entry = cache.store(key, out)
+            log.info("calibrate: statistics cached at %s", entry)
+        cache.drop_partial(key, rank, world)
+        dist.barrier()
+    return out
+
+
+def _check_options(stats, fisher, dtype, batch_size, checkpoint_every, cache_dir) -> tuple[str, ...]:
+    """The requested statistics, deduplicated in order; a ``ConfigError`` naming a bad option."""
+    want = tuple(dict.fromkeys(stats))
+    bad = [s for s in want if s not in STATS]
+    if bad or not want:
+        raise ConfigError(f"calibrate: stats must be a non-empty subset of {STATS}, got {tuple(stats)}")
+    if fisher not in _FISHER:
+        raise ConfigError(f"calibrate: fisher must be one of {_FISHER}, got {fisher!r}")
+    if dtype not in (torch.float32, torch.float64):
+        raise ConfigError(f"calibrate: dtype must be torch.float32 or torch.float64, got {dtype}")
+    if int(batch_size) < 1:
+        raise ConfigError(f"calibrate: batch_size must be >= 1, got {batch_size}")
+    if checkpoint_every is not None and (cache_dir is None or int(checkpoint_every) < 1):
+        raise ConfigError(f"calibrate: checkpoint_every={checkpoint_every} needs cache_dir and a positive count")
+    return want
+
+
+def accumulators(groups, linears: dict[str, nn.Linear], want: Sequence[str], dtype: torch.dtype,
+                 ctx: CalibrationContext) -> tuple[dict[str, ModuleSlot], dict[str, Tensor], dict[str, str]]:
+    """Zeroed sums for ``want`` of every group, each on its own Linear's device.
+
+    Returns ``(slots, accs, input_key)``: the calibration Function's per-module slots; the raw
+    sums in forward order keyed ``"cx/<group key>"`` [n, n], ``"cg/<name>"`` [m, m],
+    ``"grad/<name>"`` [m, n]; and module name → its group key.
+    """
     slots: dict[str, ModuleSlot] = {}
-    accs: dict[str, Tensor] = {}  # "cx/<key>", "cg/<name>", "grad/<name>" -> raw sums (forward order)
+    accs: dict[str, Tensor] = {}
     input_key: dict[str, str] = {}
     for g in groups:
         first = linears[g.names[0]]
@@ -215,27 +258,29 @@ def calibrate(model: nn.Module, data: Any, *, stats: Sequence[str] = ("cx", "cg"
                 accs[f"grad/{name}"] = gr
             slots[name] = ModuleSlot(name, gs, cg, gr)
             input_key[name] = g.key
-    nbytes = sum(t.numel() * t.element_size() for t in accs.values())
-    mine = dist.shard(ids.shape[0], rank, world)
-    log.info("calibrate: %d windows x %d tokens (rank %d/%d: %d), %d Linears in %d input groups, stats %s in %s "
-             "(%.3f GiB), fisher=%s", ids.shape[0], ids.shape[1], rank, world, len(mine), len(linears), len(groups),
-             "+".join(want), str(dtype).replace("torch.", ""), nbytes / 2**30, fisher)
+    return slots, accs, input_key
 
-    done, tokens, loss_tokens = 0, 0, 0
-    if cache is not None and resume:
-        part = cache.load_partial(key, rank, world)
-        if part is not None:
-            tensors, meta = part
-            if set(tensors) != set(accs):
-                raise DataError(f"calibrate: partial checkpoint {cache.partial_path(key, rank, world)} holds "
-                                   f"other accumulators than this run; delete it or pass resume=False")
-            for k, t in tensors.items():
-                accs[k].copy_(t)
-            done, tokens, loss_tokens = int(meta["done"]), int(meta["tokens"]), int(meta["loss_tokens"])
-            log.info("calibrate: resuming from %s after %d of %d windows", cache.partial_path(key, rank, world),
-                     done, len(mine))
 
-    # ---------------------------------------------------------------- the pass
+def _resume(cache, key: str, rank: int, world: int, accs: dict[str, Tensor], windows: int) -> tuple[int, int, int]:
+    """Load a partial checkpoint into ``accs``; returns ``(windows done, tokens, loss tokens)``."""
+    part = cache.load_partial(key, rank, world)
+    if part is None:
+        return 0, 0, 0
+    tensors, meta = part
+    if set(tensors) != set(accs):
+        raise DataError(f"calibrate: partial checkpoint {cache.partial_path(key, rank, world)} holds "
+                        f"other accumulators than this run; delete it or pass resume=False")
+    for k, t in tensors.items():
+        accs[k].copy_(t)
+    log.info("calibrate: resuming from %s after %d of %d windows", cache.partial_path(key, rank, world),
+             int(meta["done"]), windows)
+    return int(meta["done"]), int(meta["tokens"]), int(meta["loss_tokens"])
+
+
+def _run_pass(model, ctx, slots, linears, accs, *, ids, mask, mine, done, tokens, loss_tokens, backward, fisher,
+              seed, batch_size, want, progress, checkpoint) -> tuple[int, int]:
+    """The windows ``mine[done:]`` through the patched model; returns the updated ``(tokens, loss tokens)``."""
+    cache, key, rank, world, checkpoint_every = checkpoint
     # a forward-only pass (C_x alone) needs no logits: run the trunk without the LM head; a backward
     # pass runs the trunk too when the head is a plain Linear, and the head + loss one window at a time
     head = plain_head(model, linears) if backward else None
@@ -247,11 +292,11 @@ def calibrate(model: nn.Module, data: Any, *, stats: Sequence[str] = ("cx", "cg"
     from tqdm.auto import tqdm
     patch = _Patch(model, slots, linears, anchor)
     try:
-        with ctx.defer_symmetry(), tqdm(total=len(mine), initial=done, desc=f"obdk calibrate [{'+'.join(want)}]", unit="window",
-                  disable=not progress, leave=False) as bar:
+        with ctx.defer_symmetry(), tqdm(total=len(mine), initial=done, desc=f"obdk calibrate [{'+'.join(want)}]",
+                                        unit="window", disable=not progress, leave=False) as bar:
             last_ckpt = done
             while done < len(mine):
-                idx = mine[done:done + int(batch_size)]
+                idx = mine[done:done + batch_size]
                 b_ids = ids[idx].to(in_dev)
                 b_mask = mask[idx].to(in_dev) if mask is not None else None
                 nt, nl = _run_batch(runner, ctx, group_states, ids=b_ids, mask=b_mask, windows=idx,
@@ -269,8 +314,18 @@ def calibrate(model: nn.Module, data: Any, *, stats: Sequence[str] = ("cx", "cg"
                     log.debug("calibrate: checkpoint after %d windows", done)
     finally:
         patch.restore()
+    return tokens, loss_tokens
 
-    # ---------------------------------------------------------------- reduce, normalise, offload
+
+def reduce_statistics(accs: dict[str, Tensor], input_key: dict[str, str], *, tokens: int, loss_tokens: int,
+                      backward: bool, windows: int, fisher: str, dtype: torch.dtype, fingerprint: dict,
+                      offload: bool = False, progress: bool = True) -> Statistics:
+    """Sums → :class:`Statistics`: all-reduced across ranks, ``C_x`` / ``tokens``, ``C_g`` / ``loss_tokens``.
+
+    ``accs`` (see :func:`accumulators`) is emptied as it goes, one tensor at a time, so the
+    result never needs a second copy; ``offload`` moves each to host memory.
+    """
+    from tqdm.auto import tqdm
     like = next(iter(accs.values()))
     tokens, loss_tokens = dist.all_reduce_counts([tokens, loss_tokens], like=like)
     if tokens == 0:
@@ -278,9 +333,8 @@ def calibrate(model: nn.Module, data: Any, *, stats: Sequence[str] = ("cx", "cg"
     if backward and loss_tokens == 0:
         raise DataError("calibrate: no position has a next-token label (windows of length 1?); C_g is undefined")
     out = Statistics(input_key=input_key, tokens=tokens, loss_tokens=loss_tokens if backward else 0,
-                     windows=int(ids.shape[0]), fisher=fisher, dtype=dtype, fingerprint=fingerprint)
-    keys = list(accs)
-    for k in tqdm(keys, desc="obdk calibrate [reduce+normalise" + ("+offload]" if offload else "]"),
+                     windows=windows, fisher=fisher, dtype=dtype, fingerprint=fingerprint)
+    for k in tqdm(list(accs), desc="obdk calibrate [reduce+normalise" + ("+offload]" if offload else "]"),
                   disable=not progress, leave=False):
         t = accs.pop(k)
         dist.all_reduce_sum_([t])
@@ -292,16 +346,6 @@ def calibrate(model: nn.Module, data: Any, *, stats: Sequence[str] = ("cx", "cg"
         if offload and t.device.type != "cpu":
             t = t.to("cpu")
         getattr(out, kind)[name] = t
-    for s in (slots.values()):
-        s.cg = s.grad = None
-        s.group.cx = None
-
-    if cache is not None:
-        if rank == 0:
-            entry = cache.store(key, out)
-            log.info("calibrate: statistics cached at %s", entry)
-        cache.drop_partial(key, rank, world)
-        dist.barrier()
     return out
 
 
