@@ -102,7 +102,8 @@ import obdk.allocate  # noqa: F401  imported here so that no pipeline's timed st
 import obdk.calibrate.stats  # noqa: F401
 import obdk.decompose  # noqa: F401
 from obdk.config import LowRankConfig
-from obdk.pipeline import StageTimer, select_targets
+from obdk.models import select_targets
+from obdk.report import StageTimer
 
 from .baselines import svd_llm
 from .core.data import EvalSets, data_dir_of, random_windows

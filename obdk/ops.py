@@ -21,13 +21,7 @@ from . import _ext
 from .backends import Candidate, register, select
 from .errors import DataError
 
-# --------------------------------------------------------------------------- references
-
-
-def gram_reference(x: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
-    """Oracle ``xᵀx`` in ``dtype`` (fp64 by default). ``x``: [..., n] → [n, n]."""
-    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-    return x2.T @ x2
+# --------------------------------------------------------------------------- reference
 
 
 def lowrank_linear_reference(x: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> Tensor:

@@ -269,7 +269,10 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
     targets = select_targets(model, config)
     need = config.needed_stats
     data = None
-    if (need and stats is None) or config.resolved_alloc == "bsi" or config.resolved_correct is not None:
+    # the windows are kept whenever calibration data is given: corrections and BSI scores asked for at
+    # apply() time need them even when this config does not
+    if calibration is not None or (need and stats is None) or config.resolved_alloc == "bsi" \
+            or config.resolved_correct is not None:
         check_context(model, calibration.shape[1] if isinstance(calibration, torch.Tensor) and calibration.dim() == 2
                       else seqlen, "seqlen")
         data = _calibration_windows(calibration, tokenizer, nsamples, seqlen, seed, data_dir, config)

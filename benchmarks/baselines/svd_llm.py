@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from obdk.models import decoder_layers, set_module
-from obdk.pipeline import StageTimer
+from obdk.report import StageTimer
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from obdk import _ext
-from obdk.ops import gram_reference
+from tests.oracles import gram_reference
 
 pytestmark = pytest.mark.skipif(not _ext.has("gram_acc_cpu"), reason="obdk._C not built")
 
