@@ -6,15 +6,16 @@ Library code logs; only this module prints. ``--json`` makes ``compress`` and
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
-import os
+import re
 import sys
 import time
 from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m"
+
+from .errors import ObdkError  # noqa: E402  (light: no torch)
 
 
 def _add_data_dir(p: argparse.ArgumentParser) -> None:
@@ -40,10 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-batch-size", type=int, default=1,
                    help="calibration windows per forward/backward pass (more: faster, more memory)")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--rank-multiple", type=int, default=8)
+    c.add_argument("--rank-multiple", type=int, default=None, help="ranks rounded to a multiple of this (default 8)")
     c.add_argument("--damping", type=float, default=0.01)
-    c.add_argument("--floor", type=float, default=0.2,
-                   help="global allocation: per-matrix rank floor as a fraction of the uniform rank")
+    c.add_argument("--floor", type=float, default=None,
+                   help="global/bsi allocation: per-matrix rank floor as a fraction of the uniform rank (default 0.2)")
     c.add_argument("--fisher", default="empirical", choices=["empirical", "true"])
     c.add_argument("--correct", default=None, choices=["none", "zs", "kfac", "zs+kfac", "seq"],
                    help="after truncation: none, zs (ZS-SVD's one-step projected gradient), kfac (the same step along the "
@@ -60,14 +61,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default=None, help="model dtype (float32, bfloat16, float16)")
     c.add_argument("--device", default="cpu")
     c.add_argument("--out", required=True, help="output directory (with several --keep: DIR-keep0.8, ...)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out that is not an obdk checkpoint (never the input model's directory)")
     c.add_argument("--eval-windows", type=int, default=0,
                    help="after saving, evaluate WikiText-2 perplexity on this many windows of --seqlen")
+    c.add_argument("--eval-tasks", default=None,
+                   help="after saving, zero-shot accuracy of the dense and compressed model on these lm-eval tasks "
+                        "(comma-separated, e.g. arc_easy,piqa; needs obdk[eval]), recorded in the report")
+    c.add_argument("--eval-limit", type=int, default=None, help="--eval-tasks: score the first N documents of each task")
     c.add_argument("--json", action="store_true")
     _add_data_dir(c)
 
-    e = sub.add_parser("eval", help="perplexity of a model or compressed directory")
+    e = sub.add_parser("eval", help="perplexity (and, with --tasks, zero-shot accuracy) of a model or compressed directory")
     e.add_argument("model")
-    e.add_argument("--dataset", default="wikitext2", help="NAME[:SPLIT] (wikitext2, c4) or a file path")
+    e.add_argument("--dataset", default=None,
+                   help="NAME[:SPLIT] (wikitext2, c4) or a file path (default wikitext2; with --tasks, perplexity "
+                        "runs only when --dataset is given)")
+    e.add_argument("--tasks", default=None,
+                   help="zero-shot accuracy through lm-evaluation-harness on these tasks, comma-separated "
+                        "(arc_easy,arc_challenge,piqa,hellaswag,winogrande: local data; any lm-eval task name)")
+    e.add_argument("--limit", type=int, default=None, help="--tasks: score the first N documents of each task")
+    e.add_argument("--num-fewshot", type=int, default=0, help="--tasks: examples in each prompt (default 0)")
     e.add_argument("--seqlen", type=int, default=512)
     e.add_argument("--windows", type=int, default=None, help="evaluate the first N windows (default all)")
     e.add_argument("--batch-size", type=int, default=1)
@@ -89,6 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--heatmap", default=None, help="write a layers × module-type rank heatmap PNG here")
     i.add_argument("--json", action="store_true")
 
+    pl = sub.add_parser("plan", help="memory and FLOPs a compression will need, from config.json alone")
+    pl.add_argument("model", help="a config.json, a directory holding one, or a preset: "
+                                  "llama-7b, llama-3-8b, llama-3-70b, qwen2.5-72b")
+    pl.add_argument("--method", default="obd")
+    pl.add_argument("--nsamples", type=int, default=32)
+    pl.add_argument("--seqlen", type=int, default=512)
+    pl.add_argument("--nproc", type=int, default=1, help="data-parallel ranks (torchrun --nproc-per-node)")
+    pl.add_argument("--calib-batch-size", type=int, default=1)
+    pl.add_argument("--dtype", default=None, help="model dtype (default the config's torch_dtype)")
+    pl.add_argument("--stats-dtype", default="float32", choices=["float32", "float64"])
+    pl.add_argument("--json", action="store_true")
+
     sub.add_parser("env", help="versions, extension status and op backends")
     return ap
 
@@ -101,73 +127,140 @@ def _load(spec: str, dtype, device):
     return load_model(spec, dtype=dtype, device=device)  # dtype names are parsed (and checked) there
 
 
+def _check_device(device: str) -> str:
+    """``--device`` validated before any work: a torch device string this build and machine can use."""
+    import torch
+
+    from .errors import ConfigError
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, …)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ConfigError(f"--device {device!r}: {why}; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif dev.type != "cpu":
+        raise ConfigError(f"--device {device!r}: obdk runs on cpu or cuda")
+    return device
+
+
+def _source_dirs(spec: str) -> list[str]:
+    """The local directory the model is read from (a file's folder), which ``--out`` must never replace."""
+    from .hub import resolve_model_path
+    try:
+        path = Path(resolve_model_path(spec))
+    except Exception:  # an unresolvable spec fails at load time with its own message
+        return []
+    if not path.exists():
+        return []
+    return [str(path if path.is_dir() else path.parent)]
+
+
+def _config_from_args(args):
+    from .config import DEFAULT_FLOOR, DEFAULT_RANK_MULTIPLE, LowRankConfig
+    from .errors import ConfigError
+    cfg = LowRankConfig(method=args.method, keep=args.keep[0], alloc=args.alloc, whitening=args.whitening,
+                        targets=args.targets, ignore=args.ignore,
+                        rank_multiple=DEFAULT_RANK_MULTIPLE if args.rank_multiple is None else args.rank_multiple,
+                        damping=args.damping, floor=DEFAULT_FLOOR if args.floor is None else args.floor,
+                        compute_dtype=args.compute_dtype, solver=args.solver, fisher=args.fisher,
+                        correct=args.correct, probes=args.probes, eps=args.eps, bsi_order=args.bsi_order)
+    if cfg.resolved_alloc == "zero-sum":
+        given = [f for f, v in (("--floor", args.floor), ("--rank-multiple", args.rank_multiple)) if v is not None]
+        if given:
+            raise ConfigError(f"{' and '.join(given)}: the zero-sum allocation (ZS-SVD) removes components one at a "
+                              f"time and uses neither; drop {'them' if len(given) > 1 else 'it'} or choose "
+                              f"another --alloc")
+    return cfg
+
+
 def cmd_compress(args) -> int:
     import torch
 
     import obdk
-    from .pipeline import StageTimer, _nparams, prepare
-    from .config import LowRankConfig
+    from .io import check_writable, update_report
+    from .pipeline import compress_many, prepare
+    from .report import StageTimer, count_params
 
-    cfg = LowRankConfig(method=args.method, keep=args.keep[0], alloc=args.alloc, whitening=args.whitening,
-                        targets=args.targets, ignore=args.ignore, rank_multiple=args.rank_multiple,
-                        damping=args.damping, floor=args.floor, compute_dtype=args.compute_dtype,
-                        solver=args.solver, fisher=args.fisher, correct=args.correct, probes=args.probes,
-                        eps=args.eps, bsi_order=args.bsi_order)
-    for k in args.keep:
-        LowRankConfig(method=args.method, keep=k)  # validates every --keep
+    cfg = _config_from_args(args)
+    variants = [{"keep": k} for k in args.keep]
+    outs = [Path(args.out if len(args.keep) == 1 else f"{args.out}-keep{k:g}") for k in args.keep]
+    _check_device(args.device)
+    sources = _source_dirs(args.model)
+    for out in outs:  # before any work: a refused output costs a second, not a compression
+        check_writable(out, overwrite=args.overwrite, source_dir=sources)
+    if args.eval_tasks:  # unknown task names fail before any work
+        from .zeroshot import check_tasks, zeroshot
+        check_tasks(args.eval_tasks, data_dir=args.data_dir)
     timer = StageTimer()
     with timer("load"):
         model, tok = _load(args.model, args.dtype, args.device)
-    before = _nparams(model)
+    before = count_params(model)
+    plan = prepare(model, cfg, args.calib, tokenizer=tok, nsamples=args.nsamples, seqlen=args.seqlen,
+                   seed=args.seed, data_dir=args.data_dir, timer=timer, calib_batch_size=args.calib_batch_size)
+    for v in variants:
+        plan.resolve(**v)  # every --keep validated before the first is applied
     dense_eval = None
     if args.eval_windows:  # the dense model on the same windows, for the measured loss increase
         from .eval import perplexity
         with torch.inference_mode():
             dense_eval = perplexity(model, tok, "wikitext2", seqlen=args.seqlen, windows=args.eval_windows,
                                     data_dir=args.data_dir)
-    plan = prepare(model, cfg, args.calib, tokenizer=tok, nsamples=args.nsamples, seqlen=args.seqlen,
-                   seed=args.seed, data_dir=args.data_dir, timer=timer, calib_batch_size=args.calib_batch_size)
-    results = []
-    base = None
-    if len(args.keep) > 1:
-        base = model
-    for idx, keep in enumerate(args.keep):
-        t0 = time.perf_counter()
-        m = copy.deepcopy(base) if base is not None else model
-        report = plan.apply(m, keep=keep, model_params_before=before)
-        out = Path(args.out if len(args.keep) == 1 else f"{args.out}-keep{keep:g}")
+    dense_zs = None
+    if args.eval_tasks:  # the dense model on the same documents
+        dense_zs = zeroshot(model, tok, args.eval_tasks, limit=args.eval_limit, data_dir=args.data_dir)
+    t_last = [time.perf_counter()]
+
+    def finish(m, report, variant) -> dict:
+        """Save one compressed copy, evaluate it, print its summary; returns its row."""
+        idx = variants.index(variant)
+        out, keep = outs[idx], variant["keep"]
         save_timer = StageTimer()
         with save_timer("save"):
-            obdk.save_pretrained(m, out, tokenizer=tok, report=report)
+            obdk.save_pretrained(m, out, tokenizer=tok, report=report, overwrite=args.overwrite,
+                                 source_dir=sources[0] if sources else None)
         report.stages.update(save_timer.to_dict())
-        marginal = time.perf_counter() - t0
         row = {"out": str(out), "keep": keep, "keep_actual": report.keep_actual,
                "targeted_params_before": report.targeted_params_before,
                "targeted_params_after": report.targeted_params_after,
                "model_params_before": report.model_params_before, "model_params_after": report.model_params_after,
                "predicted_loss": report.predicted_loss, "method": args.method,
-               "alloc": cfg.alloc or cfg.resolved_alloc, "stages": report.stages,
-               "seconds_this_ratio": marginal}
+               "alloc": report.config["alloc"], "stages": report.stages,
+               "coverage": {k: v for k, v in report.coverage.items() if k != "untargeted"}}
         if args.eval_windows:
             from .eval import perplexity
             with torch.inference_mode():
                 row["eval"] = perplexity(m, tok, "wikitext2", seqlen=args.seqlen, windows=args.eval_windows,
                                          data_dir=args.data_dir)
-            if dense_eval is not None:
-                report.record_measurement(dense_eval, row["eval"])
-                row["measured"] = report.measured
-        # rewrite the report with the save stage included
-        (out / "obdk_report.json").write_text(json.dumps({**report.to_dict(), "cli": row}, indent=2, default=str))
-        results.append(row)
+            report.record_measurement(dense_eval, row["eval"])
+            row["measured"] = report.measured
+        if args.eval_tasks:
+            row["zeroshot"] = zeroshot(m, tok, args.eval_tasks, limit=args.eval_limit, data_dir=args.data_dir)
+            report.record_zeroshot(dense_zs, row["zeroshot"])
+        row["seconds_this_ratio"] = time.perf_counter() - t_last[0]
+        t_last[0] = time.perf_counter()
+        update_report(out, {**report.to_dict(), "cli": row})  # with the save stage and the evaluation
         if not args.json:
-            print(f"[{idx + 1}/{len(args.keep)}] keep={keep:g} → {out}")
+            print(f"[{idx + 1}/{len(variants)}] keep={keep:g} → {out}")
             print("  " + report.summary().replace("\n", "\n  "))
             if idx > 0:
-                print(f"  marginal cost of this ratio: {marginal:.1f}s")
+                print(f"  marginal cost of this ratio: {row['seconds_this_ratio']:.1f}s")
             if "eval" in row:
                 print(f"  wikitext2 ppl ({row['eval']['windows']}×{args.seqlen}): {row['eval']['ppl']:.2f} "
                       f"(dense {dense_eval['ppl']:.2f}; loss increase measured {report.measured['loss_increase']:.3f} "
                       f"vs predicted {report.predicted_loss:.3f} nats)")
+            if "zeroshot" in row:
+                from .zeroshot import format_table
+                print("  " + format_table(row["zeroshot"], dense=dense_zs).replace("\n", "\n  "))
+        return row
+
+    if len(variants) == 1:  # one ratio: compress the loaded model itself, no copy
+        results = [finish(model, plan.apply(model, model_params_before=before, **variants[0]), variants[0])]
+    else:
+        results = compress_many(model, cfg, variants, plan=plan, on_result=finish)
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else {"results": results}, default=str))
     return 0
@@ -175,8 +268,15 @@ def cmd_compress(args) -> int:
 
 def cmd_eval(args) -> int:
     from .eval import perplexity
+    _check_device(args.device)
     model, tok = _load(args.model, args.dtype, args.device)
-    res = perplexity(model, tok, args.dataset, seqlen=args.seqlen, windows=args.windows,
+    if args.tasks:  # zero-shot accuracy through lm-eval; perplexity as well only when --dataset is given
+        from .zeroshot import cli_eval
+        res = cli_eval(args, model, tok)
+        if args.json:
+            print(json.dumps(res, default=str))
+        return 0
+    res = perplexity(model, tok, args.dataset or "wikitext2", seqlen=args.seqlen, windows=args.windows,
                      batch_size=args.batch_size, data_dir=args.data_dir, device=args.device)
     res["model"] = args.model
     if args.json:
@@ -189,12 +289,19 @@ def cmd_eval(args) -> int:
 
 def cmd_generate(args) -> int:
     import torch
-    if args.backend:
-        os.environ["OBDK_BACKEND"] = args.backend
+
+    from . import backends
+    _check_device(args.device)
+    if args.backend not in (None, "auto"):  # validated before the model loads
+        dtype = None
+        if args.dtype:
+            from .hub import _parse_dtype
+            dtype = _parse_dtype(args.dtype)
+        backends.select("lowrank_linear", args.device, dtype, backend=args.backend)
     model, tok = _load(args.model, args.dtype, args.device)
     enc = tok(args.prompt, return_tensors="pt").to(args.device)
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), backends.use(args.backend):
         out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False,
                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     dt = time.perf_counter() - t0
@@ -214,13 +321,22 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from .planner import format_plan, plan_run, read_model_config
+    res = plan_run(read_model_config(args.model), method=args.method, nsamples=args.nsamples, seqlen=args.seqlen,
+                   nproc=args.nproc, batch_size=args.calib_batch_size, stats_dtype=args.stats_dtype, dtype=args.dtype)
+    print(json.dumps(res) if args.json else format_plan(res))
+    return 0
+
+
 def cmd_env(args) -> int:
     from .env import format_report, report
     print(format_report(report()))
     return 0
 
 
-VERBS = {"compress": cmd_compress, "eval": cmd_eval, "generate": cmd_generate, "inspect": cmd_inspect, "env": cmd_env}
+VERBS = {"compress": cmd_compress, "eval": cmd_eval, "generate": cmd_generate, "inspect": cmd_inspect, "plan": cmd_plan,
+         "env": cmd_env}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,8 +346,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return VERBS[args.verb](args)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    except ObdkError as exc:  # the user's input or data: one line naming the culprit; a bug keeps its traceback
+        msg = " ".join(str(exc).split("\n")[0].split()) or type(exc).__name__
+        msg = re.sub(r"^LowRankConfig\.(\w+)=", lambda m: "--" + m.group(1).replace("_", "-") + " ", msg)
         print(f"obdk {args.verb}: error: {msg}", file=sys.stderr)
         return 2
 

@@ -93,6 +93,15 @@ class CompressionReport:
     allocation: dict = field(default_factory=dict)
     measured: dict = field(default_factory=dict)
     coverage: dict = field(default_factory=dict)
+    zeroshot: dict = field(default_factory=dict)
+
+    def record_zeroshot(self, dense: dict, compressed: dict) -> None:
+        """Store zero-shot accuracies: two :func:`obdk.zeroshot.zeroshot` results on the same tasks and documents
+        (``{task: {"acc", "acc_norm", "dense_acc", "dense_acc_norm", "acc_stderr", "acc_norm_stderr", "n", "split"}}``)."""
+        self.zeroshot = {t: {"acc": r["acc"], "acc_norm": r["acc_norm"], "dense_acc": dense.get(t, {}).get("acc"),
+                             "dense_acc_norm": dense.get(t, {}).get("acc_norm"), "acc_stderr": r["acc_stderr"],
+                             "acc_norm_stderr": r["acc_norm_stderr"], "n": r["n"], "split": r["split"]}
+                         for t, r in compressed.items()}
 
     def record_measurement(self, dense: dict, compressed: dict) -> None:
         """Store a measured loss increase (two :func:`obdk.eval.perplexity` results on the same windows)."""
