@@ -152,7 +152,7 @@ def _source_dirs(spec: str) -> list[str]:
     from .hub import resolve_model_path
     try:
         path = Path(resolve_model_path(spec))
-    except Exception:  # an unresolvable spec fails at load time with its own message
+    except (ObdkError, OSError, ValueError, KeyError):  # an unresolvable spec fails at load time, named there
         return []
     if not path.exists():
         return []
@@ -181,11 +181,15 @@ def cmd_compress(args) -> int:
     import torch
 
     import obdk
+    from .errors import ConfigError
     from .io import check_writable, update_report
     from .pipeline import compress_many, prepare
     from .report import StageTimer, count_params
 
     cfg = _config_from_args(args)
+    if len(set(args.keep)) != len(args.keep):
+        raise ConfigError(f"--keep {' '.join(f'{k:g}' for k in args.keep)}: a ratio is repeated (each writes one "
+                          f"DIR-keepK directory)")
     variants = [{"keep": k} for k in args.keep]
     outs = [Path(args.out if len(args.keep) == 1 else f"{args.out}-keep{k:g}") for k in args.keep]
     _check_device(args.device)
