@@ -215,6 +215,8 @@ def _capture(runner: nn.Module, layers: nn.ModuleList, norm: Optional[nn.Module]
     try:
         with torch.no_grad():
             res = runner(**kwargs)
+    except StreamingUnsupportedError as e:
+        return None, [], str(e).replace("calibrate_streamed: ", "")
     finally:
         for layer, (had, old) in zip(layers, saved):
             if had:
