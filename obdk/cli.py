@@ -273,6 +273,9 @@ def cmd_compress(args) -> int:
 def cmd_eval(args) -> int:
     from .eval import perplexity
     _check_device(args.device)
+    if args.tasks:  # unknown task names fail before the model loads
+        from .zeroshot import check_tasks
+        check_tasks(args.tasks, data_dir=args.data_dir)
     model, tok = _load(args.model, args.dtype, args.device)
     if args.tasks:  # zero-shot accuracy through lm-eval; perplexity as well only when --dataset is given
         from .zeroshot import cli_eval
