@@ -6,7 +6,8 @@
 * ``TORCH_CUDA_ARCH_LIST`` is honoured (default: the visible GPU, else ``9.0a``),
   ``MAX_JOBS`` is honoured (default: bounded by cores and by RAM at ~2 GiB a job).
 * ``OBDK_SKIP_EXT=1`` skips the extension; ``OBDK_SKIP_CUDA_BUILD=1`` skips CUDA;
-  ``DEBUG=1`` builds with ``-O0 -g``.
+  ``DEBUG=1`` builds with ``-O0 -g``; ``OBDK_PTXAS_VERBOSE=1`` adds ``-Xptxas -v`` (ptxas prints
+  each CUDA kernel's registers, stack frame, spills and shared memory; .ci/cuda_build.sh).
 
 Install with ``pip install --no-build-isolation -e .`` so the build uses the
 installed torch (torch is intentionally not in ``[build-system].requires``).
@@ -33,6 +34,20 @@ def _default_max_jobs() -> str:
     return str(max(1, min(cores, int(ram_gib // 2))))
 
 
+def _cxx_std(torch) -> str:
+    """The C++ standard torch's headers need: C++20 from torch 2.14 on (its all.h checks
+    ``__cplusplus >= 202002L``), else C++17. ``OBDK_CXX_STD`` (e.g. ``c++20``) overrides."""
+    if os.environ.get("OBDK_CXX_STD"):
+        return os.environ["OBDK_CXX_STD"]
+    header = os.path.join(os.path.dirname(torch.__file__), "include", "torch", "csrc", "api", "include",
+                          "torch", "all.h")
+    try:
+        with open(header, encoding="utf-8", errors="replace") as f:
+            return "c++20" if "202002L" in f.read() else "c++17"
+    except OSError:
+        return "c++17"
+
+
 def _extensions():
     if os.environ.get("OBDK_SKIP_EXT") == "1":
         _log("OBDK_SKIP_EXT=1: building no native extension")
@@ -48,7 +63,8 @@ def _extensions():
     os.environ.setdefault("MAX_JOBS", _default_max_jobs())
     debug = os.environ.get("DEBUG") == "1"
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++17"]
+    std = _cxx_std(torch)
+    cxx += [f"-std={std}"]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     with_cuda = (
         torch.version.cuda is not None
@@ -67,7 +83,9 @@ def _extensions():
         _log(f"building CUDA sources for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
         define_macros.append(("OBDK_WITH_CUDA", None))
-        nvcc = (["-O0", "-g", "-G"] if debug else ["-O3"]) + ["-std=c++17", "--use_fast_math", "-lineinfo"]
+        nvcc = (["-O0", "-g", "-G"] if debug else ["-O3"]) + [f"-std={std}", "--use_fast_math", "-lineinfo"]
+        if os.environ.get("OBDK_PTXAS_VERBOSE") == "1":
+            nvcc += ["-Xptxas", "-v"]
         ext = ce.CUDAExtension(
             "obdk._C", sources, define_macros=define_macros,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
