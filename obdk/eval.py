@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
+from .calibrate.head import window_nll
 from .errors import DataError, NonFiniteLossError  # noqa: F401
 from .calibrate.data import check_token_ids, load_text, sha256_text, tokenize_text
 
@@ -131,10 +131,7 @@ def perplexity(model: nn.Module, tokenizer: Any, dataset: Any = "wikitext2", *, 
                 batch = all_windows[b0:b0 + batch_size].to(dev)
                 out = model(input_ids=batch, use_cache=False)
                 logits = out.logits if hasattr(out, "logits") else out[0]  # [B, T, V]
-                v = logits.shape[-1]
-                loss = F.cross_entropy(logits[:, :-1].reshape(-1, v).float(), batch[:, 1:].reshape(-1),
-                                       reduction="none").view(batch.shape[0], seqlen - 1).mean(dim=1)
-                loss = loss.double().cpu()
+                loss = window_nll(logits, batch).double().cpu()
                 bad = (~torch.isfinite(loss)).nonzero()
                 if bad.numel():
                     i = b0 + int(bad[0, 0])

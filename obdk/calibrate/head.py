@@ -24,7 +24,7 @@ from ..errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 __all__ = ["plain_head", "trunk", "head_backward", "loss_backward", "forward_kwargs", "label_positions",
-           "next_token_loss", "summed_weight_grads", "window_generator", "accepts_position_ids"]
+           "next_token_loss", "window_nll", "summed_weight_grads", "window_generator", "accepts_position_ids"]
 
 
 # Model types whose ``*ForCausalLM.forward`` computes ``logits = lm_head(base_model(...)[0])`` with
@@ -214,6 +214,17 @@ def next_token_loss(logits: Tensor, input_ids: Tensor, attention_mask: Optional[
         labels = labels.masked_fill(~valid, -100)
     lg = logits[:, :-1].float()
     return F.cross_entropy(lg.reshape(-1, lg.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
+
+
+def window_nll(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """Mean next-token cross entropy of each window, as perplexity scores it.
+
+    ``logits`` [B, T, V], ``input_ids`` [B, T] (unpadded windows) → [B] fp32: position ``t``
+    predicts token ``t+1``; the loss is computed on fp32 logits.
+    """
+    B, T, V = logits.shape
+    return F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), input_ids[:, 1:].reshape(-1),
+                           reduction="none").view(B, T - 1).mean(dim=1)
 
 
 def summed_weight_grads(model: nn.Module, input_ids: Tensor, names: Sequence[str],
