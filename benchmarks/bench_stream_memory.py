@@ -1,0 +1,242 @@
+"""Memory of the layer-streamed calibration (``obdk.calibrate.stream``) against the resident pass.
+
+Every variant runs in its own subprocess (``--child``); this process reads the child's peak RSS from
+outside (``os.wait4`` → ``ru_maxrss``) and the child reports what it measured inside: the peak bytes of
+live statistics accumulators (resident: every accumulator is allocated before the first window and held to
+the end, so the peak is their total, checked against ``stats_nbytes``; streamed: ``info["peak_stats_bytes"]``,
+counted as each layer's accumulators are allocated and handed off), wall time, the boundary-activation
+bytes, and per-tensor norms of the statistics (a cheap cross-check of the variants; SmolLM2's statistics
+are also saved and compared tensor by tensor).
+
+Suites:
+
+* ``llama7b-shape``: a random Llama-7B-*shaped* model (hidden 4096, ffn 11008, 32 MHA heads, bf16) with
+  ``--layers`` decoder layers (default 2 and 4) and a 512-token vocabulary (the head costs nothing), on
+  ``--windows`` × ``--seqlen`` random tokens (default 2 × 64), ``cx+cg``: ``resident``, ``streamed``
+  (keeps every layer, returns the full ``Statistics``) and ``streamed-handoff`` (``on_layer`` takes each
+  finished layer and drops it, as a decompose-and-free pipeline would).
+* ``smollm2``: SmolLM2-135M (``obdk.hub.load_model("smollm2-135m")``) on WikiText-2 validation windows
+  (``OBDK_DATA_DIR``, default ``/work/shared/data``), ``--smol-nsamples`` × ``--smol-seqlen`` (32 × 512),
+  ``cx+cg``: ``resident`` and ``streamed``, with the max relative difference of every statistic.
+
+``python -m benchmarks.bench_stream_memory [--suites llama7b-shape smollm2]``; rows append to
+``benchmarks/results/stream_memory.csv``. Run it alone on the machine (it is a memory measurement).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .core.env import RESULTS, env_fields
+from .core.rows import print_table, write_csv
+
+OUT = RESULTS / "stream_memory.csv"
+_TAG = "OBDK_BENCH_RESULT "
+
+
+# =========================================================================== child
+
+
+def _norms(st) -> dict:
+    """Frobenius norm of every statistic (fp32: no fp64 copy of a GiB-sized matrix inflates the peak RSS)."""
+    return {f"{kind}/{k}": float(v.norm()) for kind in ("cx", "cg", "grad") for k, v in getattr(st, kind).items()}
+
+
+def _vmhwm_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def child(args) -> None:
+    import torch
+
+    from obdk.calibrate.memory import stats_nbytes
+    from obdk.calibrate.stats import calibrate
+    from obdk.calibrate.stream import calibrate_streamed
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    stats = ("cx", "cg")
+    t0 = time.perf_counter()
+    if args.model == "llama7b-shape":
+        from .core.data import random_windows
+        from .core.models import random_llama
+        model = random_llama(hidden=4096, inter=11008, layers=args.layers, heads=32, vocab=512, dtype=torch.bfloat16)
+        data = random_windows(512, args.windows, args.seqlen, seed=0)
+    else:
+        from obdk.calibrate.data import get_calibration_windows
+        from obdk.hub import load_model
+        model, tok = load_model("smollm2-135m")
+        model.eval()
+        data = get_calibration_windows("wikitext2:validation", tok, nsamples=args.windows, seqlen=args.seqlen,
+                                       seed=0, data_dir=args.data_dir)
+    load_s = time.perf_counter() - t0
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    total_stats = stats_nbytes(model, stats)
+    info: dict = {}
+    handed: list[int] = []
+    norms: dict = {}
+    rss_before = _vmhwm_mib()
+    t0 = time.perf_counter()
+    if args.variant == "resident":
+        st = calibrate(model, data, stats=stats, progress=False)
+        peak_stats = st.nbytes()  # allocated before the first window, held to the end
+        if peak_stats != total_stats:
+            raise SystemExit(f"resident accumulators {peak_stats} != stats_nbytes {total_stats}")
+    elif args.variant == "streamed":
+        st = calibrate_streamed(model, data, stats=stats, progress=False, info=info)
+        peak_stats = info["peak_stats_bytes"]
+    elif args.variant == "streamed-handoff":
+        in_take = [0.0]
+
+        def take(i, part):  # a decompose-and-free pipeline would factorise here; we only record and drop
+            t = time.perf_counter()
+            handed.append(part.nbytes())
+            norms.update(_norms(part))
+            in_take[0] += time.perf_counter() - t
+        st = calibrate_streamed(model, data, stats=stats, progress=False, info=info, on_layer=take)
+        peak_stats = info["peak_stats_bytes"]
+    else:
+        raise SystemExit(f"unknown variant {args.variant}")
+    calib_s = time.perf_counter() - t0
+    if args.variant == "streamed-handoff":
+        calib_s -= in_take[0]  # the callback's own norms are not calibration time
+    else:
+        norms = _norms(st)
+    if args.save:
+        st.save(args.save)
+    res = {"calib_seconds": calib_s, "load_seconds": load_s, "peak_stats_bytes": peak_stats,
+           "total_stats_bytes": total_stats, "max_layer_stats_bytes": max(handed) if handed else "",
+           "weights_bytes": weights, "boundary_host_bytes": info.get("peak_host_bytes", ""),
+           "forward_sweep_s": info.get("seconds", {}).get("forward sweep", ""),
+           "backward_sweep_s": info.get("seconds", {}).get("backward sweep", ""),
+           "vmhwm_before_calib_mib": rss_before, "vmhwm_mib_inside": _vmhwm_mib(),
+           "tokens": st.tokens, "loss_tokens": st.loss_tokens, "norms": norms}
+    print(_TAG + json.dumps(res), flush=True)
+
+
+# =========================================================================== parent
+
+
+def run_child(argv: list[str], log_path: Path) -> tuple[dict, float]:
+    """Run one variant; ``(its result, its peak RSS in MiB read by the parent from ru_maxrss)``."""
+    with log_path.open("a") as log:
+        log.write(f"\n$ {' '.join(argv)}\n")
+        log.flush()
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True)
+        out = p.stdout.read()
+        _, status, ru = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        log.write(out)
+    if p.returncode != 0:
+        raise SystemExit(f"child failed ({p.returncode}): {' '.join(argv)}; see {log_path}")
+    line = [ln for ln in out.splitlines() if ln.startswith(_TAG)][-1]
+    return json.loads(line[len(_TAG):]), ru.ru_maxrss / 1024  # Linux: KiB
+
+
+def norm_rel(a: dict, b: dict) -> float:
+    if set(a) != set(b):
+        return float("inf")
+    return max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-300) for k in b) if b else 0.0
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--suites", nargs="+", default=["llama7b-shape", "smollm2"], choices=["llama7b-shape", "smollm2"])
+    ap.add_argument("--layers", nargs="+", type=int, default=[2, 4])
+    ap.add_argument("--variants", nargs="+", default=["resident", "streamed", "streamed-handoff"])
+    ap.add_argument("--windows", type=int, default=2)
+    ap.add_argument("--seqlen", type=int, default=64)
+    ap.add_argument("--smol-nsamples", type=int, default=32)
+    ap.add_argument("--smol-seqlen", type=int, default=512)
+    ap.add_argument("--data-dir", default=os.environ.get("OBDK_DATA_DIR", "/work/shared/data"))
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--log", default=str(RESULTS / "stream_memory.log"))
+    # child mode
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--save", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-layers", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        args.layers = args.child_layers
+        child(args)
+        return
+
+    log_path = Path(args.log)
+    base = [sys.executable, "-m", "benchmarks.bench_stream_memory", "--child", "--data-dir", args.data_dir]
+    if args.threads:
+        base += ["--threads", str(args.threads)]
+    rows = []
+    env = env_fields("cpu")
+
+    def row(model, layers, variant, windows, seqlen, res, rss, **extra):
+        r = {"model": model, "layers": layers, "variant": variant, "stats": "cx+cg", "windows": windows,
+             "seqlen": seqlen, "calib_s": round(res["calib_seconds"], 2),
+             "forward_sweep_s": _r(res["forward_sweep_s"]), "backward_sweep_s": _r(res["backward_sweep_s"]),
+             "peak_stats_gib": round(res["peak_stats_bytes"] / 2**30, 4),
+             "total_stats_gib": round(res["total_stats_bytes"] / 2**30, 4),
+             "max_layer_stats_gib": _r(res["max_layer_stats_bytes"], 2**30),
+             "boundary_host_gib": _r(res["boundary_host_bytes"], 2**30),
+             "weights_gib": round(res["weights_bytes"] / 2**30, 4), "peak_rss_mib": round(rss, 1),
+             "rss_before_calib_mib": round(res["vmhwm_before_calib_mib"], 1), **extra, **env}
+        rows.append(r)
+        write_csv([r], args.out)
+        print_table([r], ["model", "layers", "variant", "calib_s", "peak_stats_gib", "peak_rss_mib",
+                          "rss_before_calib_mib"])
+        return r
+
+    if "llama7b-shape" in args.suites:
+        for L in args.layers:
+            ref = None
+            for v in args.variants:
+                res, rss = run_child(base + ["--model", "llama7b-shape", "--child-layers", str(L), "--variant", v,
+                                             "--windows", str(args.windows), "--seqlen", str(args.seqlen)], log_path)
+                if v == "resident":
+                    ref = res["norms"]
+                extra = {"norm_max_rel_diff_vs_resident": norm_rel(res["norms"], ref) if ref is not None else ""}
+                row("llama7b-shape", L, v, args.windows, args.seqlen, res, rss, **extra)
+    if "smollm2" in args.suites:
+        with tempfile.TemporaryDirectory(prefix="obdk-bench-stream-") as tmp:
+            saved = {}
+            for v in ("resident", "streamed"):
+                saved[v] = os.path.join(tmp, v)
+                res, rss = run_child(base + ["--model", "smollm2-135m", "--variant", v, "--windows",
+                                             str(args.smol_nsamples), "--seqlen", str(args.smol_seqlen),
+                                             "--save", saved[v]], log_path)
+                extra = {}
+                if v == "streamed":
+                    extra["stats_max_rel_diff_vs_resident"] = _compare(saved["resident"], saved["streamed"])
+                row("smollm2-135m", 30, v, args.smol_nsamples, args.smol_seqlen, res, rss, **extra)
+    print(f"rows appended to {args.out}; child logs in {log_path}")
+
+
+def _r(v, div=1.0):
+    return round(v / div, 4) if isinstance(v, (int, float)) else ""
+
+
+def _compare(a_dir: str, b_dir: str) -> float:
+    """Max over statistics of ``‖a − b‖_F / ‖a‖_F`` (keys and normalisers must match)."""
+    from obdk.calibrate.statistics import Statistics
+    a, b = Statistics.load(a_dir), Statistics.load(b_dir)
+    if (a.tokens, a.loss_tokens, list(a.cx), list(a.cg)) != (b.tokens, b.loss_tokens, list(b.cx), list(b.cg)):
+        return float("inf")
+    worst = 0.0
+    for kind in ("cx", "cg"):
+        for k, v in getattr(a, kind).items():
+            w = getattr(b, kind)[k]
+            worst = max(worst, float((v.double() - w.double()).norm() / v.double().norm().clamp_min(1e-300)))
+    return worst
+
+
+if __name__ == "__main__":
+    main()
