@@ -206,10 +206,13 @@ _DOWN_CONFIGS = [
     _cfg(BLOCK_R=128, BLOCK_K=64, SPLIT_K=512, num_warps=8, num_stages=4),
     _cfg(BLOCK_R=32, BLOCK_K=128, SPLIT_K=128, num_stages=2),
 ]
+# sm_90a resources of every config: benchmarks/results/triton_sm90_resources.csv (python -m
+# benchmarks.triton_sm90_resources). No BLOCK_K=256 tile: with B upcast for the tf32x3 dot they
+# spilled at 16-bit, 4 or 8 warps alike (16x16x256: 712-840 B of stack, 16x32x256: 192-272 B;
+# triton 3.9); 16x64x128 runs with 8 warps (with 4 it spilled 24 B).
 _EXPAND_DECODE_CONFIGS = [
     _cfg(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1, num_warps=w, num_stages=s)
-    for bn, bk, w, s in [(16, 128, 4, 4), (16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3),
-                         (64, 128, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3)]
+    for bn, bk, w, s in [(16, 128, 4, 4), (32, 128, 4, 4), (64, 128, 8, 3), (64, 64, 4, 4), (128, 64, 8, 3)]
 ]
 _PREFILL_CONFIGS = [
     _cfg(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)
@@ -226,12 +229,57 @@ _INTERP_PREFILL = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=4)
 assert min(c.kwargs["SPLIT_K"] for c in _DOWN_CONFIGS) >= _MIN_SPLIT_K and _INTERP_DOWN["SPLIT_K"] >= _MIN_SPLIT_K
 assert min(c.kwargs["BLOCK_R"] for c in _DOWN_CONFIGS) >= _MIN_BLOCK_R
 
+# Configs of _nt_kernel that spill registers on sm_90a in one kind of call (the resource table
+# benchmarks/results/triton_sm90_resources.csv, triton 3.6 and 3.9): the autotuner never tries them
+# there (early_config_prune). Keys (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). "fp32": ieee
+# FMA dots, whose fp32 operands and accumulator tile live in registers; "grouped": G > 1, whose B
+# offsets and row strides come from META at run time, so its loads are not vectorised and take more
+# registers (16-bit; "fp32-grouped" both); "16bit-unaligned": G = 1 with K or a row stride not a
+# multiple of 16 (a rank that is a multiple of 8 only). Aligned 16-bit calls spill in no config.
+_SPILLING = {
+    "16bit-unaligned": {(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                        (128, 128, 32, 4, 4)},
+    "fp32": {(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+             (64, 64, 64, 4, 4), (128, 128, 32, 4, 4), (16, 64, 64, 4, 4)},
+    "grouped": {(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+                (64, 128, 64, 4, 4), (128, 128, 32, 4, 4), (16, 16, 128, 4, 4), (16, 64, 128, 8, 3)},
+    "fp32-grouped": {(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+                     (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 4, 4)},
+}
+
+
+def _config_key(c) -> tuple:
+    k = c.kwargs
+    return (k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], c.num_warps, c.num_stages)
+
+
+def _call_kind(G: int = 1, PREC: str = "tf32", aligned: bool = True, **_) -> str:
+    fp32 = PREC == "ieee"
+    if G > 1:
+        return "fp32-grouped" if fp32 else "grouped"
+    return "fp32" if fp32 else ("16bit" if aligned else "16bit-unaligned")
+
+
+def _aligned(named_args) -> bool:
+    """Whether the JIT sees K and the row strides as multiples of 16 (vectorised loads)."""
+    return all(int((named_args or {}).get(k, 0)) % 16 == 0 for k in ("K", "stride_am", "stride_bn", "stride_cm"))
+
+
+def _prune_spilling(configs, named_args=None, **kwargs):
+    """The configs of ``configs`` that do not spill for this call's kind (at least one is kept)."""
+    bad = _SPILLING.get(_call_kind(aligned=_aligned(named_args), **kwargs), set())
+    return [c for c in configs if _config_key(c) not in bad] or list(configs[:1])
+
+
 if _INTERPRET:
     _down = _nt_decode = _nt_prefill = None
 else:
+    _prune = {"early_config_prune": _prune_spilling}
     _down = triton.autotune(_DOWN_CONFIGS, key=["N_IN", "R", "PREC", "UPCAST"])(_down_splitn_kernel)
-    _nt_decode = triton.autotune(_EXPAND_DECODE_CONFIGS, key=["N", "K", "G", "PREC", "UPCAST_A", "UPCAST_B"])(_nt_kernel)
-    _nt_prefill = triton.autotune(_PREFILL_CONFIGS, key=["M_BUCKET", "N", "K", "G", "PREC", "UPCAST_A", "UPCAST_B"])(_nt_kernel)
+    _nt_decode = triton.autotune(_EXPAND_DECODE_CONFIGS, key=["N", "K", "G", "PREC", "UPCAST_A", "UPCAST_B"],
+                                 prune_configs_by=_prune)(_nt_kernel)
+    _nt_prefill = triton.autotune(_PREFILL_CONFIGS, key=["M_BUCKET", "N", "K", "G", "PREC", "UPCAST_A", "UPCAST_B"],
+                                  prune_configs_by=_prune)(_nt_kernel)
 
 
 # --------------------------------------------------------------------------- workspace
