@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 OBDK_DATA_DIR ?= $(abspath ../shared/data)
 export OBDK_DATA_DIR
 
-.PHONY: install test demo bench nvcc-check clean
+.PHONY: install test demo bench nvcc-check clean cuda-build triton36-venv sm90-resources gpu-suite gpu-suite-dry
 
 install:
 	$(PIP) install -q "$(TORCH_SPEC)"
@@ -23,6 +23,30 @@ demo: install
 
 nvcc-check:
 	bash .ci/nvcc_check.sh
+
+# The CUDA build of obdk._C against a CUDA torch (torch==2.14.1, CUDA 13.0) in its own venv
+# (../venvs/torch-cuda), built into build/cuda (the main CPU build is untouched), imported, its
+# CUDA kernels checked registered; ptxas -v lines into benchmarks/results/triton_sm90_resources.csv.
+# About 10 min here (2 cores): not part of `make test` (benchmarks/README.md).
+cuda-build:
+	bash .ci/cuda_build.sh
+
+# Triton 3.6 (the H200 image's) in its own venv (../venvs/triton36, ~40 s), for the sm_90a compile check.
+triton36-venv:
+	bash .ci/triton36_venv.sh
+
+# Every Triton kernel/config/variant compiled for sm_90a with this triton and with triton 3.6:
+# the table benchmarks/results/triton_sm90_resources.csv (about 10 min each on 2 cores).
+sm90-resources: triton36-venv
+	$(PYTHON) -m benchmarks.triton_sm90_resources
+	$$(bash .ci/triton36_venv.sh) -m benchmarks.triton_sm90_resources
+
+# The prepared H200 run (8 min budget; CSVs to $$OUT), and its CPU dry run (tiny sizes).
+gpu-suite:
+	bash benchmarks/gpu_suite.sh
+
+gpu-suite-dry:
+	bash benchmarks/gpu_suite.sh --dry-run
 
 clean:
 	rm -rf build *.egg-info obdk/_C*.so
