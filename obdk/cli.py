@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seqlen", type=int, default=512)
     c.add_argument("--calib-batch-size", type=int, default=1,
                    help="calibration windows per forward/backward pass (more: faster, more memory)")
+    c.add_argument("--stream", action="store_true",
+                   help="calibrate one decoder layer at a time (the same statistics, one layer's statistics resident)")
+    c.add_argument("--scratch-dir", default=None,
+                   help="--stream: directory for the memory-mapped boundary activations beyond --max-host-memory")
+    c.add_argument("--max-host-memory", type=int, default=None, metavar="BYTES",
+                   help="--stream: host bytes for boundary activations before they spill to --scratch-dir")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--rank-multiple", type=int, default=None, help="ranks rounded to a multiple of this (default 8)")
     c.add_argument("--damping", type=float, default=0.01)
@@ -187,6 +193,10 @@ def cmd_compress(args) -> int:
     from .report import StageTimer, count_params
 
     cfg = _config_from_args(args)
+    if not args.stream and (args.scratch_dir is not None or args.max_host_memory is not None):
+        raise ConfigError("--scratch-dir/--max-host-memory: they apply to the streamed calibration; add --stream")
+    if args.max_host_memory is not None and args.max_host_memory < 0:
+        raise ConfigError(f"--max-host-memory {args.max_host_memory}: must be a byte count ≥ 0")
     if len(set(args.keep)) != len(args.keep):
         raise ConfigError(f"--keep {' '.join(f'{k:g}' for k in args.keep)}: a ratio is repeated (each writes one "
                           f"DIR-keepK directory)")
@@ -204,7 +214,8 @@ def cmd_compress(args) -> int:
         model, tok = _load(args.model, args.dtype, args.device)
     before = count_params(model)
     plan = prepare(model, cfg, args.calib, tokenizer=tok, nsamples=args.nsamples, seqlen=args.seqlen,
-                   seed=args.seed, data_dir=args.data_dir, timer=timer, calib_batch_size=args.calib_batch_size)
+                   seed=args.seed, data_dir=args.data_dir, timer=timer, calib_batch_size=args.calib_batch_size,
+                   stream=args.stream, scratch_dir=args.scratch_dir, max_host_memory=args.max_host_memory)
     for v in variants:
         plan.resolve(**v)  # every --keep validated before the first is applied
     dense_eval = None

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from .config import APPLY_FIELDS, DEFAULT_FLOOR, DEFAULT_RANK_MULTIPLE, LowRankConfig
+from .decompose.whitened import spectrum_as_svd
 from .errors import ConfigError, NotCollectedError
 from .models import Target, check_context, coverage, select_targets, set_module
 from .nn import LowRankLinear
@@ -27,13 +28,7 @@ from .report import CompressionReport, ModuleReport, Stage, StageTimer, count_pa
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Plan", "prepare", "compress", "compress_many", "spectrum_as_svd"]
-
-
-def spectrum_as_svd(spec):
-    """:func:`obdk.decompose.whitened.spectrum_as_svd` (kept here, where callers found it)."""
-    from .decompose.whitened import spectrum_as_svd as f
-    return f(spec)
+__all__ = ["Plan", "prepare", "compress", "compress_many"]
 
 
 @dataclass
@@ -48,6 +43,9 @@ class Plan:
     * ``data``: the calibration windows (``input_ids`` [N, T], ``attention_mask``), kept for the
       corrections and the gradient scores; None when the plan needs none.
     * ``timer``: the stages of :func:`prepare`; ``coverage``: :func:`obdk.models.coverage`.
+    * ``stats_kept``: False when a streamed :func:`prepare` decomposed each layer during its sweep
+      and dropped its statistics (then corrections that read ``C_x``/``C_g`` and zero-sum cannot be
+      applied from this plan).
     """
     config: LowRankConfig
     targets: list[Target]
@@ -58,6 +56,7 @@ class Plan:
     data: Any = None
     coverage: dict = field(default_factory=dict)
     progress: bool = True
+    stats_kept: bool = True
     _scores: dict = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ configuration
@@ -80,6 +79,10 @@ class Plan:
             raise ConfigError(f"Plan.apply: {', '.join(fixed)} fixed by prepare() (the statistics and spectra depend "
                               f"on it); call obdk.prepare again with it")
         cfg = self.config.replace(**changes) if changes else self.config
+        if not self.stats_kept and (cfg.resolved_alloc == "zero-sum" or cfg.resolved_correct not in (None, "zs")):
+            raise ConfigError(f"Plan.apply: alloc={cfg.resolved_alloc!r} correct={cfg.resolved_correct!r} reads the "
+                              f"calibration statistics, which this streamed plan dropped layer by layer; prepare "
+                              f"it with that alloc/correct (the statistics are then kept), or without stream")
         if cfg.resolved_correct is not None and self.data is None:
             raise ConfigError(f"Plan.apply: correct={cfg.resolved_correct!r} runs the model on the calibration "
                               f"windows, and this plan has none (prepare it with calibration=...)")
@@ -251,7 +254,8 @@ def _calibration_windows(calibration, tokenizer, nsamples, seqlen, seed, data_di
 def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibration: Any = None, *,
             tokenizer=None, nsamples: int = 32, seqlen: int = 512, seed: int = 0, data_dir=None,
             stats=None, device=None, progress: bool = True, timer: Optional[StageTimer] = None,
-            batch: Optional[int] = None, workers: Optional[int] = None, calib_batch_size: int = 1) -> Plan:
+            batch: Optional[int] = None, workers: Optional[int] = None, calib_batch_size: int = 1,
+            stream: bool = False, scratch_dir=None, max_host_memory: Optional[int] = None) -> Plan:
     """Calibrate ``model`` once and decompose every target fully (see :class:`Plan`).
 
     ``calibration``: a ``CalibrationData``, a dataset name (``wikitext2:validation``),
@@ -261,7 +265,10 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
     ``batch``, ``workers``: where and how the decompositions run
     (:func:`obdk.decompose.schedule.decompose_targets`). ``calib_batch_size``: calibration
     windows per forward (and backward) pass; more run faster where memory allows and give the
-    same statistics up to rounding.
+    same statistics up to rounding. ``stream``: calibrate one decoder layer at a time
+    (:func:`obdk.calibrate.stream.calibrate_streamed`: the same statistics, one layer's statistics
+    resident; boundary activations on host memory up to ``max_host_memory`` bytes, beyond that
+    memory-mapped in ``scratch_dir``).
     """
     from .decompose.schedule import decompose_targets
     config = config or LowRankConfig()
@@ -276,18 +283,50 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
         check_context(model, calibration.shape[1] if isinstance(calibration, torch.Tensor) and calibration.dim() == 2
                       else seqlen, "seqlen")
         data = _calibration_windows(calibration, tokenizer, nsamples, seqlen, seed, data_dir, config)
+    spectra: Optional[dict] = None
+    phases: dict[str, float] = {}
+    kept = True
     if need and stats is None:
         with timer("calibration"):
-            from .calibrate.stats import calibrate
-            stats = calibrate(model, data, stats=need, fisher=config.fisher, seed=seed, progress=progress,
-                              batch_size=calib_batch_size)
-    with timer("factorisation"):
-        spectra, phases = decompose_targets(model, targets, stats, config, device=device, batch=batch,
-                                            workers=workers, progress=progress)
+            if stream:
+                from .calibrate.stream import calibrate_streamed
+                # the statistics are needed after the decompositions only by the corrections that read C_x/C_g
+                # and by zero-sum's gradients: otherwise each layer is decomposed as soon as its sweep is done
+                # and its statistics dropped, so one layer's statistics are resident at a time
+                kept = config.resolved_alloc == "zero-sum" or config.resolved_correct not in (None, "zs")
+                by_name = {t.name: t for t in targets}
+                done: dict = {}
+
+                def decompose_layer(i, part):
+                    sub = [by_name[n] for n in part.modules if n in by_name]
+                    if sub:
+                        sp, ph = decompose_targets(model, sub, part, config, device=device, batch=batch,
+                                                   workers=workers, progress=False)
+                        done.update(sp)
+                        for k, v in ph.items():
+                            phases[k] = phases.get(k, 0.0) + v
+                stats = calibrate_streamed(model, data, stats=need, fisher=config.fisher, seed=seed, progress=progress,
+                                           batch_size=calib_batch_size, scratch_dir=scratch_dir,
+                                           max_host_memory=max_host_memory,
+                                           on_layer=None if kept else decompose_layer)
+                if not kept:
+                    spectra = done
+            else:
+                from .calibrate.stats import calibrate
+                stats = calibrate(model, data, stats=need, fisher=config.fisher, seed=seed, progress=progress,
+                                  batch_size=calib_batch_size)
+    if spectra is None:
+        with timer("factorisation"):
+            spectra, phases = decompose_targets(model, targets, stats, config, device=device, batch=batch,
+                                                workers=workers, progress=progress)
+    else:  # decomposed inside the streamed sweep: the stage's time is part of the calibration's
+        spectra = {t.name: spectra[t.name] for t in targets}
+        timer.stages["factorisation"] = Stage(seconds=sum(phases.values()),
+                                              peak_rss_mib=timer.stages["calibration"].peak_rss_mib)
     for ph, sec in phases.items():  # summed over problems (workers overlap): not added to the total
         timer.stages[f"factorisation/{ph}"] = Stage(seconds=sec, peak_rss_mib=timer.stages["factorisation"].peak_rss_mib)
     plan = Plan(config, targets, spectra, stats, getattr(stats, "fingerprint", None), timer, data=data,
-                coverage=coverage(model, targets), progress=progress)
+                coverage=coverage(model, targets), progress=progress, stats_kept=kept)
     if config.resolved_alloc in ("zero-sum", "bsi"):
         plan.scores(config.resolved_alloc, model)
     return plan
@@ -295,7 +334,8 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
 
 def compress(model: nn.Module, config: Optional[LowRankConfig] = None, calibration: Any = None, *,
              tokenizer=None, nsamples: int = 32, seqlen: int = 512, seed: int = 0, data_dir=None,
-             stats=None, device=None, progress: bool = True, calib_batch_size: int = 1) -> CompressionReport:
+             stats=None, device=None, progress: bool = True, calib_batch_size: int = 1, stream: bool = False,
+             scratch_dir=None, max_host_memory: Optional[int] = None) -> CompressionReport:
     """Compress ``model`` in place; return a :class:`CompressionReport`.
 
     Each targeted Linear (default: every ``nn.Linear`` in the decoder layers) becomes a
@@ -306,7 +346,8 @@ def compress(model: nn.Module, config: Optional[LowRankConfig] = None, calibrati
     before = count_params(model)
     plan = prepare(model, config, calibration, tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
                    data_dir=data_dir, stats=stats, device=device, progress=progress,
-                   calib_batch_size=calib_batch_size)
+                   calib_batch_size=calib_batch_size, stream=stream, scratch_dir=scratch_dir,
+                   max_host_memory=max_host_memory)
     return plan.apply(model, model_params_before=before)
 
 

@@ -33,6 +33,8 @@ def _one_line_error(code, err, *needles):
     (["--rank-multiple", "0"], ["--rank-multiple 0"]),
     (["--alloc", "zero-sum", "--floor", "0.3"], ["--floor", "zero-sum"]),
     (["--method", "nope"], ["--method 'nope'"]),
+    (["--scratch-dir", "/tmp"], ["--stream"]),
+    (["--keep", "0.8", "0.8"], ["repeated"]),
 ])
 def test_compress_flag_errors_exit_2_before_loading(tiny_model_dir, tmp_path, capsys, extra, needles):
     t0 = time.perf_counter()

@@ -241,3 +241,28 @@ def test_unsupported_models_are_refused_not_approximated():
         calibrate_streamed(model, ids, groups=[LinearGroup(0, ("lm_head",))], progress=False)
     with pytest.raises(ValueError, match="max_host_memory"):
         calibrate_streamed(model, ids, max_host_memory=-1, progress=False)
+
+
+def test_prepare_stream_decomposes_each_layer_and_drops_its_statistics():
+    """prepare(stream=True) without a statistics-reading correction: each layer decomposed during the sweep
+    (spectra equal the resident plan's), no statistics kept, and a later C_x/C_g correction refused by name."""
+    import obdk
+    from obdk.config import LowRankConfig
+    from obdk.errors import ConfigError
+    from obdk.testing import make_tiny_llama
+    model = make_tiny_llama(layers=3).double()
+    ids = torch.randint(0, 128, (4, 20), generator=torch.Generator().manual_seed(5))
+    cfg = LowRankConfig(method="obd", keep=0.7, rank_multiple=4, correct="none")
+    ref = obdk.prepare(model, cfg, ids, progress=False)
+    plan = obdk.prepare(model, cfg, ids, progress=False, stream=True)
+    assert not plan.stats_kept and not plan.stats.cx and not plan.stats.cg
+    assert set(plan.spectra) == set(ref.spectra)
+    for n, sp in ref.spectra.items():
+        torch.testing.assert_close(plan.spectra[n].eigenvalues, sp.eigenvalues, rtol=1e-10, atol=0)
+    r1 = ref.apply(make_tiny_llama(layers=3).double())
+    r2 = plan.apply(make_tiny_llama(layers=3).double())
+    assert [m.rank for m in r1.modules] == [m.rank for m in r2.modules]
+    with pytest.raises(ConfigError, match="dropped"):
+        plan.apply(make_tiny_llama(layers=3).double(), correct="kfac")
+    kept = obdk.prepare(model, LowRankConfig(method="obd", keep=0.7, rank_multiple=4), ids, progress=False, stream=True)
+    assert kept.stats_kept and kept.stats.cg  # zs+kfac reads C_x and C_g: kept
