@@ -168,11 +168,8 @@ def calibrate(model: nn.Module, data: Any, *, stats: Sequence[str] = ("cx", "cg"
     rank, world = dist.world()
     seed_used = int(seed) if (fisher == "true" and backward) else None
 
-    data_fp = data_fingerprint(ids, mask, src)
-    model_fp = model_fingerprint(model, list(linears))
-    fingerprint = {"data": data_fp, "model": model_fp["hash"], "model_name": model_fp["name_or_path"],
-                   "stats": sorted(want), "dtype": str(dtype).replace("torch.", ""), "fisher": fisher,
-                   "seed": seed_used}
+    fingerprint, data_fp, model_fp = calibration_fingerprint(model, linears, ids, mask, src, want=want, dtype=dtype,
+                                                             fisher=fisher, seed=seed_used)
     cache = StatsCache(cache_dir) if cache_dir is not None else None
     key = cache_key(model_fp, data_fp, stats=want, fisher=fisher, dtype=dtype, seed=seed_used) if cache else None
 
@@ -212,21 +209,38 @@ def calibrate(model: nn.Module, data: Any, *, stats: Sequence[str] = ("cx", "cg"
     return out
 
 
-def _check_options(stats, fisher, dtype, batch_size, checkpoint_every, cache_dir) -> tuple[str, ...]:
-    """The requested statistics, deduplicated in order; a ``ConfigError`` naming a bad option."""
+def _check_options(stats, fisher, dtype, batch_size, checkpoint_every=None, cache_dir=None, *,
+                   fn: str = "calibrate") -> tuple[str, ...]:
+    """The requested statistics, deduplicated in order; a ``ConfigError`` naming a bad option of ``fn``."""
     want = tuple(dict.fromkeys(stats))
     bad = [s for s in want if s not in STATS]
     if bad or not want:
-        raise ConfigError(f"calibrate: stats must be a non-empty subset of {STATS}, got {tuple(stats)}")
+        raise ConfigError(f"{fn}: stats must be a non-empty subset of {STATS}, got {tuple(stats)}")
     if fisher not in _FISHER:
-        raise ConfigError(f"calibrate: fisher must be one of {_FISHER}, got {fisher!r}")
+        raise ConfigError(f"{fn}: fisher must be one of {_FISHER}, got {fisher!r}")
     if dtype not in (torch.float32, torch.float64):
-        raise ConfigError(f"calibrate: dtype must be torch.float32 or torch.float64, got {dtype}")
+        raise ConfigError(f"{fn}: dtype must be torch.float32 or torch.float64, got {dtype}")
     if int(batch_size) < 1:
-        raise ConfigError(f"calibrate: batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"{fn}: batch_size must be >= 1, got {batch_size}")
     if checkpoint_every is not None and (cache_dir is None or int(checkpoint_every) < 1):
-        raise ConfigError(f"calibrate: checkpoint_every={checkpoint_every} needs cache_dir and a positive count")
+        raise ConfigError(f"{fn}: checkpoint_every={checkpoint_every} needs cache_dir and a positive count")
     return want
+
+
+def calibration_fingerprint(model: nn.Module, linears: dict[str, nn.Linear], ids: Tensor, mask: Optional[Tensor],
+                            src: Any, *, want: Sequence[str], dtype: torch.dtype, fisher: str,
+                            seed: Optional[int]) -> tuple[dict, dict, dict]:
+    """``(fingerprint, data fingerprint, model fingerprint)`` of a calibration over ``ids`` [N, T].
+
+    ``fingerprint`` is what :class:`Statistics` records: the data, the model hash and name, the
+    statistics, their dtype, the Fisher variant and the seed that drew true-Fisher labels (or None).
+    """
+    data_fp = data_fingerprint(ids, mask, src)
+    model_fp = model_fingerprint(model, list(linears))
+    fingerprint = {"data": data_fp, "model": model_fp["hash"], "model_name": model_fp["name_or_path"],
+                   "stats": sorted(want), "dtype": str(dtype).replace("torch.", ""), "fisher": fisher,
+                   "seed": seed}
+    return fingerprint, data_fp, model_fp
 
 
 def accumulators(groups, linears: dict[str, nn.Linear], want: Sequence[str], dtype: torch.dtype,

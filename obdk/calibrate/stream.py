@@ -61,12 +61,12 @@ from torch import Tensor
 from ..errors import ConfigError, DataError, NonFiniteError, UnsupportedModelError
 from ..models import decoder_layers
 from . import distributed as dist
-from .cache import data_fingerprint, model_fingerprint
 from .function import CalibrationContext, GroupState, ModuleSlot
 from .head import accepts_position_ids, forward_kwargs, head_backward, label_positions, plain_head, trunk
 from .memory import _resolve_groups
-from .statistics import _FISHER, STATS, Statistics
-from .stats import _check_finite_weights, _input_device, _Patch, _windows
+from .statistics import STATS, Statistics
+from .stats import (_check_finite_weights, _check_options, _input_device, _Patch, _windows,
+                    calibration_fingerprint)
 
 log = logging.getLogger(__name__)
 
@@ -273,16 +273,7 @@ def calibrate_streamed(model: nn.Module, data: Any, *, stats: Sequence[str] = ("
     exactly (see the module docstring); the weights are frozen for the run and restored afterwards.
     """
     t_start = time.perf_counter()
-    want = tuple(dict.fromkeys(stats))
-    bad = [s for s in want if s not in STATS]
-    if bad or not want:
-        raise DataError(f"calibrate_streamed: stats must be a non-empty subset of {STATS}, got {tuple(stats)}")
-    if fisher not in _FISHER:
-        raise DataError(f"calibrate_streamed: fisher must be one of {_FISHER}, got {fisher!r}")
-    if dtype not in (torch.float32, torch.float64):
-        raise DataError(f"calibrate_streamed: dtype must be torch.float32 or torch.float64, got {dtype}")
-    if int(batch_size) < 1:
-        raise DataError(f"calibrate_streamed: batch_size must be >= 1, got {batch_size}")
+    want = _check_options(stats, fisher, dtype, batch_size, fn="calibrate_streamed")
     keep = (on_layer is None) if keep is None else bool(keep)
     backward = "cg" in want or "grad" in want
 
@@ -323,11 +314,8 @@ def calibrate_streamed(model: nn.Module, data: Any, *, stats: Sequence[str] = ("
     _check_finite_weights(model)
     rank, world = dist.world()
     seed_used = int(seed) if (fisher == "true" and backward) else None
-    data_fp = data_fingerprint(ids, mask, src)
-    model_fp = model_fingerprint(model, list(linears))
-    fingerprint = {"data": data_fp, "model": model_fp["hash"], "model_name": model_fp["name_or_path"],
-                   "stats": sorted(want), "dtype": str(dtype).replace("torch.", ""), "fisher": fisher,
-                   "seed": seed_used}
+    fingerprint, _, _ = calibration_fingerprint(model, linears, ids, mask, src, want=want, dtype=dtype, fisher=fisher,
+                                                seed=seed_used)
 
     # normalisers of all windows (what the resident pass all-reduces)
     lab_all = label_positions(mask)
