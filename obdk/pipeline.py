@@ -79,7 +79,7 @@ class Plan:
             raise ConfigError(f"Plan.apply: {', '.join(fixed)} fixed by prepare() (the statistics and spectra depend "
                               f"on it); call obdk.prepare again with it")
         cfg = self.config.replace(**changes) if changes else self.config
-        if not self.stats_kept and (cfg.resolved_alloc == "zero-sum" or cfg.resolved_correct not in (None, "zs")):
+        if not self.stats_kept and cfg.reads_stats_after_decomposition:
             raise ConfigError(f"Plan.apply: alloc={cfg.resolved_alloc!r} correct={cfg.resolved_correct!r} reads the "
                               f"calibration statistics, which this streamed plan dropped layer by layer; prepare "
                               f"it with that alloc/correct (the statistics are then kept), or without stream")
@@ -293,7 +293,7 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
                 # the statistics are needed after the decompositions only by the corrections that read C_x/C_g
                 # and by zero-sum's gradients: otherwise each layer is decomposed as soon as its sweep is done
                 # and its statistics dropped, so one layer's statistics are resident at a time
-                kept = config.resolved_alloc == "zero-sum" or config.resolved_correct not in (None, "zs")
+                kept = config.reads_stats_after_decomposition
                 by_name = {t.name: t for t in targets}
                 done: dict = {}
 
