@@ -28,7 +28,7 @@ from .report import CompressionReport, ModuleReport, Stage, StageTimer, count_pa
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Plan", "prepare", "compress", "compress_many"]
+__all__ = ["Plan", "prepare", "compress", "compress_many", "streaming_refusal"]
 
 
 @dataclass
@@ -45,7 +45,11 @@ class Plan:
     * ``timer``: the stages of :func:`prepare`; ``coverage``: :func:`obdk.models.coverage`.
     * ``stats_kept``: False when a streamed :func:`prepare` decomposed each layer during its sweep
       and dropped its statistics (then corrections that read ``C_x``/``C_g`` and zero-sum cannot be
-      applied from this plan).
+      applied from this plan). A streamed plan prepared for a ``kfac``-type correction keeps them
+      layer by layer instead (``stats`` is a :class:`~obdk.calibrate.kept.LayerStatistics`).
+    * ``stream``: None for a resident plan; for a streamed one the options of its streamed passes
+      (``scratch_dir``, ``max_host_memory``, ``batch_size``), which the corrections' gradient passes
+      reuse, so that they stream too.
     """
     config: LowRankConfig
     targets: list[Target]
@@ -57,6 +61,7 @@ class Plan:
     coverage: dict = field(default_factory=dict)
     progress: bool = True
     stats_kept: bool = True
+    stream: Optional[dict] = None
     _scores: dict = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ configuration
@@ -79,10 +84,18 @@ class Plan:
             raise ConfigError(f"Plan.apply: {', '.join(fixed)} fixed by prepare() (the statistics and spectra depend "
                               f"on it); call obdk.prepare again with it")
         cfg = self.config.replace(**changes) if changes else self.config
-        if not self.stats_kept and cfg.reads_stats_after_decomposition:
-            raise ConfigError(f"Plan.apply: alloc={cfg.resolved_alloc!r} correct={cfg.resolved_correct!r} reads the "
-                              f"calibration statistics, which this streamed plan dropped layer by layer; prepare "
-                              f"it with that alloc/correct (the statistics are then kept), or without stream")
+        if self.stream is not None:
+            why = streaming_refusal(cfg)
+            if why is None and cfg.resolved_alloc == "zero-sum" and "zero-sum" not in self._scores:
+                why = ("its per-component scores are computed layer by layer during a streamed prepare() asked for "
+                       "alloc='zero-sum' (method 'zs-svd'), and this plan was not")
+            if why is None and cfg.resolved_correct is not None and not hasattr(self.stats, "layer_of"):
+                why = ("its step re-truncates in each layer's whitening (and kfac solves with C_x/C_g), statistics "
+                       "a streamed prepare() keeps layer by layer only when asked for a correction; this plan "
+                       "dropped them")
+            if why is not None:
+                raise ConfigError(f"Plan.apply: alloc={cfg.resolved_alloc!r} correct={cfg.resolved_correct!r} on a "
+                                  f"streamed plan: {why}; prepare it with that alloc/correct, or without stream")
         if cfg.resolved_correct is not None and self.data is None:
             raise ConfigError(f"Plan.apply: correct={cfg.resolved_correct!r} runs the model on the calibration "
                               f"windows, and this plan has none (prepare it with calibration=...)")
@@ -234,6 +247,21 @@ class Plan:
         return report
 
 
+def streaming_refusal(config: LowRankConfig) -> Optional[str]:
+    """Why ``config`` cannot run layer-streamed (:func:`prepare` with ``stream=True``), or None if it can.
+
+    Everything else streams: the calibration, the decompositions, zero-sum's scores (layer by
+    layer, from each layer's gradients) and the ``zs``/``kfac`` corrections (their gradient passes
+    stream, the K-FAC step reads one layer's statistics at a time).
+    """
+    if config.resolved_alloc == "bsi":
+        return ("alloc 'bsi' estimates its Hessian diagonal with probes through the whole model at once "
+                "(Hutchinson), which does not stream")
+    if config.resolved_correct == "seq":
+        return "correct 'seq' refits on the compressed model's inputs in a whole-model pass, which does not stream"
+    return None
+
+
 def _calibration_windows(calibration, tokenizer, nsamples, seqlen, seed, data_dir, config):
     from .calibrate.data import get_calibration_windows
     if calibration is None:
@@ -272,6 +300,9 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
     """
     from .decompose.schedule import decompose_targets
     config = config or LowRankConfig()
+    if stream and streaming_refusal(config) is not None:
+        raise ConfigError(f"prepare(stream=True): method {config.method!r}: {streaming_refusal(config)}; use the "
+                          f"resident pass (stream=False, obdk compress without --stream)")
     timer = timer or StageTimer()
     targets = select_targets(model, config)
     need = config.needed_stats
@@ -286,16 +317,28 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
     spectra: Optional[dict] = None
     phases: dict[str, float] = {}
     kept = True
+    deltas: Optional[dict] = None
+    # the options of every streamed pass of this plan: the calibration's and the corrections' gradient passes
+    stream_opts = {"scratch_dir": scratch_dir, "max_host_memory": max_host_memory,
+                   "batch_size": calib_batch_size} if stream else None
     if need and stats is None:
         with timer("calibration"):
             if stream:
                 from .calibrate.stream import calibrate_streamed
-                # the statistics are needed after the decompositions only by the corrections that read C_x/C_g
-                # and by zero-sum's gradients: otherwise each layer is decomposed as soon as its sweep is done
-                # and its statistics dropped, so one layer's statistics are resident at a time
-                kept = config.reads_stats_after_decomposition
+                # each layer is decomposed as soon as its sweep is done (zero-sum's scores computed from its
+                # gradients) and its statistics dropped, so one layer's statistics are resident at a time; for
+                # the corrections, which solve with C_x/C_g one layer at a time in their own streamed
+                # gradient pass (zs too: it re-truncates in the same whitening), each layer's statistics go to a
+                # LayerStatistics (host memory, then scratch_dir)
+                layered = config.resolved_correct is not None  # (seq is refused above)
+                kept = False
                 by_name = {t.name: t for t in targets}
                 done: dict = {}
+                deltas, score_s = {}, [0.0]
+                store = None
+                if layered:
+                    from .calibrate.kept import LayerStatistics
+                    store = LayerStatistics(max_host_memory, scratch_dir)
 
                 def decompose_layer(i, part):
                     sub = [by_name[n] for n in part.modules if n in by_name]
@@ -305,12 +348,19 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
                         done.update(sp)
                         for k, v in ph.items():
                             phases[k] = phases.get(k, 0.0) + v
+                        if config.resolved_alloc == "zero-sum":
+                            from .scores import zero_sum_deltas
+                            t0 = time.perf_counter()
+                            deltas.update(zero_sum_deltas(sp, part.grad))
+                            score_s[0] += time.perf_counter() - t0
+                    if store is not None:
+                        part.grad.clear()  # (the corrections take their own gradients at the truncation)
+                        store.put(i, part)
                 stats = calibrate_streamed(model, data, stats=need, fisher=config.fisher, seed=seed, progress=progress,
-                                           batch_size=calib_batch_size, scratch_dir=scratch_dir,
-                                           max_host_memory=max_host_memory,
-                                           on_layer=None if kept else decompose_layer)
-                if not kept:
-                    spectra = done
+                                           on_layer=decompose_layer, **stream_opts)
+                spectra = done
+                if store is not None:
+                    stats = store
             else:
                 from .calibrate.stats import calibrate
                 stats = calibrate(model, data, stats=need, fisher=config.fisher, seed=seed, progress=progress,
@@ -326,7 +376,11 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
     for ph, sec in phases.items():  # summed over problems (workers overlap): not added to the total
         timer.stages[f"factorisation/{ph}"] = Stage(seconds=sec, peak_rss_mib=timer.stages["factorisation"].peak_rss_mib)
     plan = Plan(config, targets, spectra, stats, getattr(stats, "fingerprint", None), timer, data=data,
-                coverage=coverage(model, targets), progress=progress, stats_kept=kept)
+                coverage=coverage(model, targets), progress=progress, stats_kept=kept,
+                stream=stream_opts)
+    if deltas is not None and config.resolved_alloc == "zero-sum":  # computed layer by layer in the sweep
+        plan._scores["zero-sum"] = {t.name: deltas[t.name] for t in targets}
+        timer.stages["scores"] = Stage(seconds=score_s[0], peak_rss_mib=timer.stages["calibration"].peak_rss_mib)
     if config.resolved_alloc in ("zero-sum", "bsi"):
         plan.scores(config.resolved_alloc, model)
     return plan

@@ -37,7 +37,8 @@ def correct(model, plan: Any, config, factors: dict[str, tuple], *,
         return factors, {n: {f"refit_{k}": v for k, v in d.items()} for n, d in used.items()}
     for step in kind.split("+"):  # e.g. zs+kfac: one gradient pass per step, each at the previous result
         factors, used = gradient_correct(model, factors, step, data=plan.data, stats=plan.stats,
-                                         spectra=plan.spectra, config=config, progress=progress)
+                                         spectra=plan.spectra, config=config, progress=progress,
+                                         stream=getattr(plan, "stream", None))
         for n, d in used.items():
             extra.setdefault(n, {}).update({f"kfac_{k}": v for k, v in d.items()})
     return factors, extra

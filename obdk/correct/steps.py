@@ -16,7 +16,7 @@ truncation of *every* matrix did to the loss, which no per-matrix model does. Pe
 from __future__ import annotations
 
 import logging
-from typing import Mapping, NamedTuple, Optional
+from typing import Mapping, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -26,7 +26,7 @@ from ..calibrate.head import summed_weight_grads
 from ..decompose import damp_covariance, factorize, kfac_loss
 from ..decompose.roots import cholesky_root
 from ..decompose.whitened import whitened_svd
-from ..errors import ConfigError, DataError, NonFiniteError
+from ..errors import ConfigError, DataError, NonFiniteError, NotCollectedError
 
 log = logging.getLogger(__name__)
 
@@ -99,73 +99,104 @@ def zs_correct(weight: Tensor, a: Tensor, b: Tensor, grad: Tensor, *, chol: Opti
 
 
 def gradient_correct(model: nn.Module, factors: Mapping[str, tuple], kind: str, *, data, stats, spectra,
-                     config, progress: bool = False) -> tuple[dict[str, tuple], dict[str, dict]]:
+                     config, progress: bool = False, stream: Optional[dict] = None) -> tuple[dict[str, tuple], dict[str, dict]]:
     """One correction step (``kind`` ``zs`` or ``kfac``, see the module docstring) of every truncation.
 
     ``model``: the dense model (its targets are set to ``W_r = b a`` for the gradient pass and
     restored afterwards, also on error); ``factors``: ``{name: (a [r, n], b [m, r], predicted)}``;
     ``data``: the calibration windows (``input_ids`` [N, T], ``attention_mask``); ``stats``: the
-    :class:`~obdk.calibrate.statistics.Statistics` the spectra came from; ``spectra``: ``{name:
+    :class:`~obdk.calibrate.statistics.Statistics` the spectra came from, or the
+    :class:`~obdk.calibrate.kept.LayerStatistics` of a streamed plan; ``spectra``: ``{name:
     Spectrum}`` (for the damping each decomposition used); ``config``: the resolved
-    :class:`~obdk.config.LowRankConfig`. Returns ``({name: (a, b, predicted)}, {name: {"cx": α,
-    "cg": α}})``: for ``obd`` the predicted loss is measured against the original ``W``; the
-    second dict is the damping the ``kfac`` solves needed.
+    :class:`~obdk.config.LowRankConfig`. ``stream``: None for one whole-model gradient pass
+    (:func:`~obdk.calibrate.head.summed_weight_grads`), or the keyword arguments of
+    :func:`~obdk.calibrate.stream.calibrate_streamed` (``scratch_dir``, ``max_host_memory``,
+    ``batch_size``) for a layer-streamed one: the same gradients, each layer's step taken as soon as
+    its gradients are final, with that layer's statistics only. Returns ``({name: (a, b, predicted)},
+    {name: {"cx": α, "cg": α}})``: for ``obd`` the predicted loss is measured against the original
+    ``W``; the second dict is the damping the ``kfac`` solves needed.
     """
     if kind not in STEPS:
         raise ConfigError(f"correct: unknown step {kind!r}; choose one of {', '.join(STEPS)}")
     names = list(factors)
     originals = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    out, used = {}, {}
+    whitening = config.resolved_whitening
+    sides = config.whitening_stats
+    cdtype = config.torch_compute_dtype
+
+    def chol(c: Tensor, alpha: float, what: str) -> tuple[Tensor, float]:
+        # the step c·P does not depend on the scale of either covariance, only on the relative damping
+        return cholesky_root(c.to(cdtype), alpha, name=what, damping_max=1e3, fn="correct='kfac'")
+
+    def step(batch: Sequence[str], grads: Mapping[str, Tensor], st) -> None:
+        """The steps of the matrices ``batch``, reading ``grads`` and the statistics ``st``."""
+        chol_x: dict[str, tuple[Tensor, float]] = {}  # one factor per unique input
+        for n in batch:
+            a, b, _ = factors[n]
+            w = originals[n].to(cdtype)
+            wr = b.to(cdtype) @ a.to(cdtype)
+            g = grads[n].to(cdtype)
+            cx = st.cx_for(n) if "cx" in sides and whitening != "asvd" else None
+            cg = st.cg[n] if "cg" in sides else None
+            d = spectra[n].damping
+            lg = lx = None
+            if kind == "kfac":
+                used[n] = {}
+                if cg is not None:
+                    lg, used[n]["cg"] = chol(cg, d.get("cg", config.damping), f"{n} C_g")
+                if cx is not None:
+                    key = st.input_key.get(n, n)
+                    if key not in chol_x:
+                        chol_x[key] = chol(cx, d.get("cx", config.damping), f"{n} C_x")
+                    lx, used[n]["cx"] = chol_x[key]
+            wc, _ = gradient_step(w, wr, g, chol_x=lx, chol_g=lg)
+            if not bool(torch.isfinite(wc).all()):
+                raise NonFiniteError(f"correct={kind!r}: {n}: the corrected weight is not finite "
+                                     f"(gradient or covariance with NaN/inf?)")
+            fac = factorize(wc.to(originals[n].dtype), a.shape[0], method=whitening if whitening != "asvd" else "svd",
+                            cx=cx, cg=cg, solver=config.solver, compute_dtype=cdtype,
+                            damping=config.damping, keep_dense_at_break_even=False)
+            pred = float(fac.predicted_loss)
+            if whitening == "obd":  # predicted loss of the corrected truncation against the original W
+                delta = w - fac.b.to(cdtype) @ fac.a.to(cdtype)
+                pred = kfac_loss(delta, damp_covariance(cx.to(cdtype), d.get("cx", 0.0)),
+                                 damp_covariance(cg.to(cdtype), d.get("cg", 0.0)))
+            out[n] = (fac.a, fac.b, pred)
+
+    layered = hasattr(stats, "layer") and hasattr(stats, "layer_of")  # a LayerStatistics
+    if layered and stream is None:
+        raise ConfigError("correct: these statistics were kept layer by layer (a streamed plan); the correction's "
+                          "gradient pass must stream too (stream={...})")
     try:
         with torch.no_grad():
             for n in names:
                 a, b, _ = factors[n]
                 w = model.get_submodule(n).weight
                 w.copy_((b.double() @ a.double()).to(w.dtype))
-        grads = summed_weight_grads(model, data.input_ids, names, attention_mask=data.attention_mask,
-                                    progress=progress, desc=f"correct [{kind}] gradient pass")
+        if stream is None:
+            grads = summed_weight_grads(model, data.input_ids, names, attention_mask=data.attention_mask,
+                                        progress=progress, desc=f"correct [{kind}] gradient pass")
+            step(names, grads, stats)
+        else:
+            from ..calibrate.stream import calibrate_streamed
+            wanted = set(names)
+
+            def on_layer(i: int, part) -> None:  # layer i's gradients are final: its steps, then drop them
+                batch = [n for n in part.grad if n in wanted]
+                if batch:
+                    step(batch, part.grad, stats.layer(stats.layer_of(batch[0])) if layered else stats)
+                part.grad.clear()
+
+            dtype = torch.promote_types(next(iter(originals.values())).dtype, torch.float32)
+            calibrate_streamed(model, data, stats=("grad",), fisher="empirical", dtype=dtype, progress=progress,
+                               on_layer=on_layer, keep=False, **stream)
+            missing = [n for n in names if n not in out]
+            if missing:
+                raise NotCollectedError(f"correct={kind!r}: the streamed gradient pass gave no gradient of "
+                                        f"{missing[0]} (and {len(missing) - 1} more)")
     finally:
         with torch.no_grad():
             for n in names:
                 model.get_submodule(n).weight.copy_(originals[n])
-    out, used = {}, {}
-    whitening = config.resolved_whitening
-    sides = config.whitening_stats
-    cdtype = config.torch_compute_dtype
-    chol_x: dict[str, tuple[Tensor, float]] = {}  # one factor per unique input
-
-    def chol(c: Tensor, alpha: float, what: str) -> tuple[Tensor, float]:
-        # the step c·P does not depend on the scale of either covariance, only on the relative damping
-        return cholesky_root(c.to(cdtype), alpha, name=what, damping_max=1e3, fn="correct='kfac'")
-
-    for n in names:
-        a, b, _ = factors[n]
-        w = originals[n].to(cdtype)
-        wr = b.to(cdtype) @ a.to(cdtype)
-        g = grads[n].to(cdtype)
-        cx = stats.cx_for(n) if "cx" in sides and whitening != "asvd" else None
-        cg = stats.cg[n] if "cg" in sides else None
-        d = spectra[n].damping
-        lg = lx = None
-        if kind == "kfac":
-            used[n] = {}
-            if cg is not None:
-                lg, used[n]["cg"] = chol(cg, d.get("cg", config.damping), f"{n} C_g")
-            if cx is not None:
-                key = stats.input_key.get(n, n)
-                if key not in chol_x:
-                    chol_x[key] = chol(cx, d.get("cx", config.damping), f"{n} C_x")
-                lx, used[n]["cx"] = chol_x[key]
-        wc, _ = gradient_step(w, wr, g, chol_x=lx, chol_g=lg)
-        if not bool(torch.isfinite(wc).all()):
-            raise NonFiniteError(f"correct={kind!r}: {n}: the corrected weight is not finite "
-                                 f"(gradient or covariance with NaN/inf?)")
-        fac = factorize(wc.to(originals[n].dtype), a.shape[0], method=whitening if whitening != "asvd" else "svd",
-                        cx=cx, cg=cg, solver=config.solver, compute_dtype=cdtype,
-                        damping=config.damping, keep_dense_at_break_even=False)
-        pred = float(fac.predicted_loss)
-        if whitening == "obd":  # predicted loss of the corrected truncation against the original W
-            delta = w - fac.b.to(cdtype) @ fac.a.to(cdtype)
-            pred = kfac_loss(delta, damp_covariance(cx.to(cdtype), d.get("cx", 0.0)),
-                             damp_covariance(cg.to(cdtype), d.get("cg", 0.0)))
-        out[n] = (fac.a, fac.b, pred)
-    return out, used
+    return {n: out[n] for n in names}, used

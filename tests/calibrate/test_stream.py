@@ -264,5 +264,7 @@ def test_prepare_stream_decomposes_each_layer_and_drops_its_statistics():
     assert [m.rank for m in r1.modules] == [m.rank for m in r2.modules]
     with pytest.raises(ConfigError, match="dropped"):
         plan.apply(make_tiny_llama(layers=3).double(), correct="kfac")
-    kept = obdk.prepare(model, LowRankConfig(method="obd", keep=0.7, rank_multiple=4), ids, progress=False, stream=True)
-    assert kept.stats_kept and kept.stats.cg  # zs+kfac reads C_x and C_g: kept
+    layered = obdk.prepare(model, LowRankConfig(method="obd", keep=0.7, rank_multiple=4), ids, progress=False,
+                           stream=True)
+    # zs+kfac reads C_x and C_g: kept layer by layer, not as one resident Statistics
+    assert not layered.stats_kept and layered.stats.layers == [0, 1, 2] and layered.stats.layer(1).cg
