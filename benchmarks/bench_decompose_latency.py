@@ -26,6 +26,15 @@ Pipelines
 ``obdk obd-uniform``
     ``LowRankConfig(method="obd", keep, alloc="uniform", rank_multiple=1)``: like for like with
     the two uniform rows.
+``obdk obd streamed``
+    ``obdk obd`` with ``prepare(stream=True)`` (:mod:`obdk.calibrate.stream`): the same statistics one
+    decoder layer at a time, each layer decomposed as its backward sweep ends (in line, not
+    overlapped); detail rows ``calibration/capture|forward sweep|backward sweep`` (the sweeps include
+    the in-line factorisation, which ``factorisation`` reports again as its sum).
+``obdk obd zs+kfac`` / ``obdk obd zs+kfac streamed``
+    obdk's default ``LowRankConfig(method="obd", keep)`` (global ranks, the zs and kfac correction
+    steps, two more gradient passes), resident and streamed (the corrections' gradient passes stream too,
+    reading each layer's kept statistics).
 
 obdk rows run :func:`obdk.prepare` once and :meth:`Plan.apply` per ``keep``; the
 stages come from the ``StageTimer`` records (``report.stages``: calibration, factorisation,
@@ -115,9 +124,10 @@ from .core.timing import free, peak_rss_mib, sync
 
 log = logging.getLogger("bench_decompose_latency")
 
-PIPELINES = ("reference", "svd-llm", "obd", "obd-uniform")
+PIPELINES = ("reference", "svd-llm", "obd", "obd-uniform", "obd-stream", "obd-default", "obd-default-stream")
 LABELS = {"reference": "reference svd-llm", "svd-llm": "obdk svd-llm", "obd": "obdk obd",
-          "obd-uniform": "obdk obd-uniform"}
+          "obd-uniform": "obdk obd-uniform", "obd-stream": "obdk obd streamed", "obd-default": "obdk obd zs+kfac",
+          "obd-default-stream": "obdk obd zs+kfac streamed"}
 STAGE_ORDER = ("calibration", "factorisation", "scores", "allocation", "truncation", "correction", "packing")
 
 
@@ -157,8 +167,10 @@ def ppl_of(model: nn.Module, windows: torch.Tensor) -> tuple[float, float]:
 def _config(pipe: str, keep: float) -> LowRankConfig:
     if pipe == "svd-llm":
         return LowRankConfig(method="svd-llm", keep=keep, alloc="uniform", rank_multiple=1)
-    if pipe == "obd":
+    if pipe in ("obd", "obd-stream"):
         return LowRankConfig(method="obd", keep=keep, correct="none")
+    if pipe in ("obd-default", "obd-default-stream"):
+        return LowRankConfig(method="obd", keep=keep)
     if pipe == "obd-uniform":
         return LowRankConfig(method="obd", keep=keep, alloc="uniform", rank_multiple=1, correct="none")
     raise ValueError(pipe)
@@ -239,7 +251,7 @@ def run_obdk(pipe, base, device, data, keeps, ev, args, meta) -> list[dict]:
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    plan = obdk.prepare(model, config, data, progress=False, timer=StageTimer())
+    plan = obdk.prepare(model, config, data, progress=False, timer=StageTimer(), stream=pipe.endswith("-stream"))
     report = plan.apply(model, keep=keeps[0])
     sync(device)
     first_total = time.perf_counter() - t0
@@ -301,6 +313,12 @@ def summarize(rows: list[dict]) -> list[str]:
     if obd and sl:
         ra = obd["total"] / sl["total"]
         lines.append(f"obdk obd / obdk svd-llm (end to end): {ra:.2f}x (target <= 1.5x: {'met' if ra <= 1.5 else 'NOT met'})")
+    for res_p, str_p in (("obd", "obd-stream"), ("obd-default", "obd-default-stream")):
+        a, b = first.get(LABELS[res_p]), first.get(LABELS[str_p])
+        if a and b:
+            ra = b["total"] / a["total"]
+            lines.append(f"{LABELS[str_p]} / resident (end to end): {ra:.2f}x, ppl {b['ppl']:.6g} vs {a['ppl']:.6g} "
+                         f"(target <= 1.3x at the same ppl: {'met' if ra <= 1.3 else 'NOT met'})")
     for p in (LABELS["svd-llm"], LABELS["obd"], LABELS["obd-uniform"], LABELS["reference"]):
         fr = [(k, v) for (pp, k), v in frac.items() if pp == p]
         if fr:

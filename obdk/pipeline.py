@@ -334,7 +334,7 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
                 kept = False
                 by_name = {t.name: t for t in targets}
                 done: dict = {}
-                deltas, score_s = {}, [0.0]
+                deltas, score_s, sinfo = {}, [0.0], {}
                 store = None
                 if layered:
                     from .calibrate.kept import LayerStatistics
@@ -357,7 +357,8 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
                         part.grad.clear()  # (the corrections take their own gradients at the truncation)
                         store.put(i, part)
                 stats = calibrate_streamed(model, data, stats=need, fisher=config.fisher, seed=seed, progress=progress,
-                                           on_layer=decompose_layer, **stream_opts)
+                                           on_layer=decompose_layer,
+                                           info=sinfo, **stream_opts)
                 spectra = done
                 if store is not None:
                     stats = store
@@ -371,6 +372,10 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
                                                 workers=workers, progress=progress)
     else:  # decomposed inside the streamed sweep: the stage's time is part of the calibration's
         spectra = {t.name: spectra[t.name] for t in targets}
+        for ph, sec in sinfo.get("seconds", {}).items():  # the streamed schedule's phases, as sub-stages
+            if ph != "total":
+                timer.stages[f"calibration/{ph}"] = Stage(seconds=sec,
+                                                          peak_rss_mib=timer.stages["calibration"].peak_rss_mib)
         timer.stages["factorisation"] = Stage(seconds=sum(phases.values()),
                                               peak_rss_mib=timer.stages["calibration"].peak_rss_mib)
     for ph, sec in phases.items():  # summed over problems (workers overlap): not added to the total
