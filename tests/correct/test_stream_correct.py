@@ -90,9 +90,14 @@ def test_forced_spill_of_the_kept_statistics_gives_the_same_model(tmp_path):
     d = _data(False)
     ref = _compressed(obdk.prepare(model, cfg, d, progress=False, stream=True), model)
     plan = obdk.prepare(model, cfg, d, progress=False, stream=True, scratch_dir=tmp_path, max_host_memory=0)
-    assert plan.stats.spilled_bytes == plan.stats.nbytes() > 0
-    _assert_same(_compressed(plan, model), ref, 0.0 + 1e-15)
-    assert not list(tmp_path.iterdir())  # the mappings are unlinked: nothing left behind
+    assert plan.stats.spilled_bytes == plan.stats.nbytes() > 0 and plan.stats.host_bytes == 0
+    (kept,) = tmp_path.iterdir()  # one private directory, a safetensors file per layer
+    assert sorted(f.name for f in kept.iterdir()) == [f"layer-{i}.safetensors" for i in plan.stats.layers]
+    _assert_same(_compressed(plan, model), ref, 1e-15)
+    del plan
+    import gc
+    gc.collect()
+    assert not list(tmp_path.iterdir())  # removed with the plan: nothing left behind
 
 
 def test_zero_sum_scores_stream_layer_by_layer():
