@@ -56,10 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after truncation: none, zs (ZS-SVD's one-step projected gradient), kfac (the same step along the "
                         "K-FAC natural gradient), zs+kfac (both in turn) or seq (refit); default: the method's "
                         "(obd: zs+kfac)")
-    c.add_argument("--probes", type=int, default=4)
+    c.add_argument("--bsi-curvature", default=None, choices=["hutchinson", "blocked", "kfac", "fisher"],
+                   help="bsi allocation: the Hessian diagonal in σ: hutchinson (all matrices probed at once), blocked "
+                        "(Hutchinson per matrix), kfac (from C_x, C_g: no pass) or fisher (exact empirical-Fisher "
+                        "diagonal, one pass) (default: the config's)")
+    c.add_argument("--probes", type=_probes_arg, default=4,
+                   help="bsi Hutchinson probes (per block), or 'auto' (until --probe-tol; at most --max-probes)")
+    c.add_argument("--probe-tol", type=float, default=None,
+                   help="--probes auto: stop at this relative standard error per matrix (default 0.1)")
+    c.add_argument("--max-probes", type=int, default=None, help="--probes auto: at most this many probes (default 64)")
     c.add_argument("--eps", type=float, default=1e-3)
-    c.add_argument("--bsi-order", default="importance", choices=["importance", "spectral"],
-                   help="bsi allocation: keep the most important bases (BSI) or only choose ranks (spectral)")
+    c.add_argument("--bsi-order", default=None, choices=["importance", "spectral"],
+                   help="bsi allocation: keep the most important bases (BSI) or only choose ranks (spectral) "
+                        "(default: the config's)")
     c.add_argument("--targets", nargs="*", default=None, help="fnmatch patterns of module names to compress")
     c.add_argument("--ignore", nargs="*", default=[], help="fnmatch patterns of module names to keep dense")
     c.add_argument("--compute-dtype", default="float64", choices=["float64", "float32"])
@@ -165,6 +174,20 @@ def _source_dirs(spec: str) -> list[str]:
     return [str(path if path.is_dir() else path.parent)]
 
 
+def _probes_arg(text: str):
+    """``--probes``: an integer ≥ 1 or ``auto``."""
+    import argparse
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an integer >= 1 or 'auto', got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"an integer >= 1 or 'auto', got {n}")
+    return n
+
+
 def _config_from_args(args):
     from .config import DEFAULT_FLOOR, DEFAULT_RANK_MULTIPLE, LowRankConfig
     from .errors import ConfigError
@@ -173,7 +196,10 @@ def _config_from_args(args):
                         rank_multiple=DEFAULT_RANK_MULTIPLE if args.rank_multiple is None else args.rank_multiple,
                         damping=args.damping, floor=DEFAULT_FLOOR if args.floor is None else args.floor,
                         compute_dtype=args.compute_dtype, solver=args.solver, fisher=args.fisher,
-                        correct=args.correct, probes=args.probes, eps=args.eps, bsi_order=args.bsi_order)
+                        correct=args.correct, probes=args.probes, eps=args.eps,
+                        **{k: v for k, v in (("bsi_order", args.bsi_order), ("bsi_curvature", args.bsi_curvature),
+                                             ("probe_tol", args.probe_tol),
+                                             ("max_probes", args.max_probes)) if v is not None})
     if cfg.resolved_alloc == "zero-sum":
         given = [f for f, v in (("--floor", args.floor), ("--rank-multiple", args.rank_multiple)) if v is not None]
         if given:

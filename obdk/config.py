@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
@@ -39,11 +39,14 @@ METHODS: dict[str, tuple[str, str, tuple[str, ...], Optional[str]]] = {
     "zs-svd": ("svd-llm", "zero-sum", ("cx", "grad"), None),
     "bsi": ("svd-llm", "bsi", ("cx", "grad"), None),
 }
+#: BSI's estimators of the Hessian diagonal in σ (:func:`obdk.scores.bsi_scores`)
+BSI_CURVATURES = ("hutchinson", "blocked", "kfac", "fisher")
 CORRECTIONS = ("none", "zs", "kfac", "zs+kfac", "seq")
 ALLOCATIONS = ("uniform", "global", "zero-sum", "bsi")
 
 #: fields :meth:`obdk.pipeline.Plan.apply` may change without recalibrating or redecomposing
-APPLY_FIELDS = ("keep", "alloc", "floor", "rank_multiple", "correct", "probes", "eps", "bsi_order")
+APPLY_FIELDS = ("keep", "alloc", "floor", "rank_multiple", "correct", "probes", "eps", "bsi_order", "bsi_curvature",
+                "probe_tol", "max_probes")
 DEFAULT_FLOOR = 0.2
 DEFAULT_RANK_MULTIPLE = 8
 
@@ -92,7 +95,13 @@ class LowRankConfig:
       whitening), ``kfac`` (the same step along the K-FAC natural gradient ``C_g⁻¹ G C_x⁻¹``,
       projected in the metric the truncation minimises; :mod:`obdk.correct.steps`),
       ``zs+kfac`` (the two in turn, a fresh gradient for each) or ``seq`` (sequential refit on the compressed model's inputs, :mod:`obdk.correct.refit`).
-    * ``probes`` / ``eps``: BSI Hutchinson probes and perturbation size.
+    * ``bsi_curvature``: BSI's Hessian diagonal in σ: ``hutchinson`` (the seed's: all matrices
+      perturbed at once), ``blocked`` (Hutchinson one matrix at a time), ``kfac``
+      (``N (u_iᵀ C_g u_i)(x_iᵀ C_x x_i)`` from the statistics, no pass; needs ``C_g``) or ``fisher``
+      (the exact empirical-Fisher diagonal, one pass); :func:`obdk.scores.bsi_scores`.
+    * ``probes`` / ``eps``: BSI Hutchinson probes (per block; an int or ``"auto"``) and perturbation
+      size; with ``"auto"`` each block is probed until the relative standard error of its estimate
+      per matrix is at most ``probe_tol``, at most ``max_probes`` probes.
     * ``bsi_order``: ``importance`` (BSI's rule: keep each matrix's most important bases, in any
       order) or ``spectral`` (BSI importances decide only the ranks; each matrix keeps its top
       components).
@@ -112,9 +121,12 @@ class LowRankConfig:
     solver: str = "eig"
     fisher: str = "empirical"
     correct: Optional[str] = None
-    probes: int = 4
+    probes: Union[int, str] = 4
     eps: float = 1e-3
     bsi_order: str = "importance"
+    bsi_curvature: str = "hutchinson"
+    probe_tol: float = 0.1
+    max_probes: int = 64
     asvd_alpha: float = 0.5
     version: int = FORMAT_VERSION
 
@@ -156,8 +168,10 @@ class LowRankConfig:
     @property
     def reads_stats_after_decomposition(self) -> bool:
         """Whether applying this config reads the calibration statistics again after the decompositions:
-        zero-sum's weight gradients, and the corrections that solve with ``C_x``/``C_g`` (``kfac``, ``seq``)."""
-        return self.resolved_alloc == "zero-sum" or self.resolved_correct not in (None, "zs")
+        zero-sum's weight gradients, BSI's K-FAC curvature (``C_x``, ``C_g``), and the corrections that solve
+        with ``C_x``/``C_g`` (``kfac``, ``seq``)."""
+        return (self.resolved_alloc == "zero-sum" or (self.resolved_alloc == "bsi" and self.bsi_curvature == "kfac")
+                or self.resolved_correct not in (None, "zs"))
 
     @property
     def torch_compute_dtype(self) -> torch.dtype:
@@ -170,6 +184,8 @@ class LowRankConfig:
         need = set(METHODS[self.method][2]) | set(self.whitening_stats)
         if self.resolved_alloc in ("zero-sum", "bsi"):
             need.update(("cx", "grad"))  # (the ZS correction takes its own gradient at the truncation)
+        if self.resolved_alloc == "bsi" and self.bsi_curvature == "kfac":
+            need.add("cg")
         return tuple(s for s in ("cx", "cg", "grad") if s in need)
 
     # ------------------------------------------------------------------ checks
@@ -205,8 +221,14 @@ class LowRankConfig:
                               f"svd-llm or obd, not {self.resolved_whitening!r}")
         if self.bsi_order not in ("importance", "spectral"):
             raise bad("bsi_order", "importance or spectral")
-        if not (_is_int(self.probes) and self.probes >= 1):
-            raise bad("probes", "must be an integer ≥ 1")
+        if not (self.probes == "auto" or (_is_int(self.probes) and self.probes >= 1)):
+            raise bad("probes", "must be an integer ≥ 1 or 'auto'")
+        if self.bsi_curvature not in BSI_CURVATURES:
+            raise bad("bsi_curvature", f"choose one of {', '.join(BSI_CURVATURES)}")
+        if not (_is_number(self.probe_tol) and self.probe_tol > 0):
+            raise bad("probe_tol", "must be a number > 0 (the relative standard error probes='auto' stops at)")
+        if not (_is_int(self.max_probes) and self.max_probes >= 3):
+            raise bad("max_probes", "must be an integer ≥ 3 (the cap of probes='auto')")
         if not (_is_number(self.eps) and self.eps > 0):
             raise bad("eps", "must be a number > 0")
         if not (_is_number(self.asvd_alpha) and self.asvd_alpha >= 0):

@@ -102,16 +102,25 @@ class Plan:
         return cfg
 
     # ------------------------------------------------------------------ scores
-    def scores(self, alloc: str, model: Optional[nn.Module] = None) -> dict[str, Any]:
-        """Per-component scores the ``zero-sum`` or ``bsi`` allocation needs, computed once.
+    def scores(self, alloc: str, model: Optional[nn.Module] = None, config: Optional[LowRankConfig] = None
+               ) -> dict[str, Any]:
+        """Per-component scores the ``zero-sum`` or ``bsi`` allocation needs, computed once per estimator.
 
         ``zero-sum``: ``{name: δ [k]}`` from the calibration's summed weight gradients (the
-        statistics must hold ``grad``). ``bsi``: ``{name: BSIScores}`` from the loss of
-        ``model`` (the dense model, or a dense copy) on the calibration windows.
+        statistics must hold ``grad``). ``bsi``: ``{name: BSIScores}`` by ``config``'s (default the
+        plan's) ``bsi_curvature``, ``probes``, ``eps``, ``probe_tol``, ``max_probes``
+        (:func:`obdk.scores.bsi_scores`): ``kfac`` from the statistics' ``C_x``, ``C_g`` and
+        gradients; the others from the loss of ``model`` (the dense model, or a dense copy) on the
+        calibration windows. Cached per allocation and estimator settings.
         """
         from . import scores as S
-        if alloc in self._scores:
-            return self._scores[alloc]
+        cfg = config or self.config
+        key = alloc
+        if alloc == "bsi":
+            key = ("bsi", cfg.bsi_curvature) + (() if cfg.bsi_curvature in ("kfac", "fisher") else
+                                                (cfg.probes, cfg.eps, cfg.probe_tol, cfg.max_probes))
+        if key in self._scores:
+            return self._scores[key]
         with self.timer("scores"):
             if alloc == "zero-sum":
                 grads = getattr(self.stats, "grad", None) or {}
@@ -122,16 +131,25 @@ class Plan:
                                             f"prepare with alloc='zero-sum' or method 'zs-svd'")
                 out = S.zero_sum_deltas({t.name: self.spectra[t.name] for t in self.targets}, grads)
             elif alloc == "bsi":
+                if cfg.bsi_curvature == "kfac":
+                    have = set(getattr(self.stats, "stats", ()) or ())
+                    if not {"cx", "cg"} <= have:
+                        raise NotCollectedError(f"bsi_curvature 'kfac' reads C_x and C_g, and this plan's statistics "
+                                                f"hold {sorted(have) or 'none'}; prepare with "
+                                                f"bsi_curvature='kfac' (or whitening 'obd'), or choose another "
+                                                f"bsi_curvature")
                 if model is None or self.data is None:
                     raise ConfigError("alloc 'bsi' scores bases on the model's loss: it needs the dense model and "
                                       "the calibration windows (prepare with calibration=...)")
                 decomps = {t.name: spectrum_as_svd(self.spectra[t.name]) for t in self.targets}
-                out = S.bsi_scores(model, self.data.input_ids, decomps, probes=self.config.probes,
-                                   eps=self.config.eps, attention_mask=self.data.attention_mask,
+                out = S.bsi_scores(model, self.data.input_ids, decomps, curvature=cfg.bsi_curvature,
+                                   probes=cfg.probes, eps=cfg.eps, probe_tol=cfg.probe_tol,
+                                   max_probes=cfg.max_probes, stats=self.stats,
+                                   attention_mask=self.data.attention_mask,
                                    generator=torch.Generator().manual_seed(0), progress=self.progress)
             else:
                 raise ConfigError(f"Plan.scores: allocation {alloc!r} needs no scores")
-        self._scores[alloc] = out
+        self._scores[key] = out
         return out
 
     # ------------------------------------------------------------------ allocation, truncation
@@ -141,7 +159,7 @@ class Plan:
         from . import allocate as A
         cfg = config or self.resolve(keep, alloc=alloc)
         alloc = cfg.resolved_alloc
-        scores = self.scores(alloc, model) if alloc in ("zero-sum", "bsi") else None
+        scores = self.scores(alloc, model, cfg) if alloc in ("zero-sum", "bsi") else None
         specs = []
         for t in self.targets:
             kw = {"costs": (self.spectra[t.name].eigenvalues / 2).double().cpu()}
