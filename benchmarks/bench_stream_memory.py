@@ -19,7 +19,15 @@ Suites:
   (``OBDK_DATA_DIR``, default ``/work/shared/data``), ``--smol-nsamples`` × ``--smol-seqlen`` (32 × 512),
   ``cx+cg``: ``resident`` and ``streamed``, with the max relative difference of every statistic.
 
-``python -m benchmarks.bench_stream_memory [--suites llama7b-shape smollm2]``; rows append to
+* ``pipeline``: the whole compression, obdk's default ``LowRankConfig(method="obd", keep=--keep)`` (global
+  ranks, zs+kfac corrections), ``prepare`` + ``Plan.apply`` on ``--pipeline-model`` (``smollm2-135m`` at
+  ``--smol-nsamples`` × ``--smol-seqlen``; ``tiny`` for a dry run): ``pipeline-resident``, ``pipeline-streamed``
+  (every layer's statistics kept on host memory for the corrections) and ``pipeline-streamed-scratch``
+  (``max_host_memory=0``: each layer's statistics in a scratch safetensors file, read back one layer at a
+  time). Wall time of prepare + apply, the ranks' hash, WikiText-2 test perplexity on ``--eval-windows``
+  × 512, peak RSS, the statistics held on host (resident: all of them; streamed: peak of the kept store).
+
+``python -m benchmarks.bench_stream_memory [--suites llama7b-shape smollm2 pipeline]``; rows append to
 ``benchmarks/results/stream_memory.csv``. Run it alone on the machine (it is a memory measurement).
 """
 from __future__ import annotations
@@ -37,6 +45,7 @@ from .core.env import RESULTS, env_fields
 from .core.rows import print_table, write_csv
 
 OUT = RESULTS / "stream_memory.csv"
+PIPELINE_OUT = RESULTS / "stream_pipeline.csv"
 _TAG = "OBDK_BENCH_RESULT "
 
 
@@ -122,6 +131,44 @@ def child(args) -> None:
     print(_TAG + json.dumps(res), flush=True)
 
 
+def child_pipeline(args) -> None:
+    """prepare + apply of obdk's default at ``args.keep``, resident or streamed; prints the result line."""
+    import hashlib
+
+    import torch
+
+    import obdk
+    from obdk.config import LowRankConfig
+    from obdk.eval import perplexity
+    from .core.models import load
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load(args.model)
+    model.eval()
+    from obdk.calibrate.data import get_calibration_windows
+    data = get_calibration_windows("wikitext2:validation", tok, nsamples=args.windows, seqlen=args.seqlen, seed=0,
+                                   data_dir=args.data_dir)
+    stream = args.variant != "pipeline-resident"
+    kw = {"scratch_dir": tempfile.mkdtemp(prefix="obdk-bench-kept-"), "max_host_memory": 0} \
+        if args.variant == "pipeline-streamed-scratch" else {}
+    rss_before = _vmhwm_mib()
+    t0 = time.perf_counter()
+    plan = obdk.prepare(model, LowRankConfig(method="obd", keep=args.keep), data, progress=False, stream=stream, **kw)
+    rep = plan.apply(model)
+    total = time.perf_counter() - t0
+    st = plan.stats
+    kept_host = getattr(st, "peak_host_bytes", None)
+    held = kept_host if kept_host is not None else st.nbytes()
+    ranks = json.dumps({m.name: m.rank for m in rep.modules}, sort_keys=True)
+    ppl = perplexity(model, tok, "wikitext2", seqlen=512, windows=args.eval_windows, data_dir=args.data_dir,
+                     progress=False)["ppl"]
+    res = {"seconds": total, "stages": {k: v["seconds"] for k, v in rep.stages.items()}, "ppl": ppl,
+           "ranks_sha": hashlib.sha256(ranks.encode()).hexdigest()[:12], "keep_actual": rep.keep_actual,
+           "stats_held_bytes": held, "stats_spilled_bytes": getattr(st, "spilled_bytes", 0),
+           "vmhwm_before_mib": rss_before}
+    print(_TAG + json.dumps(res), flush=True)
+
+
 # =========================================================================== parent
 
 
@@ -149,7 +196,13 @@ def norm_rel(a: dict, b: dict) -> float:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--suites", nargs="+", default=["llama7b-shape", "smollm2"], choices=["llama7b-shape", "smollm2"])
+    ap.add_argument("--suites", nargs="+", default=["llama7b-shape", "smollm2"],
+                    choices=["llama7b-shape", "smollm2", "pipeline"])
+    ap.add_argument("--pipeline-model", default="smollm2-135m")
+    ap.add_argument("--pipeline-variants", nargs="+",
+                    default=["pipeline-resident", "pipeline-streamed", "pipeline-streamed-scratch"])
+    ap.add_argument("--keep", type=float, default=0.8)
+    ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--layers", nargs="+", type=int, default=[2, 4])
     ap.add_argument("--variants", nargs="+", default=["resident", "streamed", "streamed-handoff"])
     ap.add_argument("--windows", type=int, default=2)
@@ -169,7 +222,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.child:
         args.layers = args.child_layers
-        child(args)
+        (child_pipeline if args.variant.startswith("pipeline") else child)(args)
         return
 
     log_path = Path(args.log)
@@ -217,6 +270,25 @@ def main(argv=None) -> None:
                 if v == "streamed":
                     extra["stats_max_rel_diff_vs_resident"] = _compare(saved["resident"], saved["streamed"])
                 row("smollm2-135m", 30, v, args.smol_nsamples, args.smol_seqlen, res, rss, **extra)
+    if "pipeline" in args.suites:
+        ref = None
+        for v in args.pipeline_variants:
+            res, rss = run_child(base + ["--model", args.pipeline_model, "--variant", v, "--windows",
+                                         str(args.smol_nsamples), "--seqlen", str(args.smol_seqlen), "--keep",
+                                         str(args.keep), "--eval-windows", str(args.eval_windows)], log_path)
+            ref = ref or res
+            r = {"model": args.pipeline_model, "variant": v, "stats": "cx+cg", "windows": args.smol_nsamples,
+                 "seqlen": args.smol_seqlen, "keep": args.keep, "total_s": round(res["seconds"], 2),
+                 "time_vs_resident": round(res["seconds"] / ref["seconds"], 3),
+                 **{f"stage_{k.replace(' ', '_').replace('/', '__')}_s": round(x, 3) for k, x in res["stages"].items()},
+                 "ppl": res["ppl"], "ppl_windows": args.eval_windows, "ranks_sha": res["ranks_sha"],
+                 "same_ranks_as_first": res["ranks_sha"] == ref["ranks_sha"], "keep_actual": res["keep_actual"],
+                 "stats_held_gib": round(res["stats_held_bytes"] / 2**30, 4),
+                 "stats_spilled_gib": round(res["stats_spilled_bytes"] / 2**30, 4), "peak_rss_mib": round(rss, 1),
+                 "rss_before_calib_mib": round(res["vmhwm_before_mib"], 1), **env}
+            write_csv([r], PIPELINE_OUT if args.out == str(OUT) else args.out + ".pipeline.csv")
+            print_table([r], ["variant", "total_s", "time_vs_resident", "ppl", "same_ranks_as_first", "stats_held_gib",
+                              "peak_rss_mib"])
     print(f"rows appended to {args.out}; child logs in {log_path}")
 
 
