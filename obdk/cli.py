@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--stream: directory for the memory-mapped boundary activations beyond --max-host-memory")
     c.add_argument("--max-host-memory", type=int, default=None, metavar="BYTES",
                    help="--stream: host bytes for boundary activations before they spill to --scratch-dir")
+    c.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="under torchrun: seconds a rank waits for the others in a collective (also while rank 0 "
+                        "applies, evaluates and saves) before the job fails")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--rank-multiple", type=int, default=None, help="ranks rounded to a multiple of this (default 8)")
     c.add_argument("--damping", type=float, default=0.01)
@@ -210,11 +214,51 @@ def _config_from_args(args):
 
 
 def cmd_compress(args) -> int:
+    """``obdk compress``; under ``torchrun`` (``WORLD_SIZE`` > 1) inside one process group (gloo on CPU, NCCL on
+    CUDA) that every rank calibrates in, rank 0 alone applying and saving while the others wait at a barrier."""
+    import contextlib
+
+    from .calibrate import distributed as dist
+    _check_device(args.device)
+    own, args.device = dist.init_from_env(args.device, args.dist_timeout)
+    try:
+        with contextlib.ExitStack() as solo:
+            rc = _compress(args, solo)
+        dist.barrier()  # the other ranks wait here until rank 0 has saved
+        return rc
+    finally:
+        if own:
+            dist.destroy()
+
+
+def _ranks_agree(plan, variants: list, solo) -> list | None:
+    """Under a process group: every rank allocates every variant and the ranks must agree (:class:`DataError`
+    naming the first rank that differs); returns each rank's collective counters and peak RSS (MiB), and
+    on rank 0 hides the group for the rest of ``solo`` (rank 0 applies and saves as one process). None
+    without a group."""
+    import resource
+
+    from .calibrate import distributed as dist
+    rank, world = dist.world()
+    if world == 1:
+        return None
+    for v in variants:
+        alloc = plan.allocate(config=plan.resolve(**v))
+        dist.same_on_every_rank(alloc.ranks, f"the allocation at --keep {v['keep']:g}")
+    mine = {"rank": rank, **dist.traffic(), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    per_rank = dist.all_gather_objects(mine)
+    if rank == 0:
+        solo.enter_context(dist.alone())
+    return per_rank
+
+
+def _compress(args, solo) -> int:
     import torch
 
     import obdk
     from .errors import ConfigError
     from .io import check_writable, update_report
+    from .calibrate.distributed import world as dist_world
     from .pipeline import compress_many, prepare
     from .report import StageTimer, count_params
 
@@ -244,6 +288,9 @@ def cmd_compress(args) -> int:
                    stream=args.stream, scratch_dir=args.scratch_dir, max_host_memory=args.max_host_memory)
     for v in variants:
         plan.resolve(**v)  # every --keep validated before the first is applied
+    per_rank = _ranks_agree(plan, variants, solo)
+    if per_rank is not None and dist_world()[0] != 0:  # torchrun: the ranks other than 0 are done here
+        return 0
     dense_eval = None
     if args.eval_windows:  # the dense model on the same windows, for the measured loss increase
         from .eval import perplexity
@@ -271,6 +318,8 @@ def cmd_compress(args) -> int:
                "predicted_loss": report.predicted_loss, "method": args.method,
                "alloc": report.config["alloc"], "stages": report.stages,
                "coverage": {k: v for k, v in report.coverage.items() if k != "untargeted"}}
+        if per_rank is not None:  # torchrun: bytes sent, seconds in collectives and peak RSS of each rank
+            row["distributed"] = per_rank
         if args.eval_windows:
             from .eval import perplexity
             with torch.inference_mode():
@@ -393,7 +442,10 @@ def main(argv: list[str] | None = None) -> int:
     except ObdkError as exc:  # the user's input or data: one line naming the culprit; a bug keeps its traceback
         msg = " ".join(str(exc).split("\n")[0].split()) or type(exc).__name__
         msg = re.sub(r"^LowRankConfig\.(\w+)=", lambda m: "--" + m.group(1).replace("_", "-") + " ", msg)
-        print(f"obdk {args.verb}: error: {msg}", file=sys.stderr)
+        where = ""
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # torchrun: say which rank failed
+            where = f" (rank {os.environ.get('RANK', '?')} of {os.environ['WORLD_SIZE']})"
+        print(f"obdk {args.verb}: error{where}: {msg}", file=sys.stderr)
         return 2
 
 

@@ -357,6 +357,12 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
                 if layered:
                     from .calibrate.kept import LayerStatistics
                     store = LayerStatistics(max_host_memory, scratch_dir)
+                # under torch.distributed, when the allocation reads eigenvalues only, each layer's statistics go to
+                # their owner ranks alone, which decompose them (obdk.calibrate.distributed.share_spectra then gives
+                # every rank the eigenvalues and rank 0 the factors); otherwise every rank gets every statistic
+                from .calibrate import distributed as dist
+                owned = store is None and config.resolved_alloc in ("uniform", "global")
+                weights = {t.name: model.get_submodule(t.name).weight for t in targets}
 
                 def decompose_layer(i, part):
                     sub = [by_name[n] for n in part.modules if n in by_name]
@@ -371,11 +377,13 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
                             t0 = time.perf_counter()
                             deltas.update(zero_sum_deltas(sp, part.grad))
                             score_s[0] += time.perf_counter() - t0
+                    if owned:  # a collective: every rank calls it, whether it owns any of this layer's targets or not
+                        done.update(dist.share_spectra({t.name: done[t.name] for t in sub}, weights))
                     if store is not None:
                         part.grad.clear()  # (the corrections take their own gradients at the truncation)
                         store.put(i, part)
                 stats = calibrate_streamed(model, data, stats=need, fisher=config.fisher, seed=seed, progress=progress,
-                                           on_layer=decompose_layer,
+                                           on_layer=decompose_layer, reduce="owner" if owned else "all",
                                            info=sinfo, **stream_opts)
                 spectra = done
                 if store is not None:

@@ -10,23 +10,49 @@ each rank's GPU and the counts are sent from the accumulators' device).
 
 Per-window randomness (the true-Fisher label sampling) is seeded by the window index, not
 by the rank, so the sampled labels do not depend on the number of ranks.
+
+**Owner reduce** (the layer-streamed pipeline, ``calibrate_streamed(..., reduce="owner")``): every
+shared-input group of Linears gets an owner rank (:func:`assign_owners`, greedy longest-processing-time
+on the cost of its eigenproblems, :func:`decomposition_cost`, the same on every rank); a group's
+``C_x`` and its Linears' ``C_g``/``∂L/∂W`` are SUM-reduced to that rank only (:func:`reduce_sum_`),
+which decomposes them. :func:`share_spectra` then moves what the rest of the run needs: every
+target's eigenvalues and metadata to every rank (the allocation runs everywhere on the same numbers),
+its ordered factors to rank 0 (the writer) only. Bytes and seconds inside collectives are counted per
+process (:func:`traffic`).
+
+:func:`init_from_env` / :func:`destroy` set up and tear down the default group under ``torchrun``;
+:func:`alone` hides the group (work that only rank 0 does, e.g. applying and saving).
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
 import logging
-from typing import Optional, Sequence
+import os
+import pickle
+import time
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["world", "shard", "all_reduce_sum_", "all_reduce_counts", "all_agree", "barrier"]
+__all__ = ["world", "shard", "all_reduce_sum_", "all_reduce_counts", "all_agree", "barrier", "decomposition_cost",
+           "assign_owners", "reduce_sum_", "share_spectra", "same_on_every_rank", "all_gather_objects", "traffic",
+           "alone", "init_from_env", "destroy"]
+
+_HIDDEN = [False]  # inside alone(): the group exists but this process works on its own
+
+# bytes this process sent in each kind of collective (its own payload: a reduce counts the tensor once on each
+# non-owner, an all-gather counts the pickled object once per peer) and seconds spent inside collective calls
+# (waiting for the slowest peer plus the transfer)
+_TRAFFIC = {"reduce_bytes": 0, "share_bytes": 0, "object_bytes": 0, "collective_seconds": 0.0, "collectives": 0}
 
 
 def _active() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and not _HIDDEN[0]
 
 
 def world() -> tuple[int, int]:
@@ -60,7 +86,8 @@ def all_reduce_sum_(tensors: Sequence[Tensor]) -> None:
     if not _active():
         return
     for t in tensors:
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        with _timed():
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
 
 
 def all_reduce_counts(counts: Sequence[int], like: Optional[Tensor] = None) -> list[int]:
@@ -84,4 +111,219 @@ def all_agree(flag: bool, like: Optional[Tensor] = None) -> bool:
 def barrier() -> None:
     """``torch.distributed.barrier()`` when a group is initialised."""
     if _active():
-        torch.distributed.barrier()
+        with _timed():
+            torch.distributed.barrier()
+
+
+# =========================================================================== accounting
+
+
+@contextlib.contextmanager
+def _timed() -> Iterator[None]:
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        _TRAFFIC["collective_seconds"] += time.perf_counter() - t0
+        _TRAFFIC["collectives"] += 1
+
+
+def traffic() -> dict:
+    """This process's collective counters so far (a copy): ``reduce_bytes`` (accumulator bytes it sent in
+    owner reduces: each non-owner counts its tensor once), ``share_bytes`` (factor bytes it sent in
+    :func:`share_spectra`), ``object_bytes`` (pickled metadata it sent to its peers), ``collective_seconds``
+    (wall time inside collective calls: waiting for the slowest rank plus the transfer) and ``collectives``
+    (calls). Logical payload bytes, not bytes on the wire (the backend's algorithm may relay them)."""
+    return dict(_TRAFFIC)
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Inside, :func:`world` is ``(0, 1)`` and every helper here is a no-op: work one rank does on its own
+    (applying and saving on the writer) runs as in one process, with no collective that would wait for
+    ranks that are not there. The process group itself stays initialised."""
+    before = _HIDDEN[0]
+    _HIDDEN[0] = True
+    try:
+        yield
+    finally:
+        _HIDDEN[0] = before
+
+
+def init_from_env(device: str = "cpu", timeout_s: float = 1800.0) -> tuple[bool, str]:
+    """Initialise the default process group from ``torchrun``'s environment when ``WORLD_SIZE`` > 1.
+
+    ``device``: the run's device (``"cpu"`` → gloo, ``"cuda"``/``"cuda:i"`` → NCCL; a bare ``"cuda"``
+    becomes ``cuda:$LOCAL_RANK``); ``timeout_s``: seconds a collective may wait for a peer before it fails
+    (a rank that died does not leave the others hanging past it). Returns ``(initialised here, device)``;
+    ``(False, device)`` when ``WORLD_SIZE`` is unset or 1, or a group already exists. A missing
+    ``RANK``/``MASTER_ADDR``/``MASTER_PORT`` or a bad ``timeout_s`` raises :class:`ConfigError` naming it.
+    """
+    ws = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if ws <= 1 or (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False, device
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:
+        raise ConfigError(f"WORLD_SIZE={ws} but {', '.join(missing)} unset: launch with torchrun "
+                          f"(torchrun --nproc-per-node {ws} -m obdk ...)")
+    if not timeout_s > 0:
+        raise ConfigError(f"--dist-timeout {timeout_s}: must be > 0 seconds")
+    dev = torch.device(device)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if dev.type == "cuda":
+        if dev.index is None:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=float(timeout_s)))
+    log.info("process group: %s, rank %d of %d, device %s", backend, torch.distributed.get_rank(), ws, dev)
+    return True, str(dev)
+
+
+def destroy() -> None:
+    """Destroy the default process group if one is initialised."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+# =========================================================================== owners
+
+
+def decomposition_cost(m: int, n: int) -> int:
+    """Work of one target's full decomposition (weight [m, n]), in units of multiply-adds, roughly:
+    ``p³ + p·q²`` with ``p = min(m, n)``, ``q = max(m, n)`` (the p×p root and eigen-solve, and the Gram
+    formed through the q-side covariance). Only the ratios matter (owner balance)."""
+    p, q = min(int(m), int(n)), max(int(m), int(n))
+    return p ** 3 + p * q * q
+
+
+def assign_owners(costs: Sequence[tuple[str, int]], world_size: int,
+                  loads: Optional[list] = None) -> dict[str, int]:
+    """Owner rank of each item: greedy longest-processing-time (largest cost first, to the least loaded rank).
+
+    ``costs``: ``[(key, cost)]`` (e.g. group key → summed :func:`decomposition_cost` of its Linears);
+    ``world_size``: ranks; ``loads``: per-rank loads so far (length ``world_size``, updated in place, so
+    that calls layer after layer balance the whole run). Ties go to the earlier key and the lower rank:
+    every rank computes the same map. Returns ``{key: rank}``.
+    """
+    w = int(world_size)
+    if w < 1:
+        raise DataError(f"assign_owners: world_size {world_size} must be >= 1")
+    if loads is None:
+        loads = [0] * w
+    elif len(loads) != w:
+        raise DataError(f"assign_owners: {len(loads)} loads for a world of {w}")
+    out: dict[str, int] = {}
+    for j in sorted(range(len(costs)), key=lambda j: (-costs[j][1], j)):
+        r = min(range(w), key=lambda q: (loads[q], q))
+        out[costs[j][0]] = r
+        loads[r] += costs[j][1]
+    return {k: out[k] for k, _ in costs}
+
+
+def reduce_sum_(t: Tensor, dst: int) -> None:
+    """SUM-reduce ``t`` onto rank ``dst`` (in place there; on the other ranks ``t`` is left undefined: free it).
+
+    No-op without a process group. Counts ``t``'s bytes in ``traffic()["reduce_bytes"]`` on every
+    non-destination rank.
+    """
+    if not _active():
+        return
+    with _timed():
+        torch.distributed.reduce(t, dst=int(dst), op=torch.distributed.ReduceOp.SUM)
+    if torch.distributed.get_rank() != int(dst):
+        _TRAFFIC["reduce_bytes"] += t.numel() * t.element_size()
+
+
+def all_gather_objects(obj: Any) -> list:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` without a group. Counted in ``object_bytes``."""
+    rank, w = world()
+    if w == 1:
+        return [obj]
+    out: list = [None] * w
+    _TRAFFIC["object_bytes"] += len(pickle.dumps(obj)) * (w - 1)
+    with _timed():
+        torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def same_on_every_rank(obj: Any, what: str) -> None:
+    """Raise :class:`DataError` naming ``what`` and the first rank whose ``obj`` differs from rank 0's."""
+    objs = all_gather_objects(obj)
+    for r, o in enumerate(objs):
+        if o != objs[0]:
+            raise DataError(f"{what} differs between rank 0 and rank {r} (the ranks did not compute the same "
+                            f"run; they must see the same model, data and options)")
+
+
+# =========================================================================== spectra
+
+
+_FACTORS = ("factor_b", "factor_a")
+
+
+def share_spectra(local: Mapping[str, Any], weights: Mapping[str, Tensor], *, writer: int = 0,
+                  everywhere: bool = False) -> dict[str, Any]:
+    """After the owners' decompositions of one layer: every target's spectrum where the run needs it.
+
+    ``local``: ``{name: Spectrum}`` this rank decomposed (the targets it owns; maybe none), each with
+    ``eigenvalues`` [k], ``factor_b`` [m, k'], ``factor_a`` [k', n] and ``weight`` [m, n];
+    ``weights``: ``{name: weight [m, n]}`` from this rank's own model for at least every name any rank
+    decomposed (a spectrum's ``weight`` is the original tensor, which every rank holds, so it never
+    travels). Every rank calls this with its own ``local`` (a collective).
+
+    Returns ``{name: Spectrum}`` of every target any rank decomposed, in rank order then each owner's
+    order. The eigenvalues and metadata (method, solver, damping, numerical rank, rtol, kept) are exact
+    copies on every rank (one all-gather of pickled metadata); the factors are exact copies on rank
+    ``writer`` (point-to-point sends from each owner) and, with ``everywhere`` (e.g. scores that need
+    the factors on every rank), on every rank (broadcasts). Elsewhere (an owner's own factors included,
+    once sent) ``factor_b``/``factor_a`` are tensors on the ``meta`` device: shape and dtype only, so a
+    rank holds no factors beyond the layer it is decomposing.
+    Eigenvalues and factors are placed on the device of the target's weight. Without a group:
+    ``dict(local)``.
+    """
+    import dataclasses
+    rank, w = world()
+    if w == 1:
+        return dict(local)
+    metas = {}
+    for name, sp in local.items():
+        metas[name] = dataclasses.replace(
+            sp, eigenvalues=sp.eigenvalues.detach().cpu(), weight=torch.empty(0, device="meta"),
+            **{f: torch.empty(getattr(sp, f).shape, dtype=getattr(sp, f).dtype, device="meta") for f in _FACTORS})
+    everyone = all_gather_objects(metas)
+    out: dict[str, Any] = {}
+    for owner, got in enumerate(everyone):
+        for name, meta in got.items():
+            if name not in weights:
+                raise DataError(f"share_spectra: rank {owner} decomposed {name}, which rank {rank} has no weight for")
+            wt = weights[name]
+            if owner == rank:
+                fac = {f: getattr(local[name], f) for f in _FACTORS}
+            elif rank == writer or everywhere:
+                fac = {f: torch.empty(getattr(meta, f).shape, dtype=getattr(meta, f).dtype, device=wt.device)
+                       for f in _FACTORS}
+            else:
+                fac = {f: getattr(meta, f) for f in _FACTORS}
+            if owner != writer or everywhere:
+                for f in _FACTORS:
+                    t = fac[f]
+                    if everywhere:
+                        if owner == rank:
+                            t = fac[f] = t.contiguous()
+                            _TRAFFIC["share_bytes"] += t.numel() * t.element_size() * (w - 1)
+                        with _timed():
+                            torch.distributed.broadcast(t, src=owner)
+                    elif owner == rank:
+                        t = fac[f] = t.contiguous()
+                        _TRAFFIC["share_bytes"] += t.numel() * t.element_size()
+                        with _timed():
+                            torch.distributed.send(t, dst=writer)
+                    elif rank == writer:
+                        with _timed():
+                            torch.distributed.recv(t, src=owner)
+            if rank != writer and not everywhere:  # sent (or never here): keep shapes only, free the memory
+                fac = {f: getattr(meta, f) for f in _FACTORS}
+            ev = local[name].eigenvalues if owner == rank else meta.eigenvalues.to(wt.device)
+            out[name] = dataclasses.replace(meta, eigenvalues=ev, weight=local[name].weight if owner == rank else
+                                            wt.detach(), **fac)
+    return out

@@ -246,7 +246,7 @@ def calibrate_streamed(model: nn.Module, data: Any, *, stats: Sequence[str] = ("
                        seed: int = 0, batch_size: int = 1, dtype: torch.dtype = torch.float32, progress: bool = True,
                        scratch_dir: Optional[str | os.PathLike] = None, max_host_memory: Optional[int] = None,
                        on_layer: Optional[Callable[[int, Statistics], Any]] = None, keep: Optional[bool] = None,
-                       groups=None, info: Optional[dict] = None) -> Statistics:
+                       groups=None, info: Optional[dict] = None, reduce: str = "all") -> Statistics:
     """The statistics of :func:`~obdk.calibrate.stats.calibrate`, computed one decoder layer at a time.
 
     ``data``: as for ``calibrate`` (``.input_ids`` [N, T] and ``.attention_mask`` [N, T] or None, a dict,
@@ -267,13 +267,27 @@ def calibrate_streamed(model: nn.Module, data: Any, *, stats: Sequence[str] = ("
     layer's statistics are ever held). ``groups``: the ``LinearGroup`` list to target (default
     :func:`obdk.models.linear_groups`; every group must lie inside a decoder layer). ``info``: a dict
     filled with what the run measured (``peak_stats_bytes``: the most accumulator bytes held at once;
-    ``peak_host_bytes``, ``spilled_bytes``, ``scratch_files``; ``seconds`` per phase).
+    ``peak_host_bytes``, ``spilled_bytes``, ``scratch_files``; ``seconds`` per phase; under a process
+    group ``distributed``: this rank's ``rank``, ``world``, ``windows``, ``owners`` (group key → rank,
+    ``reduce="owner"``) and the :func:`~obdk.calibrate.distributed.traffic` counters of this call:
+    ``reduce_bytes``, ``share_bytes``, ``object_bytes``, ``collective_seconds``, ``collectives``).
+
+    ``reduce``: how the ranks of a process group combine a finished layer's accumulators. ``"all"``
+    (default): all-reduced, every rank's parts and result hold every statistic. ``"owner"``: each shared-input
+    group has an owner rank (:func:`~obdk.calibrate.distributed.assign_owners`, balanced by
+    :func:`~obdk.calibrate.distributed.decomposition_cost` over the whole model, the same on every rank); its
+    ``C_x`` and its Linears' ``C_g``/``∂L/∂W`` are SUM-reduced to the owner only, and every other rank frees
+    them at once. ``on_layer`` then receives, on each rank, a part holding only the groups that rank owns
+    (possibly none; it is still called, so that a collective inside it runs on every rank), and the
+    result holds only the owned statistics. Without a group (or with one rank) both are the same.
 
     Raises :class:`StreamingUnsupportedError` (an ``ObdkError``) for a model the schedule cannot run
     exactly (see the module docstring); the weights are frozen for the run and restored afterwards.
     """
     t_start = time.perf_counter()
     want = _check_options(stats, fisher, dtype, batch_size, fn="calibrate_streamed")
+    if reduce not in ("all", "owner"):
+        raise ConfigError(f"calibrate_streamed: reduce={reduce!r} is not 'all' or 'owner'")
     keep = (on_layer is None) if keep is None else bool(keep)
     backward = "cg" in want or "grad" in want
 
@@ -337,6 +351,16 @@ def calibrate_streamed(model: nn.Module, data: Any, *, stats: Sequence[str] = ("
         by_layer.setdefault(layer_of[g.names[0]], []).append(g)
     top = len(layers) - 1 if backward else max(by_layer)
     bottom = min(by_layer)
+    # owner of each group (C_x and its Linears' C_g/grad): balanced over the whole model, layer by layer in the
+    # order the sweep finishes them, so consecutive layers' owners alternate and keep every rank busy
+    owners: dict[str, int] = {}
+    if reduce == "owner":
+        loads = [0] * world
+        for i in sorted(by_layer, reverse=backward):
+            owners.update(dist.assign_owners([(g.key, sum(dist.decomposition_cost(linears[n].out_features,
+                                                                                  linears[n].in_features)
+                                                         for n in g.names)) for g in by_layer[i]], world, loads))
+    traffic0 = dist.traffic()
 
     # ---------------------------------------------------------------- slots (accumulators set per layer)
     ctx = CalibrationContext()
@@ -385,19 +409,25 @@ def calibrate_streamed(model: nn.Module, data: Any, *, stats: Sequence[str] = ("
         nbytes = _layer_acc_bytes(i)
         for g in by_layer[i]:
             gs = gstate[g.key]
+            owner = owners.get(g.key)
+            mine_g = owner is None or owner == rank
             if gs.cx is not None:
-                dist.all_reduce_sum_([gs.cx])
-                part.cx[g.key] = gs.cx.div_(tokens)
+                _combine(gs.cx, owner)
+                if mine_g:
+                    part.cx[g.key] = gs.cx.div_(tokens)
             for name in g.names:
-                part.input_key[name] = g.key
+                if mine_g:
+                    part.input_key[name] = g.key
                 s = slots[name]
                 if s.cg is not None:
-                    dist.all_reduce_sum_([s.cg])
-                    part.cg[name] = s.cg.div_(loss_tokens)
+                    _combine(s.cg, owner)
+                    if mine_g:
+                        part.cg[name] = s.cg.div_(loss_tokens)
                 if s.grad is not None:
-                    dist.all_reduce_sum_([s.grad])
-                    part.grad[name] = s.grad
-                s.cg = s.grad = None
+                    _combine(s.grad, owner)
+                    if mine_g:
+                        part.grad[name] = s.grad
+                s.cg = s.grad = None  # a non-owner's reduced buffers are garbage: gone here
             gs.cx = None
         if on_layer is not None:
             on_layer(i, part)
@@ -548,10 +578,22 @@ def calibrate_streamed(model: nn.Module, data: Any, *, stats: Sequence[str] = ("
                      "spilled_bytes": store.spilled_bytes, "peak_spilled_bytes": store.peak_spilled_bytes,
                      "scratch_files": store.files, "layers": len(layers), "batches": len(batches),
                      "seconds": {**seconds, "total": time.perf_counter() - t_start}})
+        if world > 1:
+            now = dist.traffic()
+            info["distributed"] = {"rank": rank, "world": world, "windows": len(mine), "reduce": reduce,
+                                   "owners": dict(owners), **{k: now[k] - traffic0[k] for k in now}}
     log.info("calibrate_streamed: %d windows x %d tokens, %d layers, stats %s: peak statistics %.3f GiB, host "
              "boundary buffers %.3f GiB (+%.3f GiB spilled)", ids.shape[0], ids.shape[1], len(layers), "+".join(want),
              live["peak"] / 2**30, store.peak_host_bytes / 2**30, store.peak_spilled_bytes / 2**30)
     return out_st
+
+
+def _combine(t: Tensor, owner: Optional[int]) -> None:
+    """Sum ``t`` over the ranks: onto every rank (``owner`` None) or onto ``owner`` only."""
+    if owner is None:
+        dist.all_reduce_sum_([t])
+    else:
+        dist.reduce_sum_(t, owner)
 
 
 def _head_grad(norm: nn.Module, head: nn.Linear, h_last: Tensor, ids: Tensor, mask: Optional[Tensor],
