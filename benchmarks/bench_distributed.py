@@ -12,7 +12,7 @@ configuration that streams fully: each layer decomposed as its sweep ends, its s
 
 Every rank (in its own process) records: ``prepare_s`` (its wall time in ``prepare``), ``peak_rss_mib``
 (``ru_maxrss`` of the process: model, boundary activations, statistics, factors), ``rss_before_mib``
-(VmHWM before ``prepare``: the model and data), the bytes it sent (``reduce_bytes``: accumulators to
+(the same high-water mark before ``prepare``: the model and data), the bytes it sent (``reduce_bytes``: accumulators to
 their owners; ``share_bytes``: factors to rank 0; ``object_bytes``: pickled eigenvalues/metadata) and
 ``collective_s`` (seconds inside collective calls: waiting for the other rank plus the transfer). The
 parent records ``wall_s`` of the whole variant (process start, model load, prepare, apply, evaluation).
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -38,19 +37,13 @@ from pathlib import Path
 
 from .core.env import RESULTS
 from .core.rows import ResultLog, print_table
+from .core.timing import peak_rss_mib
 
 _COLS = ["variant", "rank", "wall_s", "prepare_s", "peak_rss_mib", "reduce_bytes", "share_bytes", "collective_s",
          "ppl", "same_as_1x2"]
 
 
 # =========================================================================== one rank
-
-
-def _vmhwm_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def child(args) -> None:
@@ -77,7 +70,7 @@ def child(args) -> None:
             data = get_calibration_windows("wikitext2:validation", tok, nsamples=args.nsamples, seqlen=args.seqlen,
                                            seed=0, data_dir=args.data_dir)
         cfg = LowRankConfig(method="obd", correct="none", alloc="global", keep=args.keep)
-        rss_before = _vmhwm_mib()
+        rss_before = peak_rss_mib()
         dist.barrier()  # both ranks start prepare together: its time is not the other's load time
         t0 = time.perf_counter()
         plan = obdk.prepare(model, cfg, data, stream=True, progress=False)
@@ -85,7 +78,7 @@ def child(args) -> None:
         ranks = plan.allocate().ranks
         sha = hashlib.sha256(json.dumps(ranks, sort_keys=True).encode()).hexdigest()[:12]
         res = {"rank": rank, "world": world, "threads": args.threads, "prepare_s": prepare_s,
-               "rss_before_mib": rss_before, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "rss_before_mib": rss_before, "peak_rss_mib": peak_rss_mib(),
                "ranks_sha": sha, **dist.traffic()}
         if rank == 0:
             with dist.alone():

@@ -35,13 +35,18 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, ObdkError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["world", "shard", "all_reduce_sum_", "all_reduce_counts", "all_agree", "barrier", "decomposition_cost",
            "assign_owners", "reduce_sum_", "share_spectra", "same_on_every_rank", "all_gather_objects", "traffic",
-           "alone", "init_from_env", "destroy"]
+           "alone", "init_from_env", "destroy", "CollectiveError"]
+
+
+class CollectiveError(ObdkError, RuntimeError):
+    """A collective failed on this rank: another rank stopped (its own error names the cause) or did not
+    answer within the process group's timeout (``obdk compress --dist-timeout``)."""
 
 _HIDDEN = [False]  # inside alone(): the group exists but this process works on its own
 
@@ -86,7 +91,7 @@ def all_reduce_sum_(tensors: Sequence[Tensor]) -> None:
     if not _active():
         return
     for t in tensors:
-        with _timed():
+        with _timed("an all-reduce"):
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
 
 
@@ -95,7 +100,8 @@ def all_reduce_counts(counts: Sequence[int], like: Optional[Tensor] = None) -> l
     if not _active():
         return [int(c) for c in counts]
     t = torch.tensor([int(c) for c in counts], dtype=torch.int64, device=_count_device(like))
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    with _timed("an all-reduce of counts"):
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
     return [int(v) for v in t.tolist()]
 
 
@@ -104,14 +110,15 @@ def all_agree(flag: bool, like: Optional[Tensor] = None) -> bool:
     if not _active():
         return bool(flag)
     t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=_count_device(like))
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    with _timed("an all-reduce of flags"):
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
     return bool(t.item())
 
 
 def barrier() -> None:
     """``torch.distributed.barrier()`` when a group is initialised."""
     if _active():
-        with _timed():
+        with _timed("a barrier"):
             torch.distributed.barrier()
 
 
@@ -119,10 +126,16 @@ def barrier() -> None:
 
 
 @contextlib.contextmanager
-def _timed() -> Iterator[None]:
+def _timed(what: str = "a collective") -> Iterator[None]:
     t0 = time.perf_counter()
     try:
         yield
+    except RuntimeError as e:  # gloo/NCCL: a peer closed its connection, or the timeout passed
+        if isinstance(e, ObdkError):
+            raise
+        first = " ".join(str(e).split("\n")[0].split())[:300]
+        raise CollectiveError(f"{what} failed on rank {torch.distributed.get_rank()}: another rank stopped or did "
+                              f"not answer in time (see its own error); {type(e).__name__}: {first}") from e
     finally:
         _TRAFFIC["collective_seconds"] += time.perf_counter() - t0
         _TRAFFIC["collectives"] += 1
@@ -220,15 +233,16 @@ def assign_owners(costs: Sequence[tuple[str, int]], world_size: int,
     return {k: out[k] for k, _ in costs}
 
 
-def reduce_sum_(t: Tensor, dst: int) -> None:
-    """SUM-reduce ``t`` onto rank ``dst`` (in place there; on the other ranks ``t`` is left undefined: free it).
+def reduce_sum_(t: Tensor, dst: int, name: str = "a tensor") -> None:
+    """SUM-reduce ``t`` (any shape) onto rank ``dst`` (in place there; elsewhere ``t`` is left undefined: free it).
 
     No-op without a process group. Counts ``t``'s bytes in ``traffic()["reduce_bytes"]`` on every
-    non-destination rank.
+    non-destination rank; ``name`` (e.g. ``"C_x of model.layers.3.mlp"``) names it in a
+    :class:`CollectiveError`.
     """
     if not _active():
         return
-    with _timed():
+    with _timed(f"the reduce of {name} to rank {dst}"):
         torch.distributed.reduce(t, dst=int(dst), op=torch.distributed.ReduceOp.SUM)
     if torch.distributed.get_rank() != int(dst):
         _TRAFFIC["reduce_bytes"] += t.numel() * t.element_size()
@@ -241,7 +255,7 @@ def all_gather_objects(obj: Any) -> list:
         return [obj]
     out: list = [None] * w
     _TRAFFIC["object_bytes"] += len(pickle.dumps(obj)) * (w - 1)
-    with _timed():
+    with _timed("an all-gather"):
         torch.distributed.all_gather_object(out, obj)
     return out
 
@@ -261,8 +275,7 @@ def same_on_every_rank(obj: Any, what: str) -> None:
 _FACTORS = ("factor_b", "factor_a")
 
 
-def share_spectra(local: Mapping[str, Any], weights: Mapping[str, Tensor], *, writer: int = 0,
-                  everywhere: bool = False) -> dict[str, Any]:
+def share_spectra(local: Mapping[str, Any], weights: Mapping[str, Tensor], *, writer: int = 0) -> dict[str, Any]:
     """After the owners' decompositions of one layer: every target's spectrum where the run needs it.
 
     ``local``: ``{name: Spectrum}`` this rank decomposed (the targets it owns; maybe none), each with
@@ -274,10 +287,10 @@ def share_spectra(local: Mapping[str, Any], weights: Mapping[str, Tensor], *, wr
     Returns ``{name: Spectrum}`` of every target any rank decomposed, in rank order then each owner's
     order. The eigenvalues and metadata (method, solver, damping, numerical rank, rtol, kept) are exact
     copies on every rank (one all-gather of pickled metadata); the factors are exact copies on rank
-    ``writer`` (point-to-point sends from each owner) and, with ``everywhere`` (e.g. scores that need
-    the factors on every rank), on every rank (broadcasts). Elsewhere (an owner's own factors included,
-    once sent) ``factor_b``/``factor_a`` are tensors on the ``meta`` device: shape and dtype only, so a
-    rank holds no factors beyond the layer it is decomposing.
+    ``writer`` (point-to-point sends from each owner). Elsewhere (an owner's own factors included, once
+    sent) ``factor_b``/``factor_a`` are tensors on the ``meta`` device: shape and dtype only, so a rank
+    holds no factors beyond the layer it is decomposing (scores that need every factor on every rank,
+    such as BSI's, cannot run on such spectra: the pipeline all-reduces for them instead).
     Eigenvalues and factors are placed on the device of the target's weight. Without a group:
     ``dict(local)``.
     """
@@ -297,32 +310,22 @@ def share_spectra(local: Mapping[str, Any], weights: Mapping[str, Tensor], *, wr
             if name not in weights:
                 raise DataError(f"share_spectra: rank {owner} decomposed {name}, which rank {rank} has no weight for")
             wt = weights[name]
-            if owner == rank:
+            if rank != writer:  # shapes only: sent below if this rank owns it, never needed here
+                fac = {f: getattr(meta, f) for f in _FACTORS}
+                if owner == rank:
+                    for f in _FACTORS:
+                        t = getattr(local[name], f).contiguous()
+                        _TRAFFIC["share_bytes"] += t.numel() * t.element_size()
+                        with _timed(f"the send of {name}.{f}"):
+                            torch.distributed.send(t, dst=writer)
+            elif owner == rank:
                 fac = {f: getattr(local[name], f) for f in _FACTORS}
-            elif rank == writer or everywhere:
+            else:
                 fac = {f: torch.empty(getattr(meta, f).shape, dtype=getattr(meta, f).dtype, device=wt.device)
                        for f in _FACTORS}
-            else:
-                fac = {f: getattr(meta, f) for f in _FACTORS}
-            if owner != writer or everywhere:
                 for f in _FACTORS:
-                    t = fac[f]
-                    if everywhere:
-                        if owner == rank:
-                            t = fac[f] = t.contiguous()
-                            _TRAFFIC["share_bytes"] += t.numel() * t.element_size() * (w - 1)
-                        with _timed():
-                            torch.distributed.broadcast(t, src=owner)
-                    elif owner == rank:
-                        t = fac[f] = t.contiguous()
-                        _TRAFFIC["share_bytes"] += t.numel() * t.element_size()
-                        with _timed():
-                            torch.distributed.send(t, dst=writer)
-                    elif rank == writer:
-                        with _timed():
-                            torch.distributed.recv(t, src=owner)
-            if rank != writer and not everywhere:  # sent (or never here): keep shapes only, free the memory
-                fac = {f: getattr(meta, f) for f in _FACTORS}
+                    with _timed(f"the receive of {name}.{f}"):
+                        torch.distributed.recv(fac[f], src=owner)
             ev = local[name].eigenvalues if owner == rank else meta.eigenvalues.to(wt.device)
             out[name] = dataclasses.replace(meta, eigenvalues=ev, weight=local[name].weight if owner == rank else
                                             wt.detach(), **fac)

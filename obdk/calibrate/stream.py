@@ -412,7 +412,7 @@ def calibrate_streamed(model: nn.Module, data: Any, *, stats: Sequence[str] = ("
             owner = owners.get(g.key)
             mine_g = owner is None or owner == rank
             if gs.cx is not None:
-                _combine(gs.cx, owner)
+                _combine(gs.cx, owner, f"C_x of {g.key}")
                 if mine_g:
                     part.cx[g.key] = gs.cx.div_(tokens)
             for name in g.names:
@@ -420,11 +420,11 @@ def calibrate_streamed(model: nn.Module, data: Any, *, stats: Sequence[str] = ("
                     part.input_key[name] = g.key
                 s = slots[name]
                 if s.cg is not None:
-                    _combine(s.cg, owner)
+                    _combine(s.cg, owner, f"C_g of {name}")
                     if mine_g:
                         part.cg[name] = s.cg.div_(loss_tokens)
                 if s.grad is not None:
-                    _combine(s.grad, owner)
+                    _combine(s.grad, owner, f"dL/dW of {name}")
                     if mine_g:
                         part.grad[name] = s.grad
                 s.cg = s.grad = None  # a non-owner's reduced buffers are garbage: gone here
@@ -588,12 +588,12 @@ def calibrate_streamed(model: nn.Module, data: Any, *, stats: Sequence[str] = ("
     return out_st
 
 
-def _combine(t: Tensor, owner: Optional[int]) -> None:
-    """Sum ``t`` over the ranks: onto every rank (``owner`` None) or onto ``owner`` only."""
+def _combine(t: Tensor, owner: Optional[int], name: str) -> None:
+    """Sum ``t`` over the ranks: onto every rank (``owner`` None) or onto ``owner`` only (``name`` for errors)."""
     if owner is None:
         dist.all_reduce_sum_([t])
     else:
-        dist.reduce_sum_(t, owner)
+        dist.reduce_sum_(t, owner, name)
 
 
 def _head_grad(norm: nn.Module, head: nn.Linear, h_last: Tensor, ids: Tensor, mask: Optional[Tensor],

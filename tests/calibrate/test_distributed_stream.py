@@ -84,6 +84,50 @@ def _worker(rank: int, world_size: int, out: str) -> None:
         tdist.destroy_process_group()
 
 
+def _start(fn, world_size: int, out: Path) -> None:
+    """Run ``fn(rank, world_size, out)`` in ``world_size`` processes; forked (torch and transformers are already
+    imported here: a spawn would import them again in each child, most of these tests' time)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.start_processes(fn, args=(world_size, str(out)), nprocs=world_size, join=True, start_method="fork")
+
+
+def _failing_worker(rank: int, world_size: int, out: str) -> None:
+    """Rank 1 raises inside on_layer; every rank writes what it raised and when (no torchrun to tear down)."""
+    import datetime
+    import json
+    import time
+
+    from obdk.calibrate.stream import calibrate_streamed
+    from obdk.errors import DataError, ObdkError
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world_size,
+                             timeout=datetime.timedelta(seconds=30))
+    t0 = time.perf_counter()
+
+    def on_layer(i, part):
+        if rank == 1:
+            raise DataError(f"a bad tensor in layer {i} on rank 1")
+
+    try:
+        calibrate_streamed(_model(), _data(), stats=("cx", "cg"), on_layer=on_layer, reduce="owner", progress=False)
+        msg = "finished"
+    except ObdkError as e:
+        msg = f"{type(e).__name__}: {e}"
+    Path(out, f"err{rank}.json").write_text(json.dumps({"msg": msg, "seconds": time.perf_counter() - t0}))
+    tdist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_rank_failing_mid_sweep_fails_the_others_without_hanging(tmp_path):
+    import json
+    _start(_failing_worker, 2, tmp_path)
+    r0, r1 = (json.loads((tmp_path / f"err{r}.json").read_text()) for r in range(2))
+    assert r1["msg"] == f"DataError: a bad tensor in layer {LAYERS - 1} on rank 1"
+    # rank 0 fails at its next collective, as soon as rank 1's connection closes (at the latest the 30 s timeout)
+    assert r0["msg"].startswith("CollectiveError: the reduce of ") and "failed on rank 0" in r0["msg"], r0
+    assert r0["seconds"] < 30, r0
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
@@ -98,8 +142,7 @@ def single(tmp_path_factory):
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_owner_reduce_equals_one_process(world_size, single, tmp_path):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(world_size, str(tmp_path)), nprocs=world_size, join=True)
+    _start(_worker, world_size, tmp_path)
     got = [torch.load(tmp_path / f"r{r}.pt", weights_only=False) for r in range(world_size)]
     names = list(single["eig"])
     for r, g in enumerate(got):
