@@ -156,9 +156,10 @@ def main(argv=None) -> None:
         for r in ranks:
             row = {"model": args.model, "variant": name, "processes": nproc, "threads": threads, "rank": r["rank"],
                    "nsamples": args.nsamples, "seqlen": args.seqlen, "method": "obd", "correct": "none",
-                   "alloc": "global", "keep": args.keep, "wall_s": round(wall, 2), "prepare_s": round(r["prepare_s"], 2),
-                   "peak_rss_mib": round(r["peak_rss_mib"], 1), "rss_before_mib": round(r["rss_before_mib"], 1),
-                   "reduce_bytes": r["reduce_bytes"], "share_bytes": r["share_bytes"],
+                   "alloc": "global", "keep": args.keep, "wall_s": round(wall, 2),
+                   "prepare_s": round(r["prepare_s"], 2), "peak_rss_mib": round(r["peak_rss_mib"], 1),
+                   "rss_before_mib": round(r["rss_before_mib"], 1), "reduce_bytes": r["reduce_bytes"],
+                   "all_reduce_bytes": r["all_reduce_bytes"], "share_bytes": r["share_bytes"],
                    "object_bytes": r["object_bytes"], "collective_s": round(r["collective_seconds"], 3),
                    "collectives": r["collectives"], "ranks_sha": r["ranks_sha"], "ppl": r.get("ppl", ""),
                    "ppl_windows": args.eval_windows, "keep_actual": r.get("keep_actual", ""), "same_as_1x2": same}

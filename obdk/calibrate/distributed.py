@@ -53,7 +53,8 @@ _HIDDEN = [False]  # inside alone(): the group exists but this process works on 
 # bytes this process sent in each kind of collective (its own payload: a reduce counts the tensor once on each
 # non-owner, an all-gather counts the pickled object once per peer) and seconds spent inside collective calls
 # (waiting for the slowest peer plus the transfer)
-_TRAFFIC = {"reduce_bytes": 0, "share_bytes": 0, "object_bytes": 0, "collective_seconds": 0.0, "collectives": 0}
+_TRAFFIC = {"reduce_bytes": 0, "all_reduce_bytes": 0, "share_bytes": 0, "object_bytes": 0, "collective_seconds": 0.0,
+            "collectives": 0}
 
 
 def _active() -> bool:
@@ -93,6 +94,7 @@ def all_reduce_sum_(tensors: Sequence[Tensor]) -> None:
     for t in tensors:
         with _timed("an all-reduce"):
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        _TRAFFIC["all_reduce_bytes"] += t.numel() * t.element_size()
 
 
 def all_reduce_counts(counts: Sequence[int], like: Optional[Tensor] = None) -> list[int]:
@@ -143,7 +145,8 @@ def _timed(what: str = "a collective") -> Iterator[None]:
 
 def traffic() -> dict:
     """This process's collective counters so far (a copy): ``reduce_bytes`` (accumulator bytes it sent in
-    owner reduces: each non-owner counts its tensor once), ``share_bytes`` (factor bytes it sent in
+    owner reduces: each non-owner counts its tensor once), ``all_reduce_bytes`` (accumulator bytes it put into
+    all-reduces, once per tensor: the resident pass and ``reduce="all"``), ``share_bytes`` (factor bytes it sent in
     :func:`share_spectra`), ``object_bytes`` (pickled metadata it sent to its peers), ``collective_seconds``
     (wall time inside collective calls: waiting for the slowest rank plus the transfer) and ``collectives``
     (calls). Logical payload bytes, not bytes on the wire (the backend's algorithm may relay them)."""

@@ -270,7 +270,8 @@ def calibrate_streamed(model: nn.Module, data: Any, *, stats: Sequence[str] = ("
     ``peak_host_bytes``, ``spilled_bytes``, ``scratch_files``; ``seconds`` per phase; under a process
     group ``distributed``: this rank's ``rank``, ``world``, ``windows``, ``owners`` (group key → rank,
     ``reduce="owner"``) and the :func:`~obdk.calibrate.distributed.traffic` counters of this call:
-    ``reduce_bytes``, ``share_bytes``, ``object_bytes``, ``collective_seconds``, ``collectives``).
+    ``reduce_bytes``, ``all_reduce_bytes``, ``share_bytes``, ``object_bytes``, ``collective_seconds``,
+    ``collectives``).
 
     ``reduce``: how the ranks of a process group combine a finished layer's accumulators. ``"all"``
     (default): all-reduced, every rank's parts and result hold every statistic. ``"owner"``: each shared-input
