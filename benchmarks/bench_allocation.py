@@ -12,11 +12,13 @@ with ``stats=`` to one ``prepare`` per whitening (decomposition only). Every row
 scores an allocation needs the first time a row asks for them and keeps them for the other keeps:
 
 * ``zero-sum`` deltas come from ``stats.grad`` (no extra pass);
-* ``bsi`` scores cost 1 + 2·``--bsi-probes`` forward+backward passes over the plan's calibration
-  windows. They are scored on the first ``--bsi-windows`` windows only, so the ``bsi`` rows run
-  on a second plan of that whitening prepared on those windows (same statistics, so the same
-  spectra; its decomposition is that row's ``decompose_s``); a correction of a ``bsi`` row
-  therefore also runs on those windows;
+* ``bsi`` scores, one set per ``--bsi-curvatures`` estimator (shared by the keeps and the
+  ``--bsi-orders``): ``hutchinson`` costs 2·``--bsi-probes`` forward+backward passes (the
+  gradient comes from ``stats.grad``), ``blocked`` that per matrix, ``kfac`` none (``C_x``,
+  ``C_g``), ``fisher`` one. They are scored on the first ``--bsi-windows`` windows; when that is
+  fewer than the calibration's, the ``bsi`` rows run on a second plan of that whitening prepared
+  on those windows (same statistics, so the same spectra; its decomposition is that row's
+  ``decompose_s``), and a correction of a ``bsi`` row also runs on those windows;
 * ``+zs`` / ``+kfac`` (``correct``: ZS-SVD's Euclidean step or the K-FAC natural-gradient
   step) costs one more forward+backward pass over the plan's calibration windows per
   (combination, keep), inside ``Plan.apply``.
@@ -43,6 +45,8 @@ rows (and calibrations/plans/scores) already done. At the end a markdown table
     python -m benchmarks.bench_allocation --grid full --resume
     python -m benchmarks.bench_allocation --model tiny --windows 2 --nsamples 2 --seqlen 128 \\
         --keeps 0.8 --bsi-windows 1 --out /tmp/a.csv                      # seconds: smoke test
+    python -m benchmarks.bench_allocation --allocs bsi --correct none --bsi-windows 32 \\
+        --bsi-curvatures kfac fisher --bsi-orders importance spectral --resume   # issue #20's BSI grid
 """
 from __future__ import annotations
 
@@ -72,7 +76,7 @@ GRIDS = {
              "whitenings": list(WHITENINGS), "allocs": list(ALLOCS), "correct": ["all:zs,kfac,zs+kfac"]},
 }
 KEY_COLS = ("model", "calib", "eval", "whitening", "alloc", "correct", "keep", "windows_req", "seqlen",
-            "nsamples", "seed", "bsi_windows", "bsi_probes", "bsi_order")
+            "nsamples", "seed", "bsi_windows", "bsi_probes", "bsi_order", "bsi_curvature")
 STATS = ("cx", "cg", "grad")
 CORRECT_KINDS = ("zs", "kfac", "zs+kfac")
 
@@ -123,16 +127,24 @@ def run(args) -> list[dict]:
     wreq = str(args.windows)
     grid = combos(args)
 
-    def base(calib, ev, w, a, c, keep) -> dict:
+    def base(calib, ev, w, a, c, keep, order="importance", curv="hutchinson") -> dict:
         bsi = a == "bsi"
+        probed = curv in ("hutchinson", "blocked")
         return {"model": mname, "calib": calib, "eval": ev, "whitening": w, "alloc": a, "correct": c, "keep": keep,
                 "windows_req": wreq, "seqlen": args.seqlen, "nsamples": args.nsamples if w != "dense" else "",
-                "seed": args.seed, "bsi_windows": args.bsi_windows if bsi else "",
-                "bsi_probes": args.bsi_probes if bsi else "",
-                "bsi_order": args.bsi_order if bsi and args.bsi_order != "importance" else ""}
+                "seed": args.seed, "bsi_windows": args.bsi_windows if bsi and curv != "kfac" else "",
+                "bsi_probes": args.bsi_probes if bsi and probed else "",
+                "bsi_order": order if bsi and order != "importance" else "",
+                "bsi_curvature": curv if bsi and curv != "hutchinson" else ""}
+
+    def variants(a: str) -> list[dict]:
+        """The BSI options of one alloc's rows: every order × curvature for ``bsi``, none otherwise."""
+        if a != "bsi":
+            return [{}]
+        return [{"order": o, "curv": cv} for cv in args.bsi_curvatures for o in args.bsi_order]
 
     def todo(calib, w, a, c, keep) -> bool:
-        return any(not out.has(**base(calib, ev, w, a, c, keep)) for ev in args.eval)
+        return any(not out.has(**base(calib, ev, w, a, c, keep, **v)) for ev in args.eval for v in variants(a))
 
     t_load = time.perf_counter()
     model, tok = load(args.model)
@@ -150,12 +162,15 @@ def run(args) -> list[dict]:
             ppl = evals.perplexity(m, ev, args.seqlen, args.windows, progress=args.progress)
             row = {"model": mname, "calib": b["calib"], "calib_source": extra.get("calib_source", ""), "eval": ev,
                    "method": label(b["whitening"], b["alloc"], b["correct"])
+                   + (f" [{b['bsi_curvature']}]" if b["bsi_curvature"] else "")
                    + (f" ({b['bsi_order']})" if b["bsi_order"] else ""), "whitening": b["whitening"],
                    "alloc": b["alloc"], "correct": b["correct"], "keep": b["keep"],
                    "keep_actual": extra.get("keep_actual", 1.0), "ppl": ppl["ppl"], "nll": ppl["nll"],
                    "windows": ppl["windows"], "windows_req": wreq, "seqlen": args.seqlen, "tokens": ppl["tokens"],
                    "nsamples": b["nsamples"], "seed": args.seed, "bsi_windows": b["bsi_windows"],
-                   "bsi_probes": b["bsi_probes"], "bsi_order": b["bsi_order"], "predicted_loss": extra.get("predicted_loss", ""),
+                   "bsi_probes": b["bsi_probes"], "bsi_order": b["bsi_order"],
+                   "bsi_curvature": b["bsi_curvature"], "bsi_passes": extra.get("bsi_passes", ""),
+                   "predicted_loss": extra.get("predicted_loss", ""),
                    "calib_s": extra.get("calib_s", 0.0), "calib_stats": extra.get("calib_stats", ""),
                    "decompose_s": extra.get("decompose_s", 0.0), "scores_s": extra.get("scores_s", 0.0),
                    "apply_s": extra.get("apply_s", 0.0), "correct_s": extra.get("correct_s", 0.0)}
@@ -178,8 +193,8 @@ def run(args) -> list[dict]:
         ``alloc``/``correct`` are the plan's defaults only (every row passes its own); they tell
         ``prepare`` which calibration windows the plan must keep (for BSI scores, for corrections).
         """
-        cfg = obdk.LowRankConfig(method=w, alloc=alloc, probes=args.bsi_probes, bsi_order=args.bsi_order,
-                                 correct=correct)
+        cfg = obdk.LowRankConfig(method=w, alloc=alloc, probes=args.bsi_probes, bsi_order=args.bsi_order[0],
+                                 bsi_curvature=args.bsi_curvatures[0], correct=correct)
         plan = obdk.prepare(model, cfg, data, stats=stats, seed=args.seed, progress=args.progress)
         return plan, plan_seconds(plan, *[s for s in plan.timer.stages if s not in ("calibration", "scores")])
 
@@ -194,7 +209,7 @@ def run(args) -> list[dict]:
         print(f"[calib] {calib}: {len(data)}×{data.input_ids.shape[1]} tokens from {source} "
               f"({time.perf_counter() - t0:.1f}s to load/tokenise, not counted)", flush=True)
         t0 = time.perf_counter()
-        stats = calibrate(model, data, stats=STATS, seed=args.seed, progress=args.progress)
+        stats = calibrate(model, data, stats=STATS, seed=args.seed, progress=args.progress, cache_dir=args.cache_dir)
         calib_s = time.perf_counter() - t0
         print(f"[calib] {'+'.join(STATS)} in {calib_s:.1f}s", flush=True)
         k_bsi = min(args.bsi_windows, len(data))
@@ -208,9 +223,11 @@ def run(args) -> list[dict]:
             corrects = [c for _, c in mine if c]
             plans = {"": prepare(w, data, stats, "uniform", corrects[0] if corrects else "none")}
             if any(a == "bsi" for a, _ in mine):
-                plans["bsi"] = prepare(w, subset, stats, "bsi", "none")
+                # on all the calibration windows the BSI rows share the main plan (the scores are cached per estimator)
+                plans["bsi"] = plans[""] if k_bsi == len(data) else prepare(w, subset, stats, "bsi", "none")
             print(f"[plan] {w}: decomposed in {plans[''][1]:.1f}s"
-                  + (f" (and on the {k_bsi} BSI windows in {plans['bsi'][1]:.1f}s)" if "bsi" in plans else ""),
+                  + (f" (and on the {k_bsi} BSI windows in {plans['bsi'][1]:.1f}s)"
+                     if "bsi" in plans and plans["bsi"] is not plans[""] else ""),
                   flush=True)
 
             def plan_of(alloc: str):
@@ -223,26 +240,41 @@ def run(args) -> list[dict]:
                 s0 = plan_seconds(plan, "scores")
                 return plan.apply(m, **point), plan_seconds(plan, "scores") - s0
 
-            scored_allocs: set[str] = set()
-            points = [{"keep": keep, "alloc": a, "correct": c or "none"} for keep in keeps for a, c in mine]
-            skip = lambda p: not todo(calib, w, p["alloc"], _row_correct(p), p["keep"])  # noqa: E731
+            # the seconds (and gradient passes) of each set of scores, shared by the rows that use it
+            scored_s: dict[tuple, float] = {}
+            points = [{"keep": keep, "alloc": a, "correct": c or "none",
+                       **({"bsi_order": v["order"], "bsi_curvature": v["curv"]} if v else {})}
+                      for keep in keeps for a, c in mine for v in variants(a)]
+
+            def point_base(calib, ev, p) -> dict:
+                opts = {"order": p["bsi_order"], "curv": p["bsi_curvature"]} if p["alloc"] == "bsi" else {}
+                return base(calib, ev, w, p["alloc"], _row_correct(p), p["keep"], **opts)
+
+            skip = lambda p: all(out.has(**point_base(calib, ev, p)) for ev in args.eval)  # noqa: E731
             for res in keep_sweep(model, points, apply, skip=skip):
                 rep, scored = res.report
                 a = res.point["alloc"]
-                # a plan's scores (zero-sum on the main plan, bsi on the BSI plan) are shared by its keeps
-                scores_s = plan_seconds(plan_of(a)[0], "scores") if a in ("zero-sum", "bsi") else 0.0
-                if scores_s and a not in scored_allocs:
-                    scored_allocs.add(a)
-                    print(f"[plan] {w}: {a} scores in {scores_s:.1f}s"
-                          + (f" ({k_bsi} windows, {args.bsi_probes} probes)" if a == "bsi" else ""), flush=True)
-                extra = {"calib_source": source, "calib_s": calib_s, "calib_stats": "+".join(STATS),
+                skey = (a, res.point.get("bsi_curvature"))
+                if a in ("zero-sum", "bsi") and skey not in scored_s:
+                    # computed by this row, or (zero-sum, bsi by prepare) before the sweep: the plan's total so far
+                    scored_s[skey] = scored if scored else plan_seconds(plan_of(a)[0], "scores")
+                    print(f"[plan] {w}: {a} scores in {scored_s[skey]:.1f}s"
+                          + (f" ({res.point['bsi_curvature']}, {k_bsi} windows)" if a == "bsi" else ""), flush=True)
+                scores_s = scored_s.get(skey, 0.0)
+                passes = ""
+                if a == "bsi":
+                    pl = plan_of(a)[0]
+                    sc = pl.scores("bsi", None, pl.resolve(**{k: v for k, v in res.point.items() if k != "keep"}))
+                    passes = next(iter(sc.values())).passes
+                extra = {"calib_source": source, "calib_s": calib_s, "calib_stats": "+".join(STATS), "bsi_passes": passes,
                          "decompose_s": plan_of(a)[1], "scores_s": scores_s,
                          "apply_s": res.seconds - scored,
                          "correct_s": rep.stages.get("correction", {}).get("seconds", 0.0),
                          "keep_actual": rep.keep_actual, "predicted_loss": rep.predicted_loss,
                          "model_params_after": rep.model_params_after}
-                evaluate(res.model, dict(calib=calib, w=w, a=a, c=_row_correct(res.point), keep=res.point["keep"]),
-                         extra)
+                opts = {"order": res.point["bsi_order"], "curv": res.point["bsi_curvature"]} if a == "bsi" else {}
+                evaluate(res.model, dict(calib=calib, w=w, a=a, c=_row_correct(res.point), keep=res.point["keep"],
+                                         **opts), extra)
             del plans
             free()
         del stats, data, subset
@@ -316,9 +348,14 @@ def parse_args(argv=None):
     ap.add_argument("--nsamples", type=int, default=32, help="calibration windows")
     ap.add_argument("--seqlen", type=int, default=512, help="tokens per calibration and evaluation window")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--bsi-probes", type=int, default=2, help="Hutchinson probes (cost 1 + 2·probes passes)")
-    ap.add_argument("--bsi-order", default="importance", choices=["importance", "spectral"],
-                    help="bsi allocation: BSI's any-order selection, or ranks only (spectral)")
+    ap.add_argument("--bsi-probes", type=int, default=2, help="Hutchinson probes (cost 2·probes passes, per matrix "
+                                                              "for blocked)")
+    ap.add_argument("--bsi-order", "--bsi-orders", nargs="+", default=["importance"], choices=["importance", "spectral"],
+                    help="bsi allocation: BSI's any-order selection, or ranks only (spectral); several: one row each")
+    ap.add_argument("--bsi-curvatures", nargs="+", default=["hutchinson"],
+                    choices=["hutchinson", "blocked", "kfac", "fisher"],
+                    help="bsi allocation: the Hessian-diagonal estimators (obdk --bsi-curvature), one row each")
+    ap.add_argument("--cache-dir", default=None, help="reuse/write the calibration statistics here (obdk.calibrate.cache)")
     ap.add_argument("--bsi-windows", type=int, default=8, help="first K calibration windows for the BSI scores")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense reference rows")
     ap.add_argument("--no-holdout", dest="holdout", action="store_false",

@@ -224,3 +224,18 @@ def test_bsi_config_fields_and_plan(setup):
 def make_copy(model):
     import copy
     return copy.deepcopy(model)
+
+
+def test_cli_bsi_flags():
+    from obdk.cli import _config_from_args, build_parser
+    ap = build_parser()
+    base = ["compress", "tiny", "--out", "/tmp/x", "--method", "bsi"]
+    cfg = _config_from_args(ap.parse_args(base + ["--bsi-curvature", "fisher", "--probes", "auto",
+                                                  "--probe-tol", "0.2", "--max-probes", "9"]))
+    assert (cfg.bsi_curvature, cfg.probes, cfg.probe_tol, cfg.max_probes) == ("fisher", "auto", 0.2, 9)
+    assert _config_from_args(ap.parse_args(base)).bsi_order == obdk.LowRankConfig().bsi_order
+    for bad in (["--probes", "x"], ["--probes", "0"], ["--bsi-curvature", "exact"]):
+        with pytest.raises(SystemExit):
+            ap.parse_args(base + bad)
+    with pytest.raises(ConfigError, match="max_probes"):
+        _config_from_args(ap.parse_args(base + ["--max-probes", "1"]))
