@@ -215,7 +215,9 @@ def _config_from_args(args):
 
 def cmd_compress(args) -> int:
     """``obdk compress``; under ``torchrun`` (``WORLD_SIZE`` > 1) inside one process group (gloo on CPU, NCCL on
-    CUDA) that every rank calibrates in, rank 0 alone applying and saving while the others wait at a barrier."""
+    CUDA) that every rank calibrates in, rank 0 alone applying and saving while the others wait at a barrier (with a
+    correction on an owner-reduced streamed plan every rank applies, each stepping the matrices it owns; rank 0
+    alone saves)."""
     import contextlib
 
     from .calibrate import distributed as dist
@@ -231,13 +233,28 @@ def cmd_compress(args) -> int:
             dist.destroy()
 
 
+def _corrects_everywhere(plan, variants: list) -> bool:
+    """True when ``plan`` is owner-reduced over the process group and a variant corrects: then every rank runs
+    apply's correction (each owner steps its own matrices, every rank packs the same factors); rank 0 alone saves."""
+    return bool((plan.stream or {}).get("owners") is not None
+                and any(plan.resolve(**v).resolved_correct for v in variants))
+
+
+def _rank_counters() -> list:
+    """Every rank's collective counters and peak RSS (MiB), in rank order (a collective)."""
+    import resource
+
+    from .calibrate import distributed as dist
+    mine = {"rank": dist.world()[0], **dist.traffic(),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return dist.all_gather_objects(mine)
+
+
 def _ranks_agree(plan, variants: list, solo) -> list | None:
     """Under a process group: every rank allocates every variant and the ranks must agree (:class:`DataError`
     naming the first rank that differs); returns each rank's collective counters and peak RSS (MiB), and
-    on rank 0 hides the group for the rest of ``solo`` (rank 0 applies and saves as one process). None
-    without a group."""
-    import resource
-
+    on rank 0 hides the group for the rest of ``solo`` (rank 0 applies and saves as one process) unless the
+    correction runs on every rank (:func:`_corrects_everywhere`). None without a group."""
     from .calibrate import distributed as dist
     rank, world = dist.world()
     if world == 1:
@@ -245,9 +262,8 @@ def _ranks_agree(plan, variants: list, solo) -> list | None:
     for v in variants:
         alloc = plan.allocate(config=plan.resolve(**v))
         dist.same_on_every_rank(alloc.ranks, f"the allocation at --keep {v['keep']:g}")
-    mine = {"rank": rank, **dist.traffic(), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    per_rank = dist.all_gather_objects(mine)
-    if rank == 0:
+    per_rank = _rank_counters()
+    if rank == 0 and not _corrects_everywhere(plan, variants):
         solo.enter_context(dist.alone())
     return per_rank
 
@@ -289,21 +305,26 @@ def _compress(args, solo) -> int:
     for v in variants:
         plan.resolve(**v)  # every --keep validated before the first is applied
     per_rank = _ranks_agree(plan, variants, solo)
-    if per_rank is not None and dist_world()[0] != 0:  # torchrun: the ranks other than 0 are done here
+    everywhere = per_rank is not None and _corrects_everywhere(plan, variants)
+    writer = per_rank is None or dist_world()[0] == 0
+    if not writer and not everywhere:  # torchrun: the ranks other than 0 are done here
         return 0
     dense_eval = None
-    if args.eval_windows:  # the dense model on the same windows, for the measured loss increase
+    if args.eval_windows and writer:  # the dense model on the same windows, for the measured loss increase
         from .eval import perplexity
         with torch.inference_mode():
             dense_eval = perplexity(model, tok, "wikitext2", seqlen=args.seqlen, windows=args.eval_windows,
                                     data_dir=args.data_dir)
     dense_zs = None
-    if args.eval_tasks:  # the dense model on the same documents
+    if args.eval_tasks and writer:  # the dense model on the same documents
         dense_zs = zeroshot(model, tok, args.eval_tasks, limit=args.eval_limit, data_dir=args.data_dir)
     t_last = [time.perf_counter()]
 
     def finish(m, report, variant) -> dict:
         """Save one compressed copy, evaluate it, print its summary; returns its row."""
+        counters = [_rank_counters()] if everywhere else []  # a collective: every rank, before rank 0 saves
+        if not writer:
+            return None
         idx = variants.index(variant)
         out, keep = outs[idx], variant["keep"]
         save_timer = StageTimer()
@@ -319,7 +340,7 @@ def _compress(args, solo) -> int:
                "alloc": report.config["alloc"], "stages": report.stages,
                "coverage": {k: v for k, v in report.coverage.items() if k != "untargeted"}}
         if per_rank is not None:  # torchrun: bytes sent, seconds in collectives and peak RSS of each rank
-            row["distributed"] = per_rank
+            row["distributed"] = counters[0] if counters else per_rank
         if args.eval_windows:
             from .eval import perplexity
             with torch.inference_mode():
@@ -351,7 +372,7 @@ def _compress(args, solo) -> int:
         results = [finish(model, plan.apply(model, model_params_before=before, **variants[0]), variants[0])]
     else:
         results = compress_many(model, cfg, variants, plan=plan, on_result=finish)
-    if args.json:
+    if args.json and writer:
         print(json.dumps(results[0] if len(results) == 1 else {"results": results}, default=str))
     return 0
 

@@ -49,7 +49,8 @@ class Plan:
       layer by layer instead (``stats`` is a :class:`~obdk.calibrate.kept.LayerStatistics`).
     * ``stream``: None for a resident plan; for a streamed one the options of its streamed passes
       (``scratch_dir``, ``max_host_memory``, ``batch_size``), which the corrections' gradient passes
-      reuse, so that they stream too.
+      reuse, so that they stream too; prepared under ``torch.distributed``, also ``owners`` ({group key: rank}) and
+      ``world``: each rank's ``stats`` hold only its own matrices, and the corrections run on every rank together.
     """
     config: LowRankConfig
     targets: list[Target]
@@ -222,6 +223,10 @@ class Plan:
                 factors, extra_damping = correct(model, self, cfg, factors, progress=self.progress)
         else:
             extra_damping = {}
+        if any(f[0].is_meta for f in factors.values()):
+            raise ConfigError("Plan.apply: this rank holds the shapes of the factors only (a streamed plan prepared "
+                              "under torch.distributed gives them to rank 0, or to every rank through a correction "
+                              "run on all ranks together); apply it on rank 0")
         mods: list[ModuleReport] = []
         with timer("packing"):
             for t in self.targets:
@@ -357,15 +362,18 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
                 if layered:
                     from .calibrate.kept import LayerStatistics
                     store = LayerStatistics(max_host_memory, scratch_dir)
-                # under torch.distributed, when the allocation reads eigenvalues only, each layer's statistics go to
-                # their owner ranks alone, which decompose them (obdk.calibrate.distributed.share_spectra then gives
-                # every rank the eigenvalues and rank 0 the factors); otherwise every rank gets every statistic
+                # under torch.distributed each layer's statistics go to their owner ranks alone, which decompose them
+                # (obdk.calibrate.distributed.share_spectra then gives every rank the eigenvalues and rank 0 the
+                # factors) and compute zero-sum's δ scores (all-gathered: k floats per matrix, so that the
+                # allocation runs identically everywhere); each rank's LayerStatistics keeps only the matrices it
+                # owns, and the corrections reuse the owner map (obdk.correct.steps.gradient_correct)
                 from .calibrate import distributed as dist
-                owned = store is None and config.resolved_alloc in ("uniform", "global")
+                owned = config.resolved_alloc in ("uniform", "global", "zero-sum")
                 weights = {t.name: model.get_submodule(t.name).weight for t in targets}
 
                 def decompose_layer(i, part):
                     sub = [by_name[n] for n in part.modules if n in by_name]
+                    mine: dict = {}
                     if sub:
                         sp, ph = decompose_targets(model, sub, part, config, device=device, batch=batch,
                                                    workers=workers, progress=False)
@@ -375,10 +383,15 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
                         if config.resolved_alloc == "zero-sum":
                             from .scores import zero_sum_deltas
                             t0 = time.perf_counter()
-                            deltas.update(zero_sum_deltas(sp, part.grad))
+                            mine = zero_sum_deltas(sp, part.grad)
                             score_s[0] += time.perf_counter() - t0
-                    if owned:  # a collective: every rank calls it, whether it owns any of this layer's targets or not
+                    if owned:  # collectives: every rank calls them, whether it owns any of this layer's targets or not
                         done.update(dist.share_spectra({t.name: done[t.name] for t in sub}, weights))
+                        if config.resolved_alloc == "zero-sum" and dist.world()[1] > 1:
+                            for got in dist.all_gather_objects({n: d.detach().cpu() for n, d in mine.items()}):
+                                deltas.update(got)
+                            mine = {}
+                    deltas.update(mine)
                     if store is not None:
                         part.grad.clear()  # (the corrections take their own gradients at the truncation)
                         store.put(i, part)
@@ -388,6 +401,9 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
                 spectra = done
                 if store is not None:
                     stats = store
+                    if "distributed" in sinfo:  # the corrections' gradient passes reduce to the same owners
+                        stream_opts = {**stream_opts, "owners": dict(sinfo["distributed"]["owners"]),
+                                       "world": int(sinfo["distributed"]["world"])}
             else:
                 from .calibrate.stats import calibrate
                 stats = calibrate(model, data, stats=need, fisher=config.fisher, seed=seed, progress=progress,

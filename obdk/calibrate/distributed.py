@@ -20,6 +20,15 @@ target's eigenvalues and metadata to every rank (the allocation runs everywhere 
 its ordered factors to rank 0 (the writer) only. Bytes and seconds inside collectives are counted per
 process (:func:`traffic`).
 
+**Corrections** (``zs``, ``kfac``, ``zs+kfac`` after an owner-reduced streamed calibration): each rank keeps
+only the statistics of the matrices it owns. Rank 0 truncates every target at its allocated rank (only it
+holds the factors) and :func:`broadcast_factors` gives every rank the truncated ``a`` [r, n], ``b`` [m, r]
+(r columns only, not the full spectra), so that every rank sets ``W_r = b a`` in its model. Each step's
+streamed gradient pass shards the windows as the calibration does and reduces each ``∂L/∂W`` to its owner
+(the calibration's owner map); the owner takes the step and re-truncates with the statistics it kept, and
+:func:`broadcast_factors` gives every rank the corrected factors, predicted loss and damping (the next
+step's pass runs at them; after the last step every rank holds the same compressed factors).
+
 :func:`init_from_env` / :func:`destroy` set up and tear down the default group under ``torchrun``;
 :func:`alone` hides the group (work that only rank 0 does, e.g. applying and saving).
 """
@@ -40,7 +49,8 @@ from ..errors import ConfigError, DataError, ObdkError
 log = logging.getLogger(__name__)
 
 __all__ = ["world", "shard", "all_reduce_sum_", "all_reduce_counts", "all_agree", "barrier", "decomposition_cost",
-           "assign_owners", "reduce_sum_", "share_spectra", "same_on_every_rank", "all_gather_objects", "traffic",
+           "assign_owners", "reduce_sum_", "share_spectra", "broadcast_factors", "same_on_every_rank",
+           "all_gather_objects", "traffic",
            "alone", "init_from_env", "destroy", "CollectiveError"]
 
 
@@ -53,7 +63,8 @@ _HIDDEN = [False]  # inside alone(): the group exists but this process works on 
 # bytes this process sent in each kind of collective (its own payload: a reduce counts the tensor once on each
 # non-owner, an all-gather counts the pickled object once per peer) and seconds spent inside collective calls
 # (waiting for the slowest peer plus the transfer)
-_TRAFFIC = {"reduce_bytes": 0, "all_reduce_bytes": 0, "share_bytes": 0, "object_bytes": 0, "collective_seconds": 0.0,
+_TRAFFIC = {"reduce_bytes": 0, "all_reduce_bytes": 0, "share_bytes": 0, "broadcast_bytes": 0, "object_bytes": 0,
+            "collective_seconds": 0.0,
             "collectives": 0}
 
 
@@ -147,7 +158,9 @@ def traffic() -> dict:
     """This process's collective counters so far (a copy): ``reduce_bytes`` (accumulator bytes it sent in
     owner reduces: each non-owner counts its tensor once), ``all_reduce_bytes`` (accumulator bytes it put into
     all-reduces, once per tensor: the resident pass and ``reduce="all"``), ``share_bytes`` (factor bytes it sent in
-    :func:`share_spectra`), ``object_bytes`` (pickled metadata it sent to its peers), ``collective_seconds``
+    :func:`share_spectra`), ``broadcast_bytes`` (factor bytes it broadcast as the source in
+    :func:`broadcast_factors`, once per tensor), ``object_bytes`` (pickled metadata it sent to its peers),
+    ``collective_seconds``
     (wall time inside collective calls: waiting for the slowest rank plus the transfer) and ``collectives``
     (calls). Logical payload bytes, not bytes on the wire (the backend's algorithm may relay them)."""
     return dict(_TRAFFIC)
@@ -332,4 +345,48 @@ def share_spectra(local: Mapping[str, Any], weights: Mapping[str, Tensor], *, wr
             ev = local[name].eigenvalues if owner == rank else meta.eigenvalues.to(wt.device)
             out[name] = dataclasses.replace(meta, eigenvalues=ev, weight=local[name].weight if owner == rank else
                                             wt.detach(), **fac)
+    return out
+
+
+def broadcast_factors(local: Mapping[str, tuple], src: Mapping[str, int], like: Mapping[str, Tensor]
+                      ) -> dict[str, tuple]:
+    """Every target's factors on every rank, each broadcast from the rank that computed it (a collective).
+
+    ``local``: ``{name: (a [r, n], b [m, r], *rest)}`` for the names this rank is the source of
+    (``src[name] == rank``; maybe none), ``rest`` picklable (e.g. the predicted loss, the damping used);
+    ``src``: ``{name: rank}`` for every target, the same on every rank (its order is the order of the
+    broadcasts); ``like``: ``{name: tensor}`` whose device receives ``name``'s factors (its weight [m, n]).
+
+    One all-gather of pickled metadata (shapes, dtypes and ``rest``), then one broadcast of each factor from
+    its source, counted there once in ``traffic()["broadcast_bytes"]``. Returns ``{name: (a, b, *rest)}`` in the
+    order of ``src``, exact copies of the source's on every rank. A source that did not provide a name of
+    ``src`` raises :class:`DataError` naming it and the rank. Without a group: ``local``'s entries in
+    ``src``'s order.
+    """
+    rank, w = world()
+    if w == 1:
+        missing = [n for n in src if n not in local]
+        if missing:
+            raise DataError(f"broadcast_factors: no factors of {missing[0]} (and {len(missing) - 1} more) on rank 0")
+        return {n: tuple(local[n]) for n in src}
+    metas = {n: (tuple(v[0].shape), v[0].dtype, tuple(v[1].shape), v[1].dtype, tuple(v[2:]))
+             for n, v in local.items() if int(src.get(n, -1)) == rank}
+    everyone = all_gather_objects(metas)
+    out: dict[str, tuple] = {}
+    for name, s in src.items():
+        s = int(s)
+        if name not in everyone[s]:
+            raise DataError(f"broadcast_factors: rank {s} holds no factors of {name}, which it is the source of")
+        sa, da, sb, db, rest = everyone[s][name]
+        if s == rank:
+            a, b = local[name][0].contiguous(), local[name][1].contiguous()
+        else:
+            dev = like[name].device
+            a, b = torch.empty(sa, dtype=da, device=dev), torch.empty(sb, dtype=db, device=dev)
+        for f, t in (("a", a), ("b", b)):
+            with _timed(f"the broadcast of {name}.{f} from rank {s}"):
+                torch.distributed.broadcast(t, src=s)
+            if s == rank:
+                _TRAFFIC["broadcast_bytes"] += t.numel() * t.element_size()
+        out[name] = (a, b, *rest)
     return out

@@ -246,7 +246,8 @@ def calibrate_streamed(model: nn.Module, data: Any, *, stats: Sequence[str] = ("
                        seed: int = 0, batch_size: int = 1, dtype: torch.dtype = torch.float32, progress: bool = True,
                        scratch_dir: Optional[str | os.PathLike] = None, max_host_memory: Optional[int] = None,
                        on_layer: Optional[Callable[[int, Statistics], Any]] = None, keep: Optional[bool] = None,
-                       groups=None, info: Optional[dict] = None, reduce: str = "all") -> Statistics:
+                       groups=None, info: Optional[dict] = None, reduce: str = "all",
+                       owners: Optional[dict] = None) -> Statistics:
     """The statistics of :func:`~obdk.calibrate.stats.calibrate`, computed one decoder layer at a time.
 
     ``data``: as for ``calibrate`` (``.input_ids`` [N, T] and ``.attention_mask`` [N, T] or None, a dict,
@@ -281,6 +282,9 @@ def calibrate_streamed(model: nn.Module, data: Any, *, stats: Sequence[str] = ("
     them at once. ``on_layer`` then receives, on each rank, a part holding only the groups that rank owns
     (possibly none; it is still called, so that a collective inside it runs on every rank), and the
     result holds only the owned statistics. Without a group (or with one rank) both are the same.
+    ``owners``: with ``reduce="owner"``, a given map ``{group key: rank}`` (e.g. a previous pass's
+    ``info["distributed"]["owners"]``, so that a correction's gradient pass reduces each ``∂L/∂W`` to the rank
+    that kept that matrix's statistics) instead of the balanced one; it must name every group.
 
     Raises :class:`StreamingUnsupportedError` (an ``ObdkError``) for a model the schedule cannot run
     exactly (see the module docstring); the weights are frozen for the run and restored afterwards.
@@ -354,8 +358,17 @@ def calibrate_streamed(model: nn.Module, data: Any, *, stats: Sequence[str] = ("
     bottom = min(by_layer)
     # owner of each group (C_x and its Linears' C_g/grad): balanced over the whole model, layer by layer in the
     # order the sweep finishes them, so consecutive layers' owners alternate and keep every rank busy
-    owners: dict[str, int] = {}
-    if reduce == "owner":
+    given, owners = owners, {}
+    if given is not None and reduce != "owner":
+        raise ConfigError("calibrate_streamed: owners= is given, and it applies only with reduce='owner'")
+    if reduce == "owner" and given is not None:
+        for g in groups:
+            if g.key not in given or not 0 <= int(given[g.key]) < world:
+                raise DataError(f"calibrate_streamed: owners= gives {g.key} "
+                                f"{'no rank' if g.key not in given else 'rank ' + str(given[g.key])} in a world of "
+                                f"{world} ranks (a map from another model or run?)")
+            owners[g.key] = int(given[g.key])
+    elif reduce == "owner":
         loads = [0] * world
         for i in sorted(by_layer, reverse=backward):
             owners.update(dist.assign_owners([(g.key, sum(dist.decomposition_cost(linears[n].out_features,

@@ -35,10 +35,20 @@ def correct(model, plan: Any, config, factors: dict[str, tuple], *,
         factors, used = sequential_refit(model, plan, {n: f[0].shape[0] for n, f in factors.items()}, plan.data,
                                          progress=progress)
         return factors, {n: {f"refit_{k}": v for k, v in d.items()} for n, d in used.items()}
+    stream = getattr(plan, "stream", None)
+    if stream and stream.get("owners") is not None:
+        # an owner-reduced streamed plan under torch.distributed: rank 0 alone holds the truncated factors; every
+        # rank needs them (W_r = b a for the gradient passes), r columns each (obdk.calibrate.distributed)
+        from ..calibrate import distributed as dist
+        from .steps import check_world
+        check_world(stream)
+        rank = dist.world()[0]
+        factors = dist.broadcast_factors(factors if rank == 0 else {}, {n: 0 for n in factors},
+                                         {n: model.get_submodule(n).weight for n in factors})
     for step in kind.split("+"):  # e.g. zs+kfac: one gradient pass per step, each at the previous result
         factors, used = gradient_correct(model, factors, step, data=plan.data, stats=plan.stats,
                                          spectra=plan.spectra, config=config, progress=progress,
-                                         stream=getattr(plan, "stream", None))
+                                         stream=stream)
         for n, d in used.items():
             extra.setdefault(n, {}).update({f"kfac_{k}": v for k, v in d.items()})
     return factors, extra

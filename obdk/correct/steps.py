@@ -30,7 +30,7 @@ from ..errors import ConfigError, DataError, NonFiniteError, NotCollectedError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ZSCorrection", "gradient_step", "zs_correct", "gradient_correct", "STEPS"]
+__all__ = ["ZSCorrection", "gradient_step", "zs_correct", "gradient_correct", "check_world", "STEPS"]
 
 #: the gradient steps ``LowRankConfig.correct`` can chain (``zs+kfac``: one after the other)
 STEPS = ("zs", "kfac")
@@ -98,6 +98,17 @@ def zs_correct(weight: Tensor, a: Tensor, b: Tensor, grad: Tensor, *, chol: Opti
     return ZSCorrection(a2.to(a.dtype), b2.to(b.dtype), coef)
 
 
+def check_world(stream: Mapping) -> None:
+    """Refuse an owner-reduced streamed plan (``stream["owners"]``: its statistics spread over ``stream["world"]``
+    ranks, each holding its own matrices') outside a process group of that size: :class:`ConfigError`."""
+    from ..calibrate import distributed as dist
+    want, have = int(stream.get("world", 1)), dist.world()[1]
+    if have != want:
+        raise ConfigError(f"correct: this streamed plan was prepared by {want} ranks, each keeping the statistics of "
+                          f"the matrices it owns; apply its correction on all {want} ranks together (this process "
+                          f"sees {have}{', inside dist.alone()' if have == 1 else ''}), or prepare it again here")
+
+
 def gradient_correct(model: nn.Module, factors: Mapping[str, tuple], kind: str, *, data, stats, spectra,
                      config, progress: bool = False, stream: Optional[dict] = None) -> tuple[dict[str, tuple], dict[str, dict]]:
     """One correction step (``kind`` ``zs`` or ``kfac``, see the module docstring) of every truncation.
@@ -112,7 +123,12 @@ def gradient_correct(model: nn.Module, factors: Mapping[str, tuple], kind: str, 
     (:func:`~obdk.calibrate.head.summed_weight_grads`), or the keyword arguments of
     :func:`~obdk.calibrate.stream.calibrate_streamed` (``scratch_dir``, ``max_host_memory``,
     ``batch_size``) for a layer-streamed one: the same gradients, each layer's step taken as soon as
-    its gradients are final, with that layer's statistics only. Returns ``({name: (a, b, predicted)},
+    its gradients are final, with that layer's statistics only. A ``stream`` with ``owners`` (``{group key:
+    rank}``) and ``world`` (an owner-reduced streamed plan under ``torch.distributed``, where each rank's
+    ``stats`` hold only the matrices it owns) runs on every rank together: the pass shards the windows, each
+    ``∂L/∂W`` is reduced to its owner, which takes the step, and the results (factors, predicted loss, damping)
+    are broadcast to every rank (:func:`~obdk.calibrate.distributed.broadcast_factors`); ``factors`` must then be
+    the same on every rank. Returns ``({name: (a, b, predicted)},
     {name: {"cx": α, "cg": α}})``: for ``obd`` the predicted loss is measured against the original
     ``W``; the second dict is the damping the ``kfac`` solves needed.
     """
@@ -179,8 +195,22 @@ def gradient_correct(model: nn.Module, factors: Mapping[str, tuple], kind: str, 
                                         progress=progress, desc=f"correct [{kind}] gradient pass")
             step(names, grads, stats)
         else:
+            from ..calibrate import distributed as dist
             from ..calibrate.stream import calibrate_streamed
             wanted = set(names)
+            opts = dict(stream)
+            owners, _ = opts.pop("owners", None), opts.pop("world", None)
+            src: dict[str, int] = {}
+            if owners is not None:  # each ∂L/∂W reduced to the rank that kept the matrix's statistics, which steps
+                check_world(stream)
+                from ..models import linear_groups
+                key_of = {n: g.key for g in linear_groups(model) for n in g.names}
+                for n in names:
+                    if key_of.get(n) not in owners:
+                        raise DataError(f"correct={kind!r}: {n} has no owner rank in this plan's owner map")
+                    src[n] = int(owners[key_of[n]])
+                opts.update(reduce="owner", owners=owners)
+                wanted = {n for n in names if src[n] == dist.world()[0]}
 
             def on_layer(i: int, part) -> None:  # layer i's gradients are final: its steps, then drop them
                 batch = [n for n in part.grad if n in wanted]
@@ -190,11 +220,15 @@ def gradient_correct(model: nn.Module, factors: Mapping[str, tuple], kind: str, 
 
             dtype = torch.promote_types(next(iter(originals.values())).dtype, torch.float32)
             calibrate_streamed(model, data, stats=("grad",), fisher="empirical", dtype=dtype, progress=progress,
-                               on_layer=on_layer, keep=False, **stream)
-            missing = [n for n in names if n not in out]
+                               on_layer=on_layer, keep=False, **opts)
+            missing = [n for n in names if n in wanted and n not in out]
             if missing:
                 raise NotCollectedError(f"correct={kind!r}: the streamed gradient pass gave no gradient of "
                                         f"{missing[0]} (and {len(missing) - 1} more)")
+            if owners is not None:  # the owners' results on every rank: the next step's pass runs at them
+                got = dist.broadcast_factors({n: (*out[n], used.get(n)) for n in out}, src, originals)
+                out = {n: g[:3] for n, g in got.items()}
+                used = {n: g[3] for n, g in got.items() if g[3] is not None}
     finally:
         with torch.no_grad():
             for n in names:

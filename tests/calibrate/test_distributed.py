@@ -51,7 +51,9 @@ def _assert_close(a: Statistics, b: Statistics, tol: float = 1e-5) -> None:
 @pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process(tmp_path):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
+    # forked, as in test_distributed_stream.py: torch is imported here already, a spawn imports it again per rank
+    mp.start_processes(_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
     model = make_tiny_llama()
     single = calibrate(model, _data(), stats=("cx", "cg", "grad"), progress=False)
     single_tf = calibrate(model, _data(), fisher="true", seed=3, progress=False)
