@@ -13,7 +13,7 @@ of ``nsamples × seqlen`` tokens split over ``nproc`` data-parallel ranks:
   estimate: the layer's inputs and outputs kept for the backward, attention probabilities, the
   MLP's intermediates, and one window's LM-head logits);
 * host memory (or scratch disk) for the boundary activations (the input of every decoder layer
-  for every window, model dtype) and for the kept factors (every target's ordered factors at
+  for every window and the one gradient buffer of the backward sweep, model dtype) and for the kept factors (every target's ordered factors at
   full rank, so any ratio is a slice);
 * FLOPs of calibration (forward, backward, the streamed pass's recomputed forward, the Grams)
   and of the decompositions (eigen-problems on the smaller side of each matrix).
@@ -126,7 +126,10 @@ def plan_run(cfg: dict[str, Any], *, method: str = "obd", nsamples: int = 32, se
     acts = bt * (2 * d + q_k_v(z) + d + 3 * f) * wb + batch_size * z["h"] * seqlen * seqlen * wb
     head = seqlen * V * 4 * (2 if backward else 0)
     peak_device = layer_params * wb + layer_stats + acts + head
-    boundary = L * windows * seqlen * d * wb if backward else 2 * windows * seqlen * d * wb
+    # every layer's input, plus the one gradient buffer (it exists while the top layer's input still does);
+    # the calibrate_streamed peak (BoundaryStore.peak_host_bytes, stream_memory.csv: SmolLM2 32×512 fp32
+    # 1.0898 GiB = 31 buffers; the 7B shape with 2 layers, 2×64 bf16: 3 buffers)
+    boundary = (L + 1) * windows * seqlen * d * wb if backward else 2 * windows * seqlen * d * wb
     factors = sum((m + n) * min(m, n) for _, m, n, _ in targets) * L * wb
 
     params = layer_params * L

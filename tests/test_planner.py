@@ -42,3 +42,18 @@ def test_cli_plan_json_and_errors(tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
     assert main(["plan", "llama-7b", "--nproc", "0"]) == 2
     assert "--nproc" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stats,method", [(("cx", "cg"), "obd"), (("cx",), "svd-llm")])
+def test_streamed_figures_equal_what_the_streamed_pass_used(stats, method):
+    """The planner's per-layer statistics and host boundary bytes against calibrate_streamed's own counters."""
+    import torch
+
+    from obdk.calibrate.stream import calibrate_streamed
+    model = make_tiny_llama(layers=3)
+    ids = torch.randint(0, 128, (5, 16), generator=torch.Generator().manual_seed(0))
+    info: dict = {}
+    calibrate_streamed(model, ids, stats=stats, progress=False, info=info, on_layer=lambda i, part: None)
+    p = plan_run(model.config.to_dict(), method=method, nsamples=5, seqlen=16, dtype="float32")
+    assert info["peak_stats_bytes"] == p["layer_stats_bytes"]  # one layer's statistics at a time
+    assert info["peak_host_bytes"] == p["host_boundary_bytes_per_rank"]
