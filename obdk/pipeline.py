@@ -87,9 +87,10 @@ class Plan:
         cfg = self.config.replace(**changes) if changes else self.config
         if self.stream is not None:
             why = streaming_refusal(cfg)
-            if why is None and cfg.resolved_alloc == "zero-sum" and "zero-sum" not in self._scores:
-                why = ("its per-component scores are computed layer by layer during a streamed prepare() asked for "
-                       "alloc='zero-sum' (method 'zs-svd'), and this plan was not")
+            if why is None and cfg.resolved_alloc in ("zero-sum", "bsi") and \
+                    _score_key(cfg.resolved_alloc, cfg) not in self._scores:
+                why = (f"its per-component scores are computed layer by layer during a streamed prepare() asked for "
+                       f"alloc={cfg.resolved_alloc!r}, and this plan was not")
             if why is None and cfg.resolved_correct is not None and not hasattr(self.stats, "layer_of"):
                 why = ("its step re-truncates in each layer's whitening (and kfac solves with C_x/C_g), statistics "
                        "a streamed prepare() keeps layer by layer only when asked for a correction; this plan "
@@ -116,10 +117,7 @@ class Plan:
         """
         from . import scores as S
         cfg = config or self.config
-        key = alloc
-        if alloc == "bsi":
-            key = ("bsi", cfg.bsi_curvature) + (() if cfg.bsi_curvature in ("kfac", "fisher") else
-                                                (cfg.probes, cfg.eps, cfg.probe_tol, cfg.max_probes))
+        key = _score_key(alloc, cfg)
         if key in self._scores:
             return self._scores[key]
         with self.timer("scores"):
@@ -270,16 +268,35 @@ class Plan:
         return report
 
 
+def _on_cpu(v):
+    """A score (a tensor, or a dataclass of tensors such as ``BSIScores``) with its tensors on the CPU, to send."""
+    if isinstance(v, torch.Tensor):
+        return v.detach().cpu()
+    return dataclasses.replace(v, **{f.name: getattr(v, f.name).detach().cpu() for f in dataclasses.fields(v)
+                                     if isinstance(getattr(v, f.name), torch.Tensor)})
+
+
+def _score_key(alloc: str, cfg: LowRankConfig):
+    """The cache key of :meth:`Plan.scores` for ``alloc`` under ``cfg`` (BSI: per estimator and its settings)."""
+    if alloc != "bsi":
+        return alloc
+    return ("bsi", cfg.bsi_curvature) + (() if cfg.bsi_curvature in ("kfac", "fisher") else
+                                         (cfg.probes, cfg.eps, cfg.probe_tol, cfg.max_probes))
+
+
 def streaming_refusal(config: LowRankConfig) -> Optional[str]:
     """Why ``config`` cannot run layer-streamed (:func:`prepare` with ``stream=True``), or None if it can.
 
-    Everything else streams: the calibration, the decompositions, zero-sum's scores (layer by
-    layer, from each layer's gradients) and the ``zs``/``kfac`` corrections (their gradient passes
-    stream, the K-FAC step reads one layer's statistics at a time).
+    Everything else streams: the calibration, the decompositions, zero-sum's and BSI's K-FAC scores
+    (layer by layer, from each layer's statistics and gradients) and the ``zs``/``kfac`` corrections
+    (their gradient passes stream, the K-FAC step reads one layer's statistics at a time).
     """
-    if config.resolved_alloc == "bsi":
-        return ("alloc 'bsi' estimates its Hessian diagonal with probes through the whole model at once "
-                "(Hutchinson), which does not stream")
+    if config.resolved_alloc == "bsi" and config.bsi_curvature != "kfac":
+        return (f"alloc 'bsi' with bsi_curvature {config.bsi_curvature!r} runs the whole model at once (its "
+                f"probes or Fisher pass), which does not stream; bsi_curvature 'kfac' does")
+    if config.resolved_alloc == "bsi" and config.fisher != "empirical":
+        return ("alloc 'bsi' with fisher 'true' takes the loss gradient in σ in a whole-model pass, which does not "
+                "stream; fisher 'empirical' does")
     if config.resolved_correct == "seq":
         return "correct 'seq' refits on the compressed model's inputs in a whole-model pass, which does not stream"
     return None
@@ -368,7 +385,7 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
                 # allocation runs identically everywhere); each rank's LayerStatistics keeps only the matrices it
                 # owns, and the corrections reuse the owner map (obdk.correct.steps.gradient_correct)
                 from .calibrate import distributed as dist
-                owned = config.resolved_alloc in ("uniform", "global", "zero-sum")
+                owned = config.resolved_alloc in ("uniform", "global", "zero-sum", "bsi")
                 weights = {t.name: model.get_submodule(t.name).weight for t in targets}
 
                 def decompose_layer(i, part):
@@ -380,15 +397,19 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
                         done.update(sp)
                         for k, v in ph.items():
                             phases[k] = phases.get(k, 0.0) + v
+                        t0 = time.perf_counter()
                         if config.resolved_alloc == "zero-sum":
                             from .scores import zero_sum_deltas
-                            t0 = time.perf_counter()
                             mine = zero_sum_deltas(sp, part.grad)
-                            score_s[0] += time.perf_counter() - t0
+                        elif config.resolved_alloc == "bsi":  # K-FAC curvature: the layer's statistics, no pass
+                            from .scores import bsi_scores
+                            mine = bsi_scores(model, data.input_ids, {n: spectrum_as_svd(v) for n, v in sp.items()},
+                                              curvature="kfac", stats=part, attention_mask=data.attention_mask)
+                        score_s[0] += time.perf_counter() - t0
                     if owned:  # collectives: every rank calls them, whether it owns any of this layer's targets or not
                         done.update(dist.share_spectra({t.name: done[t.name] for t in sub}, weights))
-                        if config.resolved_alloc == "zero-sum" and dist.world()[1] > 1:
-                            for got in dist.all_gather_objects({n: d.detach().cpu() for n, d in mine.items()}):
+                        if config.resolved_alloc in ("zero-sum", "bsi") and dist.world()[1] > 1:
+                            for got in dist.all_gather_objects({n: _on_cpu(d) for n, d in mine.items()}):
                                 deltas.update(got)
                             mine = {}
                     deltas.update(mine)
@@ -425,8 +446,8 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
     plan = Plan(config, targets, spectra, stats, getattr(stats, "fingerprint", None), timer, data=data,
                 coverage=coverage(model, targets), progress=progress, stats_kept=kept,
                 stream=stream_opts)
-    if deltas is not None and config.resolved_alloc == "zero-sum":  # computed layer by layer in the sweep
-        plan._scores["zero-sum"] = {t.name: deltas[t.name] for t in targets}
+    if deltas is not None and config.resolved_alloc in ("zero-sum", "bsi"):  # computed layer by layer in the sweep
+        plan._scores[_score_key(config.resolved_alloc, config)] = {t.name: deltas[t.name] for t in targets}
         timer.stages["scores"] = Stage(seconds=score_s[0], peak_rss_mib=timer.stages["calibration"].peak_rss_mib)
     if config.resolved_alloc in ("zero-sum", "bsi"):
         plan.scores(config.resolved_alloc, model)

@@ -36,7 +36,7 @@ def test_compress_stream_spills_and_matches_the_resident_run(tiny_model_dir, dat
 
 
 def test_compress_stream_refuses_what_does_not_stream(tiny_model_dir, data_dir, tmp_path, capsys):
-    code, stdout, err = _run(["compress", tiny_model_dir, *ARGS, "--method", "bsi", "--stream", "--out",
-                              tmp_path / "o", "--data-dir", data_dir], capsys)
-    assert code == 2 and "bsi" in err and "without --stream" in err and "Traceback" not in err
+    code, stdout, err = _run(["compress", tiny_model_dir, *ARGS, "--method", "bsi", "--bsi-curvature", "hutchinson",
+                              "--stream", "--out", tmp_path / "o", "--data-dir", data_dir], capsys)
+    assert code == 2 and "hutchinson" in err and "without --stream" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()

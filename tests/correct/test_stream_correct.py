@@ -113,7 +113,7 @@ def test_zero_sum_scores_stream_layer_by_layer():
 
 
 @pytest.mark.parametrize("cfg,what", [
-    (LowRankConfig(method="bsi"), "bsi"),
+    (LowRankConfig(method="bsi", bsi_curvature="hutchinson"), "bsi"),
     (LowRankConfig(method="svd-llm", correct="seq"), "seq"),
 ])
 def test_what_cannot_stream_is_refused_before_any_work(cfg, what, monkeypatch):
@@ -135,3 +135,21 @@ def test_streamed_plan_refuses_corrections_and_scores_it_did_not_keep():
         plan.apply(copy.deepcopy(model), alloc="bsi")
     with pytest.raises(ConfigError, match="zero-sum.*streamed plan"):
         plan.apply(copy.deepcopy(model), alloc="zero-sum")
+
+
+@pytest.mark.parametrize("order", ["spectral", "importance"])
+def test_bsi_with_kfac_curvature_streams_layer_by_layer(order):
+    """BSI's K-FAC curvature needs only each layer's statistics and gradients: scores and model as resident."""
+    model = make_tiny_llama(layers=3).double()
+    cfg = LowRankConfig(method="bsi", keep=0.6, compute_dtype="float64", bsi_curvature="kfac", bsi_order=order)
+    d = _data(True)
+    res = obdk.prepare(model, cfg, d, progress=False)
+    plan = obdk.prepare(model, cfg, d, progress=False, stream=True)
+    ref_scores, got_scores = res.scores("bsi", model), plan.scores("bsi", model)
+    for n, sc in ref_scores.items():
+        assert _rel(got_scores[n].importance, sc.importance) < 1e-9, n
+    _assert_same(_compressed(plan, model), _compressed(res, model), 1e-9)
+    with pytest.raises(ConfigError, match="bsi_curvature 'hutchinson'.*does not stream"):
+        obdk.prepare(model, cfg.replace(bsi_curvature="hutchinson"), d, progress=False, stream=True)
+    with pytest.raises(ConfigError, match="streamed plan.*hutchinson"):
+        plan.apply(copy.deepcopy(model), bsi_curvature="hutchinson")
