@@ -125,8 +125,11 @@ class LowRankConfig:
     eps: float = 1e-3
     # BSI's defaults, measured on SmolLM2-135M (benchmarks/results/allocation_smollm2.csv, issue #20): the
     # seed's importance order loses to spectral order with every curvature, also the noise-free K-FAC one
-    # (keep 0.6 WikiText-2: obd 650.6 vs 76.7, svd-llm 876.0 vs 178.5): it drops top components whose
-    # first-order term −g_iσ_i predicts a gain (benchmarks/bench_bsi_order.py); so BSI chooses ranks only. In
+    # (keep 0.6 WikiText-2: obd 650.6 vs 76.7, svd-llm 876.0 vs 178.5). At obd 0.6 it drops 10,816 components
+    # that spectral order keeps, for which the first-order term −g_iσ_i predicts a gain: BSI predicts its
+    # dropped set lowers the loss (−2.4e4 nats summed, first-order −6.6e4), while its K-FAC cost is 3.4× that
+    # of spectral order's (2.86 vs 0.85 nats/token; benchmarks/results/bsi_order_smollm2.csv). The
+    # first-order extrapolation of removing a whole component fails; so BSI chooses ranks only. In
     # spectral order 2 Hutchinson probes (8 windows) measured no worse than K-FAC (obd 0.6: 76.1 vs 76.7,
     # svd-llm 0.6: 163.9 vs 178.5, 0.8: 50.3 vs 55.2), so the seed's estimator stays the default; K-FAC
     # costs no pass (11-15 s vs ~300 s) and is the cheap choice.
