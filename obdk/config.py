@@ -176,14 +176,6 @@ class LowRankConfig:
         return WHITENINGS[self.resolved_whitening]
 
     @property
-    def reads_stats_after_decomposition(self) -> bool:
-        """Whether applying this config reads the calibration statistics again after the decompositions:
-        zero-sum's weight gradients, BSI's K-FAC curvature (``C_x``, ``C_g``), and the corrections that solve
-        with ``C_x``/``C_g`` (``kfac``, ``seq``)."""
-        return (self.resolved_alloc == "zero-sum" or (self.resolved_alloc == "bsi" and self.bsi_curvature == "kfac")
-                or self.resolved_correct not in (None, "zs"))
-
-    @property
     def torch_compute_dtype(self) -> torch.dtype:
         """``compute_dtype`` as a ``torch.dtype``."""
         return torch.float64 if self.compute_dtype == "float64" else torch.float32
