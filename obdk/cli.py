@@ -44,9 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--stream", action="store_true",
                    help="calibrate one decoder layer at a time (the same statistics, one layer's statistics resident)")
     c.add_argument("--scratch-dir", default=None,
-                   help="--stream: directory for the memory-mapped boundary activations beyond --max-host-memory")
+                   help="--stream: directory for the boundary activations and, with a correction, each layer's kept "
+                        "statistics beyond --max-host-memory")
     c.add_argument("--max-host-memory", type=int, default=None, metavar="BYTES",
-                   help="--stream: host bytes for boundary activations before they spill to --scratch-dir")
+                   help="--stream: host bytes for the boundary activations (and, with a correction, for the kept "
+                        "statistics) before they spill to --scratch-dir")
     c.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
                    help="under torchrun: seconds a rank waits for the others in a collective (also while rank 0 "
                         "applies, evaluates and saves) before the job fails")

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from .config import APPLY_FIELDS, DEFAULT_FLOOR, DEFAULT_RANK_MULTIPLE, LowRankConfig
+from .calibrate.kept import LayerStatistics
 from .decompose.whitened import spectrum_as_svd
 from .errors import ConfigError, NotCollectedError
 from .models import Target, check_context, coverage, select_targets, set_module
@@ -91,7 +92,7 @@ class Plan:
                     _score_key(cfg.resolved_alloc, cfg) not in self._scores:
                 why = (f"its per-component scores are computed layer by layer during a streamed prepare() asked for "
                        f"alloc={cfg.resolved_alloc!r}, and this plan was not")
-            if why is None and cfg.resolved_correct is not None and not hasattr(self.stats, "layer_of"):
+            if why is None and cfg.resolved_correct is not None and not isinstance(self.stats, LayerStatistics):
                 why = ("its step re-truncates in each layer's whitening (and kfac solves with C_x/C_g), statistics "
                        "a streamed prepare() keeps layer by layer only when asked for a correction; this plan "
                        "dropped them")
@@ -336,12 +337,15 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
     same statistics up to rounding. ``stream``: calibrate one decoder layer at a time
     (:func:`obdk.calibrate.stream.calibrate_streamed`: the same statistics, one layer's statistics
     resident; boundary activations on host memory up to ``max_host_memory`` bytes, beyond that
-    memory-mapped in ``scratch_dir``).
+    memory-mapped in ``scratch_dir``), each layer decomposed as its sweep ends; with a correction
+    each layer's statistics are kept in a :class:`~obdk.calibrate.kept.LayerStatistics` (the same
+    ``max_host_memory``/``scratch_dir`` rule) and the corrections' gradient passes stream too.
     """
     from .decompose.schedule import decompose_targets
     config = config or LowRankConfig()
-    if stream and streaming_refusal(config) is not None:
-        raise ConfigError(f"prepare(stream=True): method {config.method!r}: {streaming_refusal(config)}; use the "
+    why = streaming_refusal(config) if stream else None
+    if why is not None:
+        raise ConfigError(f"prepare(stream=True): method {config.method!r}: {why}; use the "
                           f"resident pass (stream=False, obdk compress without --stream)")
     timer = timer or StageTimer()
     targets = select_targets(model, config)
@@ -357,7 +361,7 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
     spectra: Optional[dict] = None
     phases: dict[str, float] = {}
     kept = True
-    deltas: Optional[dict] = None
+    layer_scores: Optional[dict] = None  # zero-sum's δ or BSI's scores, computed layer by layer in a streamed sweep
     # the options of every streamed pass of this plan: the calibration's and the corrections' gradient passes
     stream_opts = {"scratch_dir": scratch_dir, "max_host_memory": max_host_memory,
                    "batch_size": calib_batch_size} if stream else None
@@ -374,7 +378,7 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
                 kept = False
                 by_name = {t.name: t for t in targets}
                 done: dict = {}
-                deltas, score_s, sinfo = {}, [0.0], {}
+                layer_scores, score_s, sinfo = {}, 0.0, {}
                 store = None
                 if layered:
                     from .calibrate.kept import LayerStatistics
@@ -389,6 +393,7 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
                 weights = {t.name: model.get_submodule(t.name).weight for t in targets}
 
                 def decompose_layer(i, part):
+                    nonlocal score_s
                     sub = [by_name[n] for n in part.modules if n in by_name]
                     mine: dict = {}
                     if sub:
@@ -405,14 +410,14 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
                             from .scores import bsi_scores
                             mine = bsi_scores(model, data.input_ids, {n: spectrum_as_svd(v) for n, v in sp.items()},
                                               curvature="kfac", stats=part, attention_mask=data.attention_mask)
-                        score_s[0] += time.perf_counter() - t0
+                        score_s += time.perf_counter() - t0
                     if owned:  # collectives: every rank calls them, whether it owns any of this layer's targets or not
                         done.update(dist.share_spectra({t.name: done[t.name] for t in sub}, weights))
                         if config.resolved_alloc in ("zero-sum", "bsi") and dist.world()[1] > 1:
                             for got in dist.all_gather_objects({n: _on_cpu(d) for n, d in mine.items()}):
-                                deltas.update(got)
+                                layer_scores.update(got)
                             mine = {}
-                    deltas.update(mine)
+                    layer_scores.update(mine)
                     if store is not None:
                         part.grad.clear()  # (the corrections take their own gradients at the truncation)
                         store.put(i, part)
@@ -446,9 +451,9 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
     plan = Plan(config, targets, spectra, stats, getattr(stats, "fingerprint", None), timer, data=data,
                 coverage=coverage(model, targets), progress=progress, stats_kept=kept,
                 stream=stream_opts)
-    if deltas is not None and config.resolved_alloc in ("zero-sum", "bsi"):  # computed layer by layer in the sweep
-        plan._scores[_score_key(config.resolved_alloc, config)] = {t.name: deltas[t.name] for t in targets}
-        timer.stages["scores"] = Stage(seconds=score_s[0], peak_rss_mib=timer.stages["calibration"].peak_rss_mib)
+    if layer_scores is not None and config.resolved_alloc in ("zero-sum", "bsi"):  # computed in the sweep
+        plan._scores[_score_key(config.resolved_alloc, config)] = {t.name: layer_scores[t.name] for t in targets}
+        timer.stages["scores"] = Stage(seconds=score_s, peak_rss_mib=timer.stages["calibration"].peak_rss_mib)
     if config.resolved_alloc in ("zero-sum", "bsi"):
         plan.scores(config.resolved_alloc, model)
     return plan

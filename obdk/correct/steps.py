@@ -23,6 +23,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..calibrate.head import summed_weight_grads
+from ..calibrate.kept import LayerStatistics
 from ..decompose import damp_covariance, factorize, kfac_loss
 from ..decompose.roots import cholesky_root
 from ..decompose.whitened import whitened_svd
@@ -180,7 +181,7 @@ def gradient_correct(model: nn.Module, factors: Mapping[str, tuple], kind: str, 
                                  damp_covariance(cg.to(cdtype), d.get("cg", 0.0)))
             out[n] = (fac.a, fac.b, pred)
 
-    layered = hasattr(stats, "layer") and hasattr(stats, "layer_of")  # a LayerStatistics
+    layered = isinstance(stats, LayerStatistics)
     if layered and stream is None:
         raise ConfigError("correct: these statistics were kept layer by layer (a streamed plan); the correction's "
                           "gradient pass must stream too (stream={...})")
@@ -215,7 +216,7 @@ def gradient_correct(model: nn.Module, factors: Mapping[str, tuple], kind: str, 
             def on_layer(i: int, part) -> None:  # layer i's gradients are final: its steps, then drop them
                 batch = [n for n in part.grad if n in wanted]
                 if batch:
-                    step(batch, part.grad, stats.layer(stats.layer_of(batch[0])) if layered else stats)
+                    step(batch, part.grad, stats.layer(i) if layered else stats)
                 part.grad.clear()
 
             dtype = torch.promote_types(next(iter(originals.values())).dtype, torch.float32)
