@@ -149,22 +149,25 @@ def child_pipeline(args) -> None:
     data = get_calibration_windows("wikitext2:validation", tok, nsamples=args.windows, seqlen=args.seqlen, seed=0,
                                    data_dir=args.data_dir)
     stream = args.variant != "pipeline-resident"
-    kw = {"scratch_dir": tempfile.mkdtemp(prefix="obdk-bench-kept-"), "max_host_memory": 0} \
-        if args.variant == "pipeline-streamed-scratch" else {}
-    rss_before = _vmhwm_mib()
-    t0 = time.perf_counter()
-    plan = obdk.prepare(model, LowRankConfig(method="obd", keep=args.keep), data, progress=False, stream=stream, **kw)
-    rep = plan.apply(model)
-    total = time.perf_counter() - t0
-    st = plan.stats
-    kept_host = getattr(st, "peak_host_bytes", None)
-    held = kept_host if kept_host is not None else st.nbytes()
+    with tempfile.TemporaryDirectory(prefix="obdk-bench-kept-") as scratch:
+        kw = {"scratch_dir": scratch, "max_host_memory": 0} if args.variant == "pipeline-streamed-scratch" else {}
+        rss_before = _vmhwm_mib()
+        t0 = time.perf_counter()
+        plan = obdk.prepare(model, LowRankConfig(method="obd", keep=args.keep), data, progress=False, stream=stream,
+                            **kw)
+        rep = plan.apply(model)
+        total = time.perf_counter() - t0
+        st = plan.stats
+        st_bytes = {"held": getattr(st, "peak_host_bytes", None), "spilled": getattr(st, "spilled_bytes", 0)}
+        if st_bytes["held"] is None:
+            st_bytes["held"] = st.nbytes()
+        del plan, st  # the kept statistics' files go before their directory
     ranks = json.dumps({m.name: m.rank for m in rep.modules}, sort_keys=True)
     ppl = perplexity(model, tok, "wikitext2", seqlen=512, windows=args.eval_windows, data_dir=args.data_dir,
                      progress=False)["ppl"]
     res = {"seconds": total, "stages": {k: v["seconds"] for k, v in rep.stages.items()}, "ppl": ppl,
            "ranks_sha": hashlib.sha256(ranks.encode()).hexdigest()[:12], "keep_actual": rep.keep_actual,
-           "stats_held_bytes": held, "stats_spilled_bytes": getattr(st, "spilled_bytes", 0),
+           "stats_held_bytes": st_bytes["held"], "stats_spilled_bytes": st_bytes["spilled"],
            "vmhwm_before_mib": rss_before}
     print(_TAG + json.dumps(res), flush=True)
 
@@ -270,6 +273,7 @@ def main(argv=None) -> None:
                 if v == "streamed":
                     extra["stats_max_rel_diff_vs_resident"] = _compare(saved["resident"], saved["streamed"])
                 row("smollm2-135m", 30, v, args.smol_nsamples, args.smol_seqlen, res, rss, **extra)
+    pipeline_out = PIPELINE_OUT if args.out == str(OUT) else args.out + ".pipeline.csv"
     if "pipeline" in args.suites:
         ref = None
         for v in args.pipeline_variants:
@@ -286,10 +290,11 @@ def main(argv=None) -> None:
                  "stats_held_gib": round(res["stats_held_bytes"] / 2**30, 4),
                  "stats_spilled_gib": round(res["stats_spilled_bytes"] / 2**30, 4), "peak_rss_mib": round(rss, 1),
                  "rss_before_calib_mib": round(res["vmhwm_before_mib"], 1), **env}
-            write_csv([r], PIPELINE_OUT if args.out == str(OUT) else args.out + ".pipeline.csv")
+            write_csv([r], pipeline_out)
             print_table([r], ["variant", "total_s", "time_vs_resident", "ppl", "same_ranks_as_first", "stats_held_gib",
                               "peak_rss_mib"])
-    print(f"rows appended to {args.out}; child logs in {log_path}")
+    outs = [str(args.out)] * bool(set(args.suites) - {"pipeline"}) + [str(pipeline_out)] * ("pipeline" in args.suites)
+    print(f"rows appended to {', '.join(outs)}; child logs in {log_path}")
 
 
 def _r(v, div=1.0):
