@@ -285,6 +285,9 @@ def _compress(args, solo) -> int:
         raise ConfigError("--scratch-dir/--max-host-memory: they apply to the streamed calibration; add --stream")
     if args.max_host_memory is not None and args.max_host_memory < 0:
         raise ConfigError(f"--max-host-memory {args.max_host_memory}: must be a byte count ≥ 0")
+    if args.scratch_dir is not None and not os.path.isdir(args.scratch_dir):
+        raise ConfigError(f"--scratch-dir {args.scratch_dir}: not a directory (create it, or leave the flag out "
+                          f"for the system temporary directory)")
     if len(set(args.keep)) != len(args.keep):
         raise ConfigError(f"--keep {' '.join(f'{k:g}' for k in args.keep)}: a ratio is repeated (each writes one "
                           f"DIR-keepK directory)")

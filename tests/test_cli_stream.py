@@ -40,3 +40,10 @@ def test_compress_stream_refuses_what_does_not_stream(tiny_model_dir, data_dir, 
                               "--stream", "--out", tmp_path / "o", "--data-dir", data_dir], capsys)
     assert code == 2 and "hutchinson" in err and "without --stream" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_compress_stream_refuses_a_missing_scratch_dir_before_loading(tiny_model_dir, tmp_path, capsys):
+    code, stdout, err = _run(["compress", tiny_model_dir, *ARGS, "--stream", "--scratch-dir", tmp_path / "nope",
+                              "--out", tmp_path / "o"], capsys)
+    assert code == 2 and f"--scratch-dir {tmp_path / 'nope'}: not a directory" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
