@@ -1,4 +1,4 @@
-"""How many bytes calibration statistics take, and slices of a model that fit a byte budget.
+"""How many bytes calibration statistics take.
 
 Memory (fp32, shared inputs deduplicated; fp64 doubles every number)
 --------------------------------------------------------------------
@@ -31,15 +31,11 @@ How obdk keeps this within a GPU:
 * the loss of a backward pass runs one window at a time from the LM head's weight
   (:mod:`obdk.calibrate.head`): never the ``[B, T, vocab]`` logits of a batch with their fp32
   copy and gradient (4 windows of 2048 tokens at Llama's vocabulary of 32,000: 1 GiB per fp32 copy);
-* ``groups=`` restricts a pass to a slice of the Linears: :func:`layer_slices` plans slices
-  under a byte budget and :meth:`Statistics.merge` joins the passes (each pass costs one
-  forward+backward over the data). Llama-7B on an 80 GB H100: 59.3 GiB of statistics next to
-  12.6 GiB of bf16 weights leaves too little for activations, two passes of 16 layers
-  (29.7 GiB each) fit. Llama-70B needs 10.7 GiB per layer and its bf16 weights (131 GiB)
-  already span several GPUs: even over 8 × 80 GB the full 855.6 GiB (107 GiB per GPU) does
-  not fit, so it is calibrated in slices (e.g. 4 layers = 42.8 GiB per pass on one GPU, or
-  32 layers ≈ 43 GiB per GPU per pass over 8), each finished slice going to host memory
-  (``offload=True``) or to the cache on disk.
+* the statistics of a model that does not fit are not sliced into several whole-model passes
+  (the old ``layer_slices``, one forward+backward over the data per slice): the layer-streamed
+  pass (:func:`obdk.calibrate.stream.calibrate_streamed`, ``obdk compress --stream``) holds one
+  decoder layer's statistics at a time at the cost of one recomputed layer forward, with the
+  same statistics (Llama-7B: 1.85 GiB instead of 59.3 GiB; Llama-70B: 10.7 GiB instead of 855.6 GiB).
 """
 from __future__ import annotations
 
@@ -50,7 +46,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 
-__all__ = ["stats_nbytes", "layer_slices"]
+__all__ = ["stats_nbytes"]
 
 
 def _resolve_groups(model: nn.Module, groups) -> tuple[list, dict[str, nn.Linear]]:
@@ -94,27 +90,3 @@ def _group_nbytes(g, lin: dict[str, nn.Linear], stats: set[str], dtype: torch.dt
         total += m.out_features ** 2 if "cg" in stats else 0
         total += m.out_features * m.in_features if "grad" in stats else 0
     return total * es
-
-
-def layer_slices(model: nn.Module, budget_bytes: int, *, stats: Iterable[str] = ("cx", "cg"),
-                 dtype: torch.dtype = torch.float32, groups=None) -> list[list]:
-    """Split the targeted groups into consecutive slices whose statistics fit ``budget_bytes``.
-
-    Returns a list of ``LinearGroup`` lists; calibrate each with ``groups=slice`` (one
-    forward+backward over the data per slice) and join the results with
-    :meth:`Statistics.merge`. Raises ``ValueError`` naming the group that alone exceeds the budget.
-    """
-    groups, lin = _resolve_groups(model, groups)
-    st = set(stats)
-    out: list[list] = [[]]
-    used = 0
-    for g in groups:
-        b = _group_nbytes(g, lin, st, dtype)
-        if b > budget_bytes:
-            raise ConfigError(f"layer_slices: the statistics of {g.key} alone need {b} bytes > budget {budget_bytes}")
-        if used + b > budget_bytes and out[-1]:
-            out.append([])
-            used = 0
-        out[-1].append(g)
-        used += b
-    return out

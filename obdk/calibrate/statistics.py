@@ -84,7 +84,7 @@ class Statistics:
 
     @classmethod
     def merge(cls, parts: Sequence["Statistics"]) -> "Statistics":
-        """Join statistics of disjoint module slices computed on the same data (see :func:`layer_slices`)."""
+        """Join statistics of disjoint module slices computed on the same data (e.g. the per-layer parts of a streamed pass, or passes with disjoint ``groups=``)."""
         if not parts:
             raise ConfigError("Statistics.merge: nothing to merge")
         first = parts[0]

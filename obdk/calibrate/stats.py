@@ -41,14 +41,14 @@ from ..errors import ConfigError, DataError, NonFiniteError, WrongTypeError
 from . import distributed as dist
 from .cache import StatsCache, cache_key, data_fingerprint, model_fingerprint
 from .function import CalibrationContext, CalibrationLinear, GroupState, ModuleSlot
-from .memory import _resolve_groups, layer_slices, stats_nbytes  # noqa: F401  (public here too)
+from .memory import _resolve_groups, stats_nbytes  # noqa: F401  (public here too)
 from .statistics import _FISHER, STATS, Statistics
 from .head import (accepts_position_ids, forward_kwargs, head_backward, label_positions, loss_backward,  # noqa: F401
                    plain_head, trunk)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Statistics", "calibrate", "stats_nbytes", "layer_slices", "STATS", "plain_head", "head_backward"]
+__all__ = ["Statistics", "calibrate", "stats_nbytes", "STATS", "plain_head", "head_backward"]
 
 
 # =========================================================================== calibrate
