@@ -111,7 +111,8 @@ def check_world(stream: Mapping) -> None:
 
 
 def gradient_correct(model: nn.Module, factors: Mapping[str, tuple], kind: str, *, data, stats, spectra,
-                     config, progress: bool = False, stream: Optional[dict] = None) -> tuple[dict[str, tuple], dict[str, dict]]:
+                     config, progress: bool = False, stream: Optional[dict] = None,
+                     scales: Optional[Sequence[float]] = None) -> tuple[dict[str, tuple], dict[str, dict]]:
     """One correction step (``kind`` ``zs`` or ``kfac``, see the module docstring) of every truncation.
 
     ``model``: the dense model (its targets are set to ``W_r = b a`` for the gradient pass and
@@ -131,7 +132,10 @@ def gradient_correct(model: nn.Module, factors: Mapping[str, tuple], kind: str, 
     are broadcast to every rank (:func:`~obdk.calibrate.distributed.broadcast_factors`); ``factors`` must then be
     the same on every rank. Returns ``({name: (a, b, predicted)},
     {name: {"cx": α, "cg": α}})``: for ``obd`` the predicted loss is measured against the original
-    ``W``; the second dict is the damping the ``kfac`` solves needed.
+    ``W``; the second dict is the damping the ``kfac`` solves needed. ``scales`` (resident only; the guarded
+    step's line search, :mod:`obdk.correct.guarded`): the step is taken at ``W_r + t·c·P`` for each ``t`` and
+    re-truncated, and each name maps to a list of ``(a, b, predicted)``, one per ``t`` (``t = 0``: the input
+    factors themselves).
     """
     if kind not in STEPS:
         raise ConfigError(f"correct: unknown step {kind!r}; choose one of {', '.join(STEPS)}")
@@ -171,16 +175,26 @@ def gradient_correct(model: nn.Module, factors: Mapping[str, tuple], kind: str, 
             if not bool(torch.isfinite(wc).all()):
                 raise NonFiniteError(f"correct={kind!r}: {n}: the corrected weight is not finite "
                                      f"(gradient or covariance with NaN/inf?)")
-            fac = factorize(wc.to(originals[n].dtype), a.shape[0], method=whitening if whitening != "asvd" else "svd",
-                            cx=cx, cg=cg, solver=config.solver, compute_dtype=cdtype,
-                            damping=config.damping, keep_dense_at_break_even=False)
-            pred = float(fac.predicted_loss)
-            if whitening == "obd":  # predicted loss of the corrected truncation against the original W
-                delta = w - fac.b.to(cdtype) @ fac.a.to(cdtype)
-                pred = kfac_loss(delta, damp_covariance(cx.to(cdtype), d.get("cx", 0.0)),
-                                 damp_covariance(cg.to(cdtype), d.get("cg", 0.0)))
-            out[n] = (fac.a, fac.b, pred)
+            res = []
+            for t in (1.0,) if scales is None else scales:
+                if t == 0:
+                    res.append(factors[n])
+                    continue
+                wt = wc if t == 1 else wr + t * (wc - wr)
+                fac = factorize(wt.to(originals[n].dtype), a.shape[0], method=whitening if whitening != "asvd" else "svd",
+                                cx=cx, cg=cg, solver=config.solver, compute_dtype=cdtype,
+                                damping=config.damping, keep_dense_at_break_even=False)
+                pred = float(fac.predicted_loss)
+                if whitening == "obd":  # predicted loss of the corrected truncation against the original W
+                    delta = w - fac.b.to(cdtype) @ fac.a.to(cdtype)
+                    pred = kfac_loss(delta, damp_covariance(cx.to(cdtype), d.get("cx", 0.0)),
+                                     damp_covariance(cg.to(cdtype), d.get("cg", 0.0)))
+                res.append((fac.a, fac.b, pred))
+            out[n] = res[0] if scales is None else res
 
+    if scales is not None and stream is not None:
+        raise ConfigError(f"correct={kind!r}: steps at several scales (the guarded step's line search) need the "
+                          f"resident pass; this plan streams")
     layered = isinstance(stats, LayerStatistics)
     if layered and stream is None:
         raise ConfigError("correct: these statistics were kept layer by layer (a streamed plan); the correction's "
