@@ -58,10 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--floor", type=float, default=None,
                    help="global/bsi allocation: per-matrix rank floor as a fraction of the uniform rank (default 0.2)")
     c.add_argument("--fisher", default="empirical", choices=["empirical", "true"])
-    c.add_argument("--correct", default=None, choices=["none", "zs", "kfac", "zs+kfac", "seq"],
+    c.add_argument("--correct", default=None, choices=["none", "zs", "kfac", "zs+kfac", "zs-guarded", "seq"],
                    help="after truncation: none, zs (ZS-SVD's one-step projected gradient), kfac (the same step along the "
-                        "K-FAC natural gradient), zs+kfac (both in turn) or seq (refit); default: the method's "
-                        "(obd: zs+kfac)")
+                        "K-FAC natural gradient), zs+kfac (both in turn), zs-guarded (zs with its step size chosen in "
+                        "{0, .25, .5, .75, 1} on the last 8 calibration windows, held out from its gradient; 0 = no "
+                        "correction; not with --stream) or seq (refit); default: the method's (obd: zs+kfac)")
     c.add_argument("--bsi-curvature", default=None, choices=["hutchinson", "blocked", "kfac", "fisher"],
                    help="bsi allocation: the Hessian diagonal in σ: hutchinson (all matrices probed at once), blocked "
                         "(Hutchinson per matrix), kfac (from C_x, C_g: no pass) or fisher (exact empirical-Fisher "

@@ -41,12 +41,12 @@ METHODS: dict[str, tuple[str, str, tuple[str, ...], Optional[str]]] = {
 }
 #: BSI's estimators of the Hessian diagonal in σ (:func:`obdk.scores.bsi_scores`)
 BSI_CURVATURES = ("hutchinson", "blocked", "kfac", "fisher")
-CORRECTIONS = ("none", "zs", "kfac", "zs+kfac", "seq")
+CORRECTIONS = ("none", "zs", "kfac", "zs+kfac", "zs-guarded", "seq")
 ALLOCATIONS = ("uniform", "global", "zero-sum", "bsi")
 
 #: fields :meth:`obdk.pipeline.Plan.apply` may change without recalibrating or redecomposing
 APPLY_FIELDS = ("keep", "alloc", "floor", "rank_multiple", "correct", "probes", "eps", "bsi_order", "bsi_curvature",
-                "probe_tol", "max_probes")
+                "probe_tol", "max_probes", "guard_windows")
 DEFAULT_FLOOR = 0.2
 DEFAULT_RANK_MULTIPLE = 8
 
@@ -94,7 +94,11 @@ class LowRankConfig:
       ``zs`` (ZS-SVD's one-step projected-gradient correction, then re-truncation in the same
       whitening), ``kfac`` (the same step along the K-FAC natural gradient ``C_g⁻¹ G C_x⁻¹``,
       projected in the metric the truncation minimises; :mod:`obdk.correct.steps`),
-      ``zs+kfac`` (the two in turn, a fresh gradient for each) or ``seq`` (sequential refit on the compressed model's inputs, :mod:`obdk.correct.refit`).
+      ``zs+kfac`` (the two in turn, a fresh gradient for each), ``zs-guarded`` (ZS-SVD's step with its
+      size t ∈ {0, ¼, ½, ¾, 1} chosen by the loss on the last ``guard_windows`` calibration windows, which
+      the gradient then does not use; t = 0 is no correction; :mod:`obdk.correct.guarded`) or ``seq``
+      (sequential refit on the compressed model's inputs, :mod:`obdk.correct.refit`).
+    * ``guard_windows``: ``zs-guarded``'s held-out calibration windows (the last ones; default 8).
     * ``bsi_curvature``: BSI's Hessian diagonal in σ: ``hutchinson`` (default, the seed's: all
       matrices perturbed at once), ``blocked`` (Hutchinson one matrix at a time), ``kfac``
       (``N (u_iᵀ C_g u_i)(x_iᵀ C_x x_i)`` from the statistics, no pass; needs ``C_g``) or ``fisher``
@@ -137,6 +141,7 @@ class LowRankConfig:
     bsi_curvature: str = "hutchinson"
     probe_tol: float = 0.1
     max_probes: int = 64
+    guard_windows: int = 8
     asvd_alpha: float = 0.5
     version: int = FORMAT_VERSION
 
@@ -166,7 +171,7 @@ class LowRankConfig:
 
     @property
     def resolved_correct(self) -> Optional[str]:
-        """The correction actually applied after truncation: None, ``zs``, ``kfac``, ``zs+kfac`` or ``seq``."""
+        """The correction actually applied after truncation: None, ``zs``, ``kfac``, ``zs+kfac``, ``zs-guarded`` or ``seq``."""
         c = self.correct if self.correct is not None else METHODS[self.method][3]
         return None if c in (None, "none") else c
 
@@ -231,6 +236,8 @@ class LowRankConfig:
             raise bad("probe_tol", "must be a number > 0 (the relative standard error probes='auto' stops at)")
         if not (_is_int(self.max_probes) and self.max_probes >= 3):
             raise bad("max_probes", "must be an integer ≥ 3 (the cap of probes='auto')")
+        if not (_is_int(self.guard_windows) and self.guard_windows >= 1):
+            raise bad("guard_windows", "must be an integer ≥ 1 (the calibration windows correct='zs-guarded' holds out)")
         if not (_is_number(self.eps) and self.eps > 0):
             raise bad("eps", "must be a number > 0")
         if not (_is_number(self.asvd_alpha) and self.asvd_alpha >= 0):

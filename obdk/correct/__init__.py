@@ -2,6 +2,8 @@
 
 * :mod:`obdk.correct.steps`: one-step gradient corrections, ZS-SVD's (``zs``) and the K-FAC
   natural-gradient step (``kfac``), chained as ``zs+kfac`` (obdk's default for ``obd``);
+* :mod:`obdk.correct.guarded`: ZS-SVD's step with its size chosen by a line search on held-out
+  calibration windows (``zs-guarded``; never worse than no correction on them);
 * :mod:`obdk.correct.refit`: the sequential refit (``seq``) on the compressed model's inputs.
 
 :func:`correct` runs the one ``LowRankConfig.correct`` names. A new correction goes here: a
@@ -10,11 +12,16 @@ function ``(model, factors, ...) -> (factors, damping)`` and a name in
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from ..errors import ConfigError
+from .guarded import guarded_correct, split_holdout
 from .steps import STEPS, ZSCorrection, gradient_correct, gradient_step, zs_correct
 
-__all__ = ["correct", "gradient_correct", "gradient_step", "zs_correct", "ZSCorrection", "STEPS"]
+log = logging.getLogger(__name__)
+
+__all__ = ["correct", "gradient_correct", "gradient_step", "guarded_correct", "zs_correct", "ZSCorrection", "STEPS"]
 
 
 def correct(model, plan: Any, config, factors: dict[str, tuple], *,
@@ -24,7 +31,9 @@ def correct(model, plan: Any, config, factors: dict[str, tuple], *,
     ``model``: the dense model the plan was prepared on (left unchanged); ``factors``: ``{name:
     (a [r, n], b [m, r], predicted_loss)}``. Returns the corrected factors (same ranks) and, per
     target, the damping the correction's solves needed (``kfac_cx``/``kfac_cg``, ``refit_…``),
-    to be reported next to the decomposition's. No correction (or no factors): unchanged.
+    to be reported next to the decomposition's; ``zs-guarded`` adds the step size it chose
+    (``guard_t``) and the held-out loss at each size tried (``guard_loss@t``) to every target's.
+    No correction (or no factors): unchanged.
     """
     kind = config.resolved_correct
     if not kind or not factors:
@@ -36,6 +45,17 @@ def correct(model, plan: Any, config, factors: dict[str, tuple], *,
                                          progress=progress)
         return factors, {n: {f"refit_{k}": v for k, v in d.items()} for n, d in used.items()}
     stream = getattr(plan, "stream", None)
+    if kind == "zs-guarded":
+        if stream:
+            raise ConfigError("correct='zs-guarded': its line search runs the whole model on the held-out windows "
+                              "at each step size, which does not stream; prepare without stream, or use correct='zs'")
+        fit, held = split_holdout(plan.data, config.guard_windows)
+        factors, info = guarded_correct(model, factors, data=fit, holdout=held, stats=plan.stats,
+                                        spectra=plan.spectra, config=config, progress=progress)
+        log.info("correct='zs-guarded': t=%g (held-out loss %s)", info["t"],
+                 ", ".join(f"{t:g}: {v:.4f}" for t, v in info["loss"].items()))
+        shown = {"guard_t": info["t"], **{f"guard_loss@{t:g}": v for t, v in info["loss"].items()}}
+        return factors, {n: dict(shown) for n in factors}
     if stream and stream.get("owners") is not None:
         # an owner-reduced streamed plan under torch.distributed: rank 0 alone holds the truncated factors; every
         # rank needs them (W_r = b a for the gradient passes), r columns each (obdk.calibrate.distributed)
