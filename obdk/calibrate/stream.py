@@ -41,10 +41,20 @@ and ``keep=False``; the boundary activations ``(layers + 1) · N · T · d`` val
 host (or scratch) memory; one layer's activations on the compute device. Compute: one extra forward
 of every layer (the recompute) for ``cg``/``grad``, none for ``cx`` alone.
 
+Placement (:class:`~obdk.calibrate.placement.LayerPlacement`): each sweep takes decoder layer ``i`` up
+with ``fetch(i)`` and puts it down with ``release(i)``. By default the layers stay where they are (the
+compute device is the model's). With ``device=`` (e.g. ``"cuda"`` for a model in host memory) each layer
+is copied to the device for its work in each sweep and its host tensors put back after, and the modules
+outside the decoder layers are on the device only while used (the capture; the final norm and head for
+the head gradient), so the device holds one decoder layer's weights, its accumulators and one batch's
+activations. With ``source=`` (a :class:`~obdk.calibrate.placement.ShardedWeights` and the skeleton of
+:func:`~obdk.calibrate.placement.load_skeleton`, decoder layers on the meta device) each layer is read
+from the safetensors shards when needed and dropped after, so at most one decoder layer is ever in
+memory; the model fingerprint reads every weight once more (one tensor at a time) so that it equals the
+loaded model's.
+
 Supported: the model types in :data:`STREAM_TYPES` whose decoder layers hold every targeted Linear
-(and, with gradients, whose head is plain, :func:`~obdk.calibrate.head.plain_head`). The layers stay
-where they are (the compute device is the model's); the layer-at-a-time loop is the place where a
-later version moves each layer to an accelerator and back.
+(and, with gradients, whose head is plain, :func:`~obdk.calibrate.head.plain_head`).
 """
 from __future__ import annotations
 
@@ -52,6 +62,7 @@ import logging
 import os
 import tempfile
 import time
+from contextlib import nullcontext
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -64,8 +75,9 @@ from . import distributed as dist
 from .function import CalibrationContext, GroupState, ModuleSlot
 from .head import accepts_position_ids, forward_kwargs, head_backward, label_positions, plain_head, trunk
 from .memory import _resolve_groups
+from .placement import LayerPlacement, ShardedWeights
 from .statistics import STATS, Statistics
-from .stats import (_check_finite_weights, _check_options, _input_device, _Patch, _windows,
+from .stats import (_check_finite_weights, _check_options, _Patch, _windows,
                     calibration_fingerprint)
 
 log = logging.getLogger(__name__)
@@ -247,7 +259,9 @@ def calibrate_streamed(model: nn.Module, data: Any, *, stats: Sequence[str] = ("
                        scratch_dir: Optional[str | os.PathLike] = None, max_host_memory: Optional[int] = None,
                        on_layer: Optional[Callable[[int, Statistics], Any]] = None, keep: Optional[bool] = None,
                        groups=None, info: Optional[dict] = None, reduce: str = "all",
-                       owners: Optional[dict] = None) -> Statistics:
+                       owners: Optional[dict] = None, device: Optional[str | torch.device] = None,
+                       source: Optional[ShardedWeights] = None,
+                       on_fetch: Optional[Callable[[int, nn.Module], Any]] = None) -> Statistics:
     """The statistics of :func:`~obdk.calibrate.stats.calibrate`, computed one decoder layer at a time.
 
     ``data``: as for ``calibrate`` (``.input_ids`` [N, T] and ``.attention_mask`` [N, T] or None, a dict,
@@ -285,6 +299,27 @@ def calibrate_streamed(model: nn.Module, data: Any, *, stats: Sequence[str] = ("
     ``owners``: with ``reduce="owner"``, a given map ``{group key: rank}`` (e.g. a previous pass's
     ``info["distributed"]["owners"]``, so that a correction's gradient pass reduces each ``∂L/∂W`` to the rank
     that kept that matrix's statistics) instead of the balanced one; it must name every group.
+
+    ``device``: the compute device of the sweeps (None: where the model's input embeddings are, today's
+    behaviour). When the model lives elsewhere (host memory, ``device="cuda"``), each decoder layer is copied
+    onto ``device`` for its work in the forward sweep and again in the backward sweep and its host tensors put
+    back afterwards (at most one decoder layer on ``device``); embeddings, rotary embedding, final norm and head
+    are there only while used; accumulators are allocated on ``device``; boundary buffers stay in host memory
+    (:class:`BoundaryStore`). ``source``: a :class:`~obdk.calibrate.placement.ShardedWeights` over the checkpoint
+    of ``model``, a skeleton from :func:`~obdk.calibrate.placement.load_skeleton` (decoder-layer parameters on
+    the meta device): layer ``i``'s tensors are read from the shards onto ``device`` (or the model's device) in
+    each parameter's dtype when layer ``i`` is needed, and replaced by the meta parameters after, so at most one
+    decoder layer is materialized at a time. ``on_fetch(i, layer)``: called each time a sweep takes up decoder
+    layer ``i`` (after its weights are on the compute device), before it runs; it may overwrite them (e.g. a
+    correction installing ``b @ a``); the overwrite is gone at the release when the layer was copied or read
+    (``device`` elsewhere, or ``source``), and stays in the model otherwise. ``on_layer(i, part)`` is called
+    while layer ``i`` is still on the compute device, so it may read ``model.get_submodule(name).weight``
+    (e.g. to decompose it); with ``keep``, each part is moved to host memory after ``on_layer`` when ``device``
+    is not the model's. Every parameter is back where it was (the same tensors) when the call returns or
+    raises. ``info`` then also holds ``peak_layers_materialized`` (most decoder layers fetched at once: 1),
+    ``weights_read_bytes`` (stored bytes the sweeps read from ``source``; 0 without), ``fingerprint_read_bytes``
+    (the fingerprint's read of every meta parameter), ``weights_moved_bytes`` (bytes copied to ``device``) and
+    ``device``.
 
     Raises :class:`StreamingUnsupportedError` (an ``ObdkError``) for a model the schedule cannot run
     exactly (see the module docstring); the weights are frozen for the run and restored afterwards.
@@ -330,11 +365,16 @@ def calibrate_streamed(model: nn.Module, data: Any, *, stats: Sequence[str] = ("
     if backward and not isinstance(norm, nn.Module):
         raise StreamingUnsupportedError(f"calibrate_streamed: {type(runner).__name__} has no final .norm; use "
                                         f"the resident pass (stream=False)")
-    _check_finite_weights(model)
+    place = LayerPlacement(model, device=device, source=source, on_fetch=on_fetch)
+    if source is None:  # a source checks every tensor it reads; load_skeleton checked the rest
+        _check_finite_weights(model)
     rank, world = dist.world()
     seed_used = int(seed) if (fisher == "true" and backward) else None
-    fingerprint, _, _ = calibration_fingerprint(model, linears, ids, mask, src, want=want, dtype=dtype, fisher=fisher,
-                                                seed=seed_used)
+    read0 = source.read_bytes if source is not None else 0
+    with place.real_parameters():  # a skeleton's fingerprint is its checkpoint's (the loaded model's)
+        fingerprint, _, _ = calibration_fingerprint(model, linears, ids, mask, src, want=want, dtype=dtype,
+                                                    fisher=fisher, seed=seed_used)
+    fingerprint_read = (source.read_bytes - read0) if source is not None else 0
 
     # normalisers of all windows (what the resident pass all-reduces)
     lab_all = label_positions(mask)
@@ -349,7 +389,7 @@ def calibrate_streamed(model: nn.Module, data: Any, *, stats: Sequence[str] = ("
     bs = int(batch_size)
     batches = [mine[s:s + bs] for s in range(0, len(mine), bs)]
     starts = [s for s in range(0, len(mine), bs)]
-    in_dev = _input_device(model)
+    in_dev = place.device
     accepts_pos = accepts_position_ids(runner)
     by_layer: dict[int, list] = {}
     for g in groups:
@@ -445,8 +485,8 @@ def calibrate_streamed(model: nn.Module, data: Any, *, stats: Sequence[str] = ("
             gs.cx = None
         if on_layer is not None:
             on_layer(i, part)
-        if keep:
-            kept.append(part)
+        if keep:  # off the compute device when the layers are staged there (it holds one layer's worth)
+            kept.append(part.to("cpu") if place.staged else part)
         else:
             del part
             live["now"] -= nbytes
@@ -467,24 +507,26 @@ def calibrate_streamed(model: nn.Module, data: Any, *, stats: Sequence[str] = ("
             t0 = time.perf_counter()
             calls: list[list[tuple[tuple, dict]]] = [[] for _ in layers]
             T = ids.shape[1]
-            for k, idx in enumerate(batches):
-                b_ids = ids[idx].to(in_dev)
-                b_mask = mask[idx].to(in_dev) if mask is not None else None
-                kw = forward_kwargs(b_ids, b_mask, accepts_pos)
-                h0, cl, problem = _capture(runner, layers, norm, kw, wrap_tuple=False)
-                if problem is not None:
-                    h0, cl, problem2 = _capture(runner, layers, norm, kw, wrap_tuple=True)
-                    if problem2 is not None:
-                        raise StreamingUnsupportedError(
-                            f"calibrate_streamed: {type(runner).__name__} does not run its decoder layers as a plain "
-                            f"chain ({problem}); use the resident pass (stream=False)")
-                if k == 0:
-                    d = h0.shape[-1]
-                    hdtype = h0.dtype
-                    bufs[0] = store.alloc((len(mine), T, d), hdtype)
-                bufs[0].tensor[starts[k]:starts[k] + len(idx)].copy_(h0)
-                for i in range(len(layers)):
-                    calls[i].append(cl[i])
+            with place.outside():  # embeddings, rotary embedding, final norm on the compute device
+                for k, idx in enumerate(batches):
+                    b_ids = ids[idx].to(in_dev)
+                    b_mask = mask[idx].to(in_dev) if mask is not None else None
+                    kw = forward_kwargs(b_ids, b_mask, accepts_pos)
+                    h0, cl, problem = _capture(runner, layers, norm, kw, wrap_tuple=False)
+                    if problem is not None:
+                        h0, cl, problem2 = _capture(runner, layers, norm, kw, wrap_tuple=True)
+                        if problem2 is not None:
+                            raise StreamingUnsupportedError(
+                                f"calibrate_streamed: {type(runner).__name__} does not run its decoder layers as a "
+                                f"plain chain ({problem}); use the resident pass (stream=False)")
+                    if k == 0:
+                        d = h0.shape[-1]
+                        hdtype = h0.dtype
+                        bufs[0] = store.alloc((len(mine), T, d), hdtype)
+                    bufs[0].tensor[starts[k]:starts[k] + len(idx)].copy_(h0)
+                    cl = place.stage(cl)  # masks, rotary phases: host memory when the layers are staged
+                    for i in range(len(layers)):
+                        calls[i].append(cl[i])
             seconds["capture"] = time.perf_counter() - t0
 
             # ------------------------------------------------------------ forward sweep
@@ -494,7 +536,7 @@ def calibrate_streamed(model: nn.Module, data: Any, *, stats: Sequence[str] = ("
                       disable=not progress, leave=False) as bar:
                 for i in range(n_fwd):
                     bar.set_description(f"obdk stream [forward sweep] layer {i + 1}/{n_fwd}")
-                    layer = layers[i]
+                    layer = place.fetch(i)
                     collect = (not backward) and i in by_layer
                     if collect:
                         arm(i, ("cx",))
@@ -503,24 +545,26 @@ def calibrate_streamed(model: nn.Module, data: Any, *, stats: Sequence[str] = ("
                     out_buf = store.alloc(bufs[i].tensor.shape, hdtype) if need_out else None
                     if last:
                         gbuf = store.alloc(bufs[i].tensor.shape, hdtype)
-                    for k, idx in enumerate(batches):
-                        s, e = starts[k], starts[k] + len(idx)
-                        b_mask = mask[idx].to(in_dev) if mask is not None else None
-                        h = bufs[i].tensor[s:e].to(in_dev)
-                        ctx.set_batch(b_mask, h.shape[0] * T)
-                        with torch.no_grad():
-                            out = _call_layer(layer, calls[i][k], h)
-                        if collect:
-                            check(i)
-                        if last:
-                            gbuf.tensor[s:e].copy_(_head_grad(norm, head, out, ids[idx].to(in_dev), b_mask, idx,
-                                                              fisher, seed))
-                        elif need_out:
-                            out_buf.tensor[s:e].copy_(out)
-                        del out, h
-                        bar.update(1)
+                    with place.outside(norm, head) if last else nullcontext():  # the head gradient's modules
+                        for k, idx in enumerate(batches):
+                            s, e = starts[k], starts[k] + len(idx)
+                            b_mask = mask[idx].to(in_dev) if mask is not None else None
+                            h = bufs[i].tensor[s:e].to(in_dev)
+                            ctx.set_batch(b_mask, h.shape[0] * T)
+                            with torch.no_grad():
+                                out = _call_layer(layer, place.to_device(calls[i][k]), h)
+                            if collect:
+                                check(i)
+                            if last:
+                                gbuf.tensor[s:e].copy_(_head_grad(norm, head, out, ids[idx].to(in_dev), b_mask, idx,
+                                                                  fisher, seed))
+                            elif need_out:
+                                out_buf.tensor[s:e].copy_(out)
+                            del out, h
+                            bar.update(1)
                     if collect:
-                        finish(i)
+                        finish(i)  # on_layer while layer i is still on the compute device
+                    place.release(i)
                     if need_out:
                         if not bool(torch.isfinite(out_buf.tensor).all()):
                             raise NonFiniteError(f"calibrate_streamed: non-finite hidden states after decoder layer "
@@ -539,7 +583,7 @@ def calibrate_streamed(model: nn.Module, data: Any, *, stats: Sequence[str] = ("
                           unit="batch", disable=not progress, leave=False) as bar:
                     for i in range(top, bottom - 1, -1):
                         bar.set_description(f"obdk stream [backward sweep] layer {i + 1}/{top + 1}")
-                        layer = layers[i]
+                        layer = place.fetch(i)
                         if i in by_layer:
                             arm(i, kinds)
                         for k, idx in enumerate(batches):
@@ -552,7 +596,7 @@ def calibrate_streamed(model: nn.Module, data: Any, *, stats: Sequence[str] = ("
                                 h = h.detach().requires_grad_(True)
                             ctx.set_batch(b_mask, h.shape[0] * T)
                             with torch.enable_grad():
-                                out = _call_layer(layer, calls[i][k], h)
+                                out = _call_layer(layer, place.to_device(calls[i][k]), h)
                                 check(i)
                                 if out.requires_grad:
                                     torch.autograd.backward(out, gout)
@@ -561,10 +605,12 @@ def calibrate_streamed(model: nn.Module, data: Any, *, stats: Sequence[str] = ("
                                 gbuf.tensor[s:e].copy_(h.grad if h.grad is not None else torch.zeros_like(h))
                             del h, gout
                             bar.update(1)
-                        finish(i)
+                        finish(i)  # on_layer while layer i is still on the compute device
+                        place.release(i)
                         store.free(bufs.pop(i))
                 seconds["backward sweep"] = time.perf_counter() - t0
     finally:
+        place.close()
         patch.restore()
         for b in list(bufs.values()) + [gbuf]:
             store.free(b)
@@ -591,6 +637,9 @@ def calibrate_streamed(model: nn.Module, data: Any, *, stats: Sequence[str] = ("
         info.update({"peak_stats_bytes": live["peak"], "peak_host_bytes": store.peak_host_bytes,
                      "spilled_bytes": store.spilled_bytes, "peak_spilled_bytes": store.peak_spilled_bytes,
                      "scratch_files": store.files, "layers": len(layers), "batches": len(batches),
+                     "peak_layers_materialized": place.peak_fetched, "weights_read_bytes": place.read_bytes,
+                     "fingerprint_read_bytes": fingerprint_read, "weights_moved_bytes": place.moved_bytes,
+                     "device": str(place.device),
                      "seconds": {**seconds, "total": time.perf_counter() - t_start}})
         if world > 1:
             now = dist.traffic()
