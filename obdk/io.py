@@ -13,10 +13,16 @@ compressed module, the compression config and the calibration fingerprint;
 ``torch_dtype`` is the dtype of the factors. ``obdk_manifest.json`` lists every
 file obdk wrote (so a later save knows which files are its own).
 
-Writing (``save_pretrained``)
------------------------------
-``check_writable`` runs first (the CLI also calls it before any compute) and
-refuses, with :class:`~obdk.errors.OutputPathError`:
+Writing (``CheckpointWriter``, ``save_pretrained``)
+---------------------------------------------------
+:class:`CheckpointWriter` is the one implementation of the format: it receives the
+tensors one at a time (``add``, ``add_lowrank`` with its tombstone, ``add_dense``),
+writes a shard file as soon as the pending tensors fill ``max_shard_bytes`` and
+releases them, and ``finish`` writes the rest and swaps; :func:`save_pretrained` feeds
+it a resident model's ``state_dict``.
+
+``check_writable`` runs first (the CLI also calls it before any compute) and refuses,
+with :class:`~obdk.errors.OutputPathError`:
 
 * always: ``.``/the current directory or one of its parents; a path under a
   regular file; the directory the model was loaded from, or a parent of it (the
@@ -31,7 +37,8 @@ Then, for target ``D`` in parent ``P`` (``<pid>`` the writer's process id, ``<t>
 8 random hex digits):
 
 1. recover ``D`` (below);
-2. write the new checkpoint into ``P/.D.obdk-tmp-<pid>-<t>`` and fsync its files;
+2. write the new checkpoint into ``P/.D.obdk-tmp-<pid>-<t>`` and fsync its files (shards
+   as they are written, under temporary names until ``finish`` knows their number);
 3. if ``D`` exists: rename it to ``P/.D.obdk-old-<pid>-<t>``;
 4. rename the temporary to ``D`` and fsync ``P``;
 5. remove the ``obdk-old`` copy.
@@ -72,7 +79,7 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.nn as nn
 
-from .errors import CheckpointError, OutputPathError  # noqa: F401
+from .errors import CheckpointError, ConfigError, NonFiniteError, OutputPathError, WrongTypeError  # noqa: F401
 from . import __version__
 from .config import FORMAT_VERSION
 from .models import set_module
@@ -98,32 +105,17 @@ def lowrank_modules(model: nn.Module) -> dict[str, LowRankLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
 
 
-def _state_dict_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with tied duplicates dropped (first name wins) and tensors made contiguous."""
-    sd = model.state_dict()
-    seen: dict[tuple, str] = {}
-    out: dict[str, torch.Tensor] = {}
-    for k, t in sd.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.device.type != "meta" else None
-        if key is not None and key in seen:
-            continue  # tied weight (e.g. lm_head.weight ↔ embed_tokens.weight)
-        if key is not None:
-            seen[key] = k
-        out[k] = t.detach().contiguous().cpu()
-    return out
-
-
-def _shards(sd: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k, t in sd.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][k] = t
-        size += nbytes
-    return shards
+def _tensors_for_save(model: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of ``model.state_dict()`` in order, tied duplicates dropped (first name
+    wins); tensors are detached but left where they are (the writer copies each to the host)."""
+    seen: set[tuple] = set()
+    for k, t in model.state_dict().items():
+        if t.device.type != "meta":
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+            if key in seen:
+                continue  # tied weight (e.g. lm_head.weight ↔ embed_tokens.weight)
+            seen.add(key)
+        yield k, t.detach()
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -380,6 +372,365 @@ def _write_shard(tensors: dict[str, torch.Tensor], path: Path, metadata: dict) -
 # --------------------------------------------------------------------------- save
 
 
+def _sources_of_config(model_config: Any) -> list[str]:
+    """Local directories a model config names as its origin (``_name_or_path``), object or dict."""
+    if isinstance(model_config, dict):
+        p = model_config.get("_name_or_path")
+        return [os.fspath(p)] if isinstance(p, (str, os.PathLike)) and os.fspath(p) and os.path.isdir(p) else []
+    return _sources_of(model_config)
+
+
+class CheckpointWriter:
+    """Write an obdk checkpoint tensor by tensor, without the model in memory.
+
+    The format and the atomic protocol are those of the module docstring (:func:`save_pretrained`
+    is this writer fed from a resident model)::
+
+        with CheckpointWriter(out_dir, max_shard_bytes=..., overwrite=False, source_dir=src) as w:
+            w.add("model.embed_tokens.weight", emb)                 # any tensor, by its full name
+            w.add_lowrank("model.layers.0.mlp.up_proj", a, b)      # a [r, in], b [out, r]
+            w.add_dense("model.layers.0.mlp.down_proj", weight)    # weight [out, in] (+ bias [out])
+            w.finish(model_config=hf_config, tokenizer=tok, report=report)
+
+    Entering runs :func:`recover` and :func:`check_writable` (``overwrite``, ``source_dir``) and
+    creates the temporary directory; nothing at ``save_dir`` changes until :meth:`finish` swaps
+    the complete checkpoint in. Each added tensor is checked finite, copied to the host
+    (contiguous) and kept pending; when the next tensor would take the pending ones past
+    ``max_shard_bytes`` they are written as one shard file (fsynced) and released, so host
+    memory holds at most ``max(max_shard_bytes, largest tensor)`` bytes of pending tensors
+    (``peak_pending_bytes`` records it). Tensors go into shards in the order they are added
+    (the order fixes the shard files' bytes; :func:`save_pretrained` adds ``state_dict`` order).
+    Leaving the ``with`` by an exception, or by :meth:`abort`, removes the temporary directory and
+    leaves ``save_dir`` as it was; leaving it without either, :meth:`finish` or :meth:`abort`,
+    does the same and raises :class:`CheckpointError`. Tied tensors (a head tied to the
+    embeddings) are added once, under their first name. Errors name the tensor or module.
+    """
+
+    def __init__(self, save_dir: str | os.PathLike, *, max_shard_bytes: int = SHARD_BYTES, overwrite: bool = False,
+                 source_dir: str | os.PathLike | Iterable[str | os.PathLike] | None = None):
+        if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
+            raise ConfigError(f"CheckpointWriter: max_shard_bytes={max_shard_bytes!r} is not a positive integer")
+        self.save_dir, self.max_shard_bytes, self.overwrite = save_dir, max_shard_bytes, overwrite
+        if source_dir is None:
+            self._sources: list = []
+        elif isinstance(source_dir, (str, os.PathLike)):
+            self._sources = [os.fspath(source_dir)]
+        else:
+            self._sources = [os.fspath(s) for s in source_dir]
+        self.target: Optional[Path] = None
+        self._tmp: Optional[Path] = None
+        self._state = "new"  # new → open → finished | aborted
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self.peak_pending_bytes = 0  #: the most bytes of tensors ever held pending at once
+        self.total_bytes = 0  #: bytes of every tensor added (the index's ``total_size``)
+        self._parts: list[Path] = []  # shards written so far, under temporary names
+        self._where: dict[str, int] = {}  # tensor name → its shard (0-based), in the order added
+        self._ranks: dict[str, int] = {}
+        self._factor_dtype: Optional[tuple[torch.dtype, str]] = None  # (dtype, the first module in it)
+        self._first_float: Optional[torch.dtype] = None
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def __enter__(self) -> "CheckpointWriter":
+        if self._state != "new":
+            raise CheckpointError(f"CheckpointWriter for {self.save_dir}: entered twice (one writer writes one "
+                                  "checkpoint)")
+        recover(self.save_dir)
+        target = check_writable(self.save_dir, overwrite=self.overwrite, source_dir=self._sources)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temp_path(target, TMP_TAG)
+        _ACTIVE.add(str(tmp))
+        try:
+            tmp.mkdir()
+        except BaseException:
+            _ACTIVE.discard(str(tmp))
+            raise
+        self.target, self._tmp, self._state = target, tmp, "open"
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self._state == "open":
+            self._abort()
+            if exc_type is None:
+                raise CheckpointError(f"{self.target}: the CheckpointWriter was left without finish() or abort(); "
+                                      "nothing was saved and the directory is as it was")
+        return False
+
+    def abort(self) -> None:
+        """Drop everything written so far (the temporary directory); ``save_dir`` stays as it was."""
+        self._check_open("abort")
+        self._abort()
+
+    def _abort(self) -> None:
+        self._state = "aborted"
+        self._pending.clear()
+        self._pending_bytes = 0
+        try:
+            if self._tmp is not None and os.path.lexists(self._tmp):
+                _remove(self._tmp)
+        except BaseException:
+            pass  # left for recover()
+        finally:
+            _ACTIVE.discard(str(self._tmp))
+
+    def _check_open(self, what: str) -> None:
+        if self._state == "open":
+            return
+        how = {"new": "was not entered (use it as `with CheckpointWriter(...) as w:`)",
+               "finished": "is already finished", "aborted": "was aborted"}[self._state]
+        raise CheckpointError(f"CheckpointWriter for {self.target or self.save_dir}: {what}() called, but the "
+                              f"writer {how}")
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        """``{module: rank}`` of every :meth:`add_lowrank` so far, in the order added."""
+        return dict(self._ranks)
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of the tensors added but not yet written to a shard file."""
+        return self._pending_bytes
+
+    @property
+    def shards_written(self) -> int:
+        """Shard files written so far (the last one is written by :meth:`finish`)."""
+        return len(self._parts)
+
+    # ----------------------------------------------------------------- tensors
+
+    def add(self, name: str, tensor: torch.Tensor, *, copy: bool = True) -> None:
+        """Add tensor ``name`` (any shape and dtype) as it is stored in the checkpoint.
+
+        For everything but compressed Linears (:meth:`add_lowrank`): embeddings, norms, dense
+        weights, biases. ``copy=False`` keeps a host tensor without copying it; the caller then
+        must not modify it before the writer finishes (:func:`save_pretrained` passes it: the
+        model stays resident and unchanged). Raises :class:`NonFiniteError` for a NaN/inf entry,
+        :class:`CheckpointError` for a name added twice or a ``.weight_a``/``.weight_b`` name.
+        """
+        if isinstance(name, str) and name.endswith((".weight_a", ".weight_b")):
+            raise CheckpointError(f"{self.target or self.save_dir}: tensor {name!r} is named like a low-rank factor; "
+                                  f"add the module through add_lowrank({name.rsplit('.', 1)[0]!r}, a, b) so that "
+                                  "its rank and tombstone are recorded")
+        self._put(name, tensor, copy)
+
+    def add_dense(self, name: str, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                  copy: bool = True) -> None:
+        """Add an uncompressed Linear ``name``: ``<name>.weight`` [out, in] (and ``<name>.bias`` [out])."""
+        self._put(f"{name}.weight", weight, copy)
+        if bias is not None:
+            self._put(f"{name}.bias", bias, copy)
+
+    def add_lowrank(self, name: str, a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                    copy: bool = True) -> None:
+        """Add compressed Linear ``name`` (a ``LowRankLinear`` of rank ``r``): ``a`` [r, in] as
+        ``<name>.weight_a``, the empty tombstone ``<name>.weight`` [0], ``b`` [out, r] as
+        ``<name>.weight_b`` and ``bias`` [out] as ``<name>.bias``; records rank ``r``.
+
+        Every factor of a checkpoint (and the biases of compressed modules) shares one floating
+        dtype (``torch_dtype`` of ``config.json``); a module in another one raises
+        :class:`CheckpointError` naming both modules."""
+        where = self.target or self.save_dir
+        self._check_open("add_lowrank")
+        for what, t in (("a", a), ("b", b), ("bias", bias)):
+            if not isinstance(t, torch.Tensor) and (t is not None or what != "bias"):
+                raise WrongTypeError(f"{where}: add_lowrank({name!r}): {what} is a {type(t).__name__}, not a tensor")
+        if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0] or a.shape[0] == 0:
+            raise CheckpointError(f"{where}: add_lowrank({name!r}) needs a [r, in] and b [out, r] with r > 0, got "
+                                  f"a {tuple(a.shape)} and b {tuple(b.shape)}")
+        if bias is not None and tuple(bias.shape) != (b.shape[0],):
+            raise CheckpointError(f"{where}: add_lowrank({name!r}): bias has shape {tuple(bias.shape)}, expected "
+                                  f"({b.shape[0]},) (the rows of b)")
+        if name in self._ranks:
+            raise CheckpointError(f"{where}: low-rank module {name!r} added twice")
+        want, first = self._factor_dtype or (a.dtype, name)
+        for leaf, t in (("weight_a", a), ("weight_b", b), ("bias", bias)):
+            if t is None:
+                continue
+            if not t.is_floating_point():
+                raise CheckpointError(f"{where}: tensor '{name}.{leaf}' of low-rank module {name} is {t.dtype}, not a "
+                                      "floating dtype")
+            if t.dtype != want:
+                other = f"module {first} is {_dtype_name(want)}" if first != name else \
+                    f"'{name}.weight_a' is {_dtype_name(want)}"
+                raise CheckpointError(f"{where}: the low-rank factors are in several dtypes: '{name}.{leaf}' is "
+                                      f"{_dtype_name(t.dtype)}, {other}; cast the model (or the factors) to one "
+                                      "dtype first (model.to(dtype))")
+        # every check of the module's tensors before any is stored: an error leaves the writer as it was
+        parts = [(f"{name}.weight_a", self._host(f"{name}.weight_a", a, copy)),
+                 (f"{name}.weight", self._host(f"{name}.weight", torch.empty(0, dtype=a.dtype), False)),  # tombstone
+                 (f"{name}.weight_b", self._host(f"{name}.weight_b", b, copy))]
+        if bias is not None:
+            parts.append((f"{name}.bias", self._host(f"{name}.bias", bias, copy)))
+        for k, host in parts:
+            self._store(k, host)
+        self._factor_dtype = (want, first)
+        self._ranks[name] = int(a.shape[0])
+
+    def _put(self, name: str, tensor: torch.Tensor, copy: bool) -> None:
+        self._store(name, self._host(name, tensor, copy))
+
+    def _host(self, name: str, tensor: torch.Tensor, copy: bool) -> torch.Tensor:
+        """Check tensor ``name`` (open writer, new name, real and finite values); its contiguous host copy."""
+        where = self.target or self.save_dir
+        self._check_open("add")
+        if not isinstance(name, str) or not name:
+            raise CheckpointError(f"{where}: tensor name {name!r} is not a non-empty string")
+        if not isinstance(tensor, torch.Tensor):
+            raise WrongTypeError(f"{where}: tensor {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
+        if name in self._where or name in self._pending:
+            raise CheckpointError(f"{where}: tensor {name!r} added twice")
+        t = tensor.detach()
+        if t.device.type == "meta":
+            raise CheckpointError(f"{where}: tensor {name!r} is on the meta device (it holds no values)")
+        if not all_finite(t):
+            raise NonFiniteError(f"{where}: tensor {name!r} holds {_nonfinite(t)}; a checkpoint with it would be "
+                                 "refused by every loader, so it is not saved")
+        host = t.contiguous().cpu()
+        if copy and host.device == t.device and host.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+            host = host.clone()  # a host tensor the caller may change or free: keep our own copy
+        return host
+
+    def _store(self, name: str, host: torch.Tensor) -> None:
+        """Keep ``host`` pending; first write the pending tensors as a shard if it would not fit with them."""
+        nbytes = host.numel() * host.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = host
+        self._pending_bytes += nbytes
+        self.peak_pending_bytes = max(self.peak_pending_bytes, self._pending_bytes)
+        self.total_bytes += nbytes
+        if self._first_float is None and host.is_floating_point():
+            self._first_float = host.dtype
+
+    def _flush(self, path: Optional[Path] = None) -> None:
+        """Write the pending tensors as the next shard (to ``path``, else a temporary name) and release them."""
+        i = len(self._parts)
+        path = path or self._tmp / f"model-{i + 1:05d}.safetensors.obdk-part"
+        _write_shard(self._pending, path, {"format": "pt", "obdk_format_version": str(FORMAT_VERSION)})
+        _fsync(path)
+        self._where.update((k, i) for k in self._pending)
+        self._parts.append(path)
+        self._pending = {}
+        self._pending_bytes = 0
+
+    # ----------------------------------------------------------------- finish
+
+    def finish(self, *, model_config: Any, ranks: Optional[dict[str, int]] = None, tokenizer: Any = None,
+               report: Any = None, fingerprint: Optional[dict] = None, config: Any = None,
+               generation_config: Any = None) -> Path:
+        """Write the last shard, the index, ``config.json``, the rest, and swap the checkpoint in.
+
+        ``model_config``: the HF config of the uncompressed architecture (a ``PretrainedConfig``
+        or its ``to_dict()``); its ``quantization_config`` and ``_name_or_path`` are dropped, a
+        local ``_name_or_path`` is protected like ``source_dir``. ``ranks`` ({module: r}), when
+        given, must be the ranks added by :meth:`add_lowrank` (a cross-check; they are recorded
+        either way). ``config`` (a ``LowRankConfig`` or dict) and ``fingerprint`` (default:
+        ``report.calibration``) go into ``quantization_config``; ``report`` (with ``to_dict`` or
+        a dict) into ``obdk_report.json``; ``tokenizer`` and ``generation_config`` are saved by
+        their ``save_pretrained`` (a generation config that fails to save is logged, not fatal).
+        Returns the checkpoint directory. Any failure leaves ``save_dir`` as it was.
+        """
+        self._check_open("finish")
+        target, tmp = self.target, self._tmp
+        old: Optional[Path] = None
+        try:
+            if hasattr(model_config, "to_dict"):
+                cfg = model_config.to_dict()
+            elif isinstance(model_config, dict):
+                cfg = dict(model_config)
+            else:
+                raise WrongTypeError(f"{target}: finish(model_config=...) is a {type(model_config).__name__}, not a "
+                                     "transformers config or a dict")
+            if ranks is not None and dict(ranks) != self._ranks:
+                diff = sorted(set(ranks) ^ set(self._ranks)) + \
+                    sorted(k for k in set(ranks) & set(self._ranks) if ranks[k] != self._ranks[k])
+                raise CheckpointError(f"{target}: finish(ranks=...) differs from the low-rank modules added for "
+                                      f"{_listing(diff)} (given {[ranks.get(k) for k in diff[:5]]}, added "
+                                      f"{[self._ranks.get(k) for k in diff[:5]]})")
+            if not self._pending and not self._parts:
+                raise CheckpointError(f"{target}: finish() with no tensor added; nothing to save")
+            if fingerprint is None and report is not None:
+                fingerprint = getattr(report, "calibration", None)
+            sources = self._sources + _sources_of_config(model_config)
+            if not self._parts:
+                self._flush(tmp / "model.safetensors")
+            else:
+                n = len(self._parts) + 1
+                names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+                self._flush(tmp / names[-1])
+                for part, fname in zip(self._parts[:-1], names):
+                    os.replace(part, tmp / fname)
+                weight_map = {k: names[i] for k, i in self._where.items()}
+                (tmp / "model.safetensors.index.json").write_text(
+                    json.dumps({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, indent=2))
+            cfg.pop("quantization_config", None)
+            cfg.pop("_name_or_path", None)
+            cfg["quantization_config"] = {
+                "quant_method": QUANT_METHOD,
+                "format_version": FORMAT_VERSION,
+                "obdk_version": __version__,
+                "ranks": dict(self._ranks),
+                "config": config.to_dict() if hasattr(config, "to_dict") else config,
+                "calibration": fingerprint,
+            }
+            dtype = self._factor_dtype[0] if self._factor_dtype is not None else self._first_float
+            cfg["torch_dtype"] = _dtype_name(dtype) if dtype is not None else None
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
+            if generation_config is not None:
+                try:
+                    generation_config.save_pretrained(str(tmp))
+                except Exception as exc:  # a malformed generation config must not lose the model
+                    log.warning("generation_config not saved: %s", exc)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            if report is not None:
+                rep = report.to_dict() if hasattr(report, "to_dict") else report
+                (tmp / REPORT_FILE).write_text(json.dumps(rep, indent=2, default=str))
+            files = _files_under(tmp)
+            (tmp / MANIFEST_FILE).write_text(json.dumps({"obdk_version": __version__, "files": files}, indent=2))
+            for f in files + [MANIFEST_FILE]:
+                if not f.endswith(".safetensors"):  # shards were fsynced as they were written
+                    _fsync(tmp / f)
+            _fsync(tmp, directory=True)
+            # The swap (module docstring, steps 3-5). Re-check first: the target may have changed meanwhile.
+            if os.path.lexists(target):
+                check_writable(target, overwrite=self.overwrite, source_dir=sources)
+                old = _temp_path(target, OLD_TAG)
+                _ACTIVE.add(str(old))
+                os.rename(target, old)
+                try:
+                    os.rename(tmp, target)
+                except BaseException:
+                    try:
+                        os.rename(old, target)  # roll back; if this fails too, recover() restores it next time
+                    except BaseException:
+                        pass
+                    raise
+            else:
+                os.rename(tmp, target)
+            _fsync(target.parent, directory=True)
+        except BaseException:
+            self._abort()
+            if old is not None:
+                _ACTIVE.discard(str(old))  # rolled back, or left for recover() to restore
+            raise
+        self._state = "finished"
+        _ACTIVE.discard(str(tmp))
+        try:
+            if old is not None:
+                try:
+                    _remove(old)
+                except OSError as exc:
+                    log.warning("%s: could not remove the previous checkpoint %s (%s); the next save or load "
+                                "removes it", target, old.name, exc)
+        finally:
+            if old is not None:
+                _ACTIVE.discard(str(old))
+        log.info("saved %d low-rank modules to %s", len(self._ranks), target)
+        return target
+
+
 def save_pretrained(model: nn.Module, save_dir: str | os.PathLike, *, tokenizer=None,
                     report: Any = None, fingerprint: Optional[dict] = None, config: Any = None,
                     max_shard_bytes: int = SHARD_BYTES, overwrite: bool = False,
@@ -397,129 +748,29 @@ def save_pretrained(model: nn.Module, save_dir: str | os.PathLike, *, tokenizer=
     directory the model was loaded from, when its config names a local one, is always
     protected too) and replaced by the protocol of the module docstring: at every instant
     the old or the new complete checkpoint is at ``save_dir`` or recoverable by the next
-    save or load. Returns the directory path.
+    save or load. The model's tensors go through a :class:`CheckpointWriter` in
+    ``state_dict`` order (tied duplicates once), so a model on the GPU is copied to the host
+    one shard at a time. Returns the directory path.
     """
     report = report if report is not None else getattr(model, "_obdk_report", None)
     config = config if config is not None else getattr(model, "_obdk_config", None)
-    if fingerprint is None and report is not None:
-        fingerprint = getattr(report, "calibration", None)
     from .nn import PackedSlice
     if any(isinstance(m, PackedSlice) for m in model.modules()):
         raise ValueError("save_pretrained: the model has packed shared-input factors; call "
                          "obdk.nn.unpack_shared_inputs(model) before saving")
     lr = lowrank_modules(model)
-    ranks = {n: m.rank for n, m in lr.items()}
-    factor_dtypes = {n: {p.dtype for p in m.parameters()} for n, m in lr.items()}
-    all_dtypes = set().union(*factor_dtypes.values()) if factor_dtypes else set()
-    if len(all_dtypes) > 1:
-        by = {_dtype_name(d): next(n for n, s in factor_dtypes.items() if d in s) for d in all_dtypes}
-        raise CheckpointError(f"save_pretrained: the low-rank factors are in several dtypes ("
-                              + ", ".join(f"{k} e.g. {v}" for k, v in sorted(by.items()))
-                              + "); cast the model to one dtype first (model.to(dtype))")
-    sources = [os.fspath(source_dir)] if source_dir is not None else []
-    sources += _sources_of(model)
-    recover(save_dir)
-    target = check_writable(save_dir, overwrite=overwrite, source_dir=sources)
-
-    sd = _state_dict_for_save(model)
-    # tombstones: an empty tensor in place of each compressed module's dense weight (module docstring)
-    with_tomb: dict[str, torch.Tensor] = {}
-    for k, t in sd.items():
-        with_tomb[k] = t
-        if k.endswith(".weight_a") and k[: -len(".weight_a")] in ranks:
-            with_tomb[k[: -len("_a")]] = torch.empty(0, dtype=t.dtype)
-    sd = with_tomb
-    factor_dtype = next(iter(all_dtypes)) if all_dtypes else \
-        next((t.dtype for t in sd.values() if t.is_floating_point()), None)
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(target, TMP_TAG)
-    old: Optional[Path] = None
-    _ACTIVE.add(str(tmp))
-    try:
-        tmp.mkdir()
-        shards = _shards(sd, max_shard_bytes)
-        meta = {"format": "pt", "obdk_format_version": str(FORMAT_VERSION)}
-        if len(shards) == 1:
-            _write_shard(shards[0], tmp / "model.safetensors", meta)
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                _write_shard(shard, tmp / fname, meta)
-                weight_map.update({k: fname for k in shard})
-            total = sum(t.numel() * t.element_size() for t in sd.values())
-            (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        cfg = model.config.to_dict()
-        cfg.pop("quantization_config", None)
-        cfg.pop("_name_or_path", None)
-        cfg["quantization_config"] = {
-            "quant_method": QUANT_METHOD,
-            "format_version": FORMAT_VERSION,
-            "obdk_version": __version__,
-            "ranks": ranks,
-            "config": config.to_dict() if hasattr(config, "to_dict") else config,
-            "calibration": fingerprint,
-        }
-        cfg["torch_dtype"] = _dtype_name(factor_dtype) if factor_dtype is not None else None
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            try:
-                gen.save_pretrained(str(tmp))
-            except Exception as exc:  # a malformed generation config must not lose the model
-                log.warning("generation_config not saved: %s", exc)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        if report is not None:
-            rep = report.to_dict() if hasattr(report, "to_dict") else report
-            (tmp / REPORT_FILE).write_text(json.dumps(rep, indent=2, default=str))
-        files = _files_under(tmp)
-        (tmp / MANIFEST_FILE).write_text(json.dumps({"obdk_version": __version__, "files": files}, indent=2))
-        for f in files + [MANIFEST_FILE]:
-            _fsync(tmp / f)
-        _fsync(tmp, directory=True)
-        # The swap (module docstring, steps 3-5). Re-check first: the target may have changed meanwhile.
-        if os.path.lexists(target):
-            check_writable(target, overwrite=overwrite, source_dir=sources)
-            old = _temp_path(target, OLD_TAG)
-            _ACTIVE.add(str(old))
-            os.rename(target, old)
-            try:
-                os.rename(tmp, target)
-            except BaseException:
-                try:
-                    os.rename(old, target)  # roll back; if this fails too, recover() restores it next time
-                except BaseException:
-                    pass
-                raise
-        else:
-            os.rename(tmp, target)
-        _fsync(target.parent, directory=True)
-    except BaseException:
-        try:
-            if os.path.lexists(tmp):
-                _remove(tmp)
-        except BaseException:
-            pass  # left for recover()
-        if old is not None:
-            _ACTIVE.discard(str(old))  # rolled back, or left for recover() to restore
-        raise
-    finally:
-        _ACTIVE.discard(str(tmp))
-    try:
-        if old is not None:
-            try:
-                _remove(old)
-            except OSError as exc:
-                log.warning("%s: could not remove the previous checkpoint %s (%s); the next save or load "
-                            "removes it", target, old.name, exc)
-    finally:
-        if old is not None:
-            _ACTIVE.discard(str(old))
-    log.info("saved %d low-rank modules to %s", len(ranks), target)
-    return target
+    sources = ([os.fspath(source_dir)] if source_dir is not None else []) + _sources_of(model)
+    with CheckpointWriter(save_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite, source_dir=sources) as w:
+        for k, t in _tensors_for_save(model):
+            module, _, leaf = k.rpartition(".")
+            if module in lr:  # weight_a, weight_b, bias, consecutive in the state dict
+                if leaf == "weight_a":
+                    m = lr[module]
+                    w.add_lowrank(module, m.weight_a, m.weight_b, m.bias, copy=False)
+                continue
+            w.add(k, t, copy=False)
+        return w.finish(model_config=model.config, tokenizer=tokenizer, report=report, fingerprint=fingerprint,
+                        config=config, generation_config=getattr(model, "generation_config", None))
 
 
 # --------------------------------------------------------------------------- load

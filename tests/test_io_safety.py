@@ -217,11 +217,12 @@ class _Killed(BaseException):
 
 
 class _Faults:
-    """Counts the save's filesystem steps (renames, removals, shard writes); fails at step ``k``."""
+    """Counts the save's filesystem steps (renames, removals, shard writes, the shards' renames inside the
+    temporary directory by ``os.replace``); fails at step ``k``."""
 
     def __init__(self, monkeypatch, k, kill):
         self.k, self.kill, self.n, self.dead, self.steps = k, kill, 0, False, []
-        for mod, name in ((os, "rename"), (os, "unlink"), (shutil, "rmtree"), (io, "_write_shard")):
+        for mod, name in ((os, "rename"), (os, "replace"), (os, "unlink"), (shutil, "rmtree"), (io, "_write_shard")):
             monkeypatch.setattr(mod, name, self._wrap(name, getattr(mod, name)))
 
     def _wrap(self, name, fn):
