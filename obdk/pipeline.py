@@ -14,13 +14,14 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
 from .config import APPLY_FIELDS, DEFAULT_FLOOR, DEFAULT_RANK_MULTIPLE, LowRankConfig
-from .calibrate.kept import LayerStatistics
+from .calibrate.kept import HostBudget, LayerStatistics
+from .decompose.kept import SpectrumStore
 from .decompose.whitened import spectrum_as_svd
 from .errors import ConfigError, NotCollectedError
 from .models import Target, check_context, coverage, select_targets, set_module
@@ -38,7 +39,10 @@ class Plan:
 
     * ``config``: the :class:`LowRankConfig` the plan was prepared with (fixes the whitening, the
       statistics and the decompositions); :meth:`apply` changes only :data:`~obdk.config.APPLY_FIELDS`.
-    * ``targets``: the targeted Linears in forward order; ``spectra``: ``{name: Spectrum}``.
+    * ``targets``: the targeted Linears in forward order; ``spectra``: ``{name: Spectrum}`` (a dict for a
+      resident plan; for a streamed one a :class:`~obdk.decompose.kept.SpectrumStore`, each layer's factors on
+      host memory or in a scratch file, the eigenvalues and metadata on host: the allocation reads no file, a
+      truncation one layer file at a time; :meth:`close` removes its files).
     * ``stats``: the :class:`~obdk.calibrate.statistics.Statistics` (None for plain SVD).
     * ``calibration``: the calibration fingerprint (dataset, samples, seqlen, seed, hashes).
     * ``data``: the calibration windows (``input_ids`` [N, T], ``attention_mask``), kept for the
@@ -55,7 +59,7 @@ class Plan:
     """
     config: LowRankConfig
     targets: list[Target]
-    spectra: dict[str, Any]
+    spectra: Mapping[str, Any]
     stats: Any
     calibration: Optional[dict]
     timer: StageTimer
@@ -162,7 +166,7 @@ class Plan:
         scores = self.scores(alloc, model, cfg) if alloc in ("zero-sum", "bsi") else None
         specs = []
         for t in self.targets:
-            kw = {"costs": (self.spectra[t.name].eigenvalues / 2).double().cpu()}
+            kw = {"costs": (self.eigenvalues(t.name) / 2).double().cpu()}
             if alloc == "zero-sum":
                 kw["deltas"] = scores[t.name]
             if alloc == "bsi":
@@ -183,16 +187,42 @@ class Plan:
             return A.allocate_zero_sum(specs, cfg.keep)
         return A.allocate_bsi(specs, cfg.keep, multiple=cfg.rank_multiple, floor=cfg.floor, order=cfg.bsi_order)
 
+    def eigenvalues(self, name: str) -> torch.Tensor:
+        """Target ``name``'s eigenvalues [k] (descending, loss units), without loading its factors."""
+        if isinstance(self.spectra, SpectrumStore):
+            return self.spectra.eigenvalues(name)
+        return self.spectra[name].eigenvalues
+
+    def damping(self, name: str) -> dict:
+        """The relative damping ``{"cx": α, "cg": α}`` target ``name``'s decomposition used (no factors loaded)."""
+        if isinstance(self.spectra, SpectrumStore):
+            return self.spectra.meta(name)["damping"]
+        return dict(self.spectra[name].damping)
+
     def factors(self, name: str, rank: int, kept_indices=None):
-        """``(a [r, n], b [m, r], predicted_loss)`` of target ``name`` at ``rank`` (or exactly ``kept_indices``)."""
+        """``(a [r, n], b [m, r], predicted_loss)`` of target ``name`` at ``rank`` (or exactly ``kept_indices``).
+
+        On the device of the plan's factors: the weight's for a resident plan, the CPU for a streamed one
+        (whose :class:`~obdk.decompose.kept.SpectrumStore` loads ``name``'s factors alone, from its layer's file
+        when spilled); :meth:`apply` moves them to the model's weight."""
         spec = self.spectra[name]
         if kept_indices is not None:
             a, b = spectrum_as_svd(spec).factors(indices=kept_indices)
             dropped = torch.ones(spec.eigenvalues.numel(), dtype=torch.bool)
             dropped[torch.as_tensor(kept_indices, dtype=torch.long)] = False
-            return a, b, 0.5 * float(spec.eigenvalues[dropped].sum())
-        fac = spec.truncate(int(rank), keep_dense_at_break_even=False)
-        return fac.a, fac.b, float(fac.predicted_loss)
+            pred = 0.5 * float(spec.eigenvalues[dropped].sum())
+        else:
+            fac = spec.truncate(int(rank), keep_dense_at_break_even=False)
+            a, b, pred = fac.a, fac.b, float(fac.predicted_loss)
+        return a, b, pred
+
+    def close(self) -> None:
+        """Release what a streamed plan keeps: its spectra's and its kept statistics' host memory and scratch
+        files (also done when the plan is garbage-collected). A resident plan has nothing to release."""
+        if isinstance(self.spectra, SpectrumStore):
+            self.spectra.close()
+        if isinstance(self.stats, LayerStatistics):
+            self.stats.free()
 
     # ------------------------------------------------------------------ apply
     def apply(self, model: nn.Module, keep: Optional[float] = None, *, model_params_before: Optional[int] = None,
@@ -216,10 +246,16 @@ class Plan:
             for t in self.targets:
                 rank = allocation.ranks.get(t.name)
                 if rank is not None:
-                    factors[t.name] = self.factors(t.name, rank, kept_map.get(t.name))
+                    a, b, pred = self.factors(t.name, rank, kept_map.get(t.name))
+                    if not a.is_meta:  # (meta: a rank that holds their shapes only, refused below)
+                        dev = model.get_submodule(t.name).weight.device
+                        a, b = a.to(dev), b.to(dev)
+                    factors[t.name] = (a, b, pred)
+        self._drop_cached()
         if factors and cfg.resolved_correct:
             with timer("correction"):
                 factors, extra_damping = correct(model, self, cfg, factors, progress=self.progress)
+            self._drop_cached()
         else:
             extra_damping = {}
         if any(f[0].is_meta for f in factors.values()):
@@ -231,9 +267,8 @@ class Plan:
             for t in self.targets:
                 t0 = time.perf_counter()
                 rank = allocation.ranks.get(t.name)
-                spec = self.spectra[t.name]
                 lin = model.get_submodule(t.name)
-                damping = dict(spec.damping)
+                damping = self.damping(t.name)
                 damping.update(extra_damping.get(t.name, {}))
                 if rank is None:
                     mods.append(ModuleReport(t.name, t.m, t.n, None, t.m * t.n, t.m * t.n, 0.0, damping,
@@ -267,6 +302,10 @@ class Plan:
         model._obdk_report = report
         model._obdk_config = LowRankConfig.from_dict(record)
         return report
+
+    def _drop_cached(self) -> None:
+        if isinstance(self.spectra, SpectrumStore):  # the last layer read back from its file
+            self.spectra.drop_cache()
 
 
 def _on_cpu(v):
@@ -337,9 +376,14 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
     same statistics up to rounding. ``stream``: calibrate one decoder layer at a time
     (:func:`obdk.calibrate.stream.calibrate_streamed`: the same statistics, one layer's statistics
     resident; boundary activations on host memory up to ``max_host_memory`` bytes, beyond that
-    memory-mapped in ``scratch_dir``), each layer decomposed as its sweep ends; with a correction
-    each layer's statistics are kept in a :class:`~obdk.calibrate.kept.LayerStatistics` (the same
-    ``max_host_memory``/``scratch_dir`` rule) and the corrections' gradient passes stream too.
+    memory-mapped in ``scratch_dir``), each layer decomposed as its sweep ends and its spectra kept in
+    a :class:`~obdk.decompose.kept.SpectrumStore` (eigenvalues on host; ordered factors on host memory,
+    beyond the budget one safetensors file per layer in ``scratch_dir``); with a correction each
+    layer's statistics are kept in a :class:`~obdk.calibrate.kept.LayerStatistics` too and the
+    corrections' gradient passes stream. The kept spectra and statistics draw on one
+    :class:`~obdk.calibrate.kept.HostBudget` of ``max_host_memory`` bytes: it bounds their sum (each
+    pass's boundary buffers have their own ``max_host_memory``). :meth:`Plan.close` (or dropping the
+    plan) removes the scratch files.
     """
     from .decompose.schedule import decompose_targets
     config = config or LowRankConfig()
@@ -358,7 +402,7 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
         check_context(model, calibration.shape[1] if isinstance(calibration, torch.Tensor) and calibration.dim() == 2
                       else seqlen, "seqlen")
         data = _calibration_windows(calibration, tokenizer, nsamples, seqlen, seed, data_dir, config)
-    spectra: Optional[dict] = None
+    spectra: Optional[Mapping] = None
     phases: dict[str, float] = {}
     kept = True
     layer_scores: Optional[dict] = None  # zero-sum's δ or BSI's scores, computed layer by layer in a streamed sweep
@@ -370,19 +414,18 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
             if stream:
                 from .calibrate.stream import calibrate_streamed
                 # each layer is decomposed as soon as its sweep is done (zero-sum's scores computed from its
-                # gradients) and its statistics dropped, so one layer's statistics are resident at a time; for
-                # the corrections, which solve with C_x/C_g one layer at a time in their own streamed
+                # gradients) and its statistics dropped, so one layer's statistics are resident at a time; its
+                # spectra go to a SpectrumStore (eigenvalues on host; factors on host memory, then scratch_dir);
+                # for the corrections, which solve with C_x/C_g one layer at a time in their own streamed
                 # gradient pass (zs too: it re-truncates in the same whitening), each layer's statistics go to a
-                # LayerStatistics (host memory, then scratch_dir)
+                # LayerStatistics (the same). Both draw on one HostBudget: max_host_memory bounds their sum
                 layered = config.resolved_correct is not None  # (seq is refused above)
                 kept = False
                 by_name = {t.name: t for t in targets}
-                done: dict = {}
                 layer_scores, score_s, sinfo = {}, 0.0, {}
-                store = None
-                if layered:
-                    from .calibrate.kept import LayerStatistics
-                    store = LayerStatistics(max_host_memory, scratch_dir)
+                budget = HostBudget(max_host_memory, owner="prepare(stream=True)")
+                done = SpectrumStore(scratch_dir=scratch_dir, budget=budget, order=[t.name for t in targets])
+                store = LayerStatistics(scratch_dir=scratch_dir, budget=budget) if layered else None
                 # under torch.distributed each layer's statistics go to their owner ranks alone, which decompose them
                 # (obdk.calibrate.distributed.share_spectra then gives every rank the eigenvalues and rank 0 the
                 # factors) and compute zero-sum's δ scores (all-gathered: k floats per matrix, so that the
@@ -396,10 +439,10 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
                     nonlocal score_s
                     sub = [by_name[n] for n in part.modules if n in by_name]
                     mine: dict = {}
+                    sp: dict = {}
                     if sub:
                         sp, ph = decompose_targets(model, sub, part, config, device=device, batch=batch,
                                                    workers=workers, progress=False)
-                        done.update(sp)
                         for k, v in ph.items():
                             phases[k] = phases.get(k, 0.0) + v
                         t0 = time.perf_counter()
@@ -412,12 +455,14 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
                                               curvature="kfac", stats=part, attention_mask=data.attention_mask)
                         score_s += time.perf_counter() - t0
                     if owned:  # collectives: every rank calls them, whether it owns any of this layer's targets or not
-                        done.update(dist.share_spectra({t.name: done[t.name] for t in sub}, weights))
+                        sp = dist.share_spectra({t.name: sp[t.name] for t in sub}, weights)
                         if config.resolved_alloc in ("zero-sum", "bsi") and dist.world()[1] > 1:
                             for got in dist.all_gather_objects({n: _on_cpu(d) for n, d in mine.items()}):
                                 layer_scores.update(got)
                             mine = {}
                     layer_scores.update(mine)
+                    done.put_layer(i, sp)  # (the layer's factors leave the compute device here)
+                    del sp
                     if store is not None:
                         part.grad.clear()  # (the corrections take their own gradients at the truncation)
                         store.put(i, part)
@@ -439,7 +484,10 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
             spectra, phases = decompose_targets(model, targets, stats, config, device=device, batch=batch,
                                                 workers=workers, progress=progress)
     else:  # decomposed inside the streamed sweep: the stage's time is part of the calibration's
-        spectra = {t.name: spectra[t.name] for t in targets}
+        missing = [t.name for t in targets if t.name not in spectra]
+        if missing:
+            raise NotCollectedError(f"prepare(stream=True): the streamed sweep decomposed no {missing[0]} (and "
+                                    f"{len(missing) - 1} more targets)")
         for ph, sec in sinfo.get("seconds", {}).items():  # the streamed schedule's phases, as sub-stages
             if ph != "total":
                 timer.stages[f"calibration/{ph}"] = Stage(seconds=sec,

@@ -91,8 +91,11 @@ def test_forced_spill_of_the_kept_statistics_gives_the_same_model(tmp_path):
     ref = _compressed(obdk.prepare(model, cfg, d, progress=False, stream=True), model)
     plan = obdk.prepare(model, cfg, d, progress=False, stream=True, scratch_dir=tmp_path, max_host_memory=0)
     assert plan.stats.spilled_bytes == plan.stats.nbytes() > 0 and plan.stats.host_bytes == 0
-    (kept,) = tmp_path.iterdir()  # one private directory, a safetensors file per layer
-    assert sorted(f.name for f in kept.iterdir()) == [f"layer-{i}.safetensors" for i in plan.stats.layers]
+    # one private directory for the statistics, one for the spectra (the same budget), a safetensors file per layer
+    kept, spectra = sorted(tmp_path.iterdir(), key=lambda p: p.name)
+    assert kept.name.startswith("obdk-kept-") and spectra.name.startswith("obdk-spectra-")
+    for d in (kept, spectra):
+        assert sorted(f.name for f in d.iterdir()) == [f"layer-{i}.safetensors" for i in plan.stats.layers]
     _assert_same(_compressed(plan, model), ref, 1e-15)
     del plan
     import gc
