@@ -322,7 +322,7 @@ def _to(obj: Any, device: torch.device, memo: dict[int, Tensor]) -> Any:
 class LayerPlacement:
     """Decoder layer ``i`` on the compute device between ``fetch(i)`` and ``release(i)``.
 
-    ``model``: a causal LM (resident anywhere, or a :func:`load_skeleton` skeleton with ``source``).
+    ``fn`` names the pass in error messages. ``model``: a causal LM (resident anywhere, or a :func:`load_skeleton` skeleton with ``source``).
     ``device``: the compute device (None: where the model's input embeddings are). ``source``: the
     :class:`ShardedWeights` the skeleton's meta decoder layers are read from. ``on_fetch(i, layer)``: called
     after each fetch, before the layer runs; it may overwrite the fetched weights (e.g. install ``b @ a``),
@@ -337,30 +337,35 @@ class LayerPlacement:
 
     def __init__(self, model: nn.Module, *, device: Optional[str | torch.device] = None,
                  source: Optional[ShardedWeights] = None,
-                 on_fetch: Optional[Callable[[int, nn.Module], Any]] = None) -> None:
+                 on_fetch: Optional[Callable[[int, nn.Module], Any]] = None, fn: str = "calibrate_streamed") -> None:
         self.model, self.source, self.on_fetch = model, source, on_fetch
         self.path, self.layers = decoder_layers(model)
         if source is not None and not isinstance(source, ShardedWeights):
-            raise ConfigError(f"calibrate_streamed: source= must be a ShardedWeights (load_skeleton), got "
+            raise ConfigError(f"{fn}: source= must be a ShardedWeights (load_skeleton), got "
                               f"{type(source).__name__}")
         for name, p in model.named_parameters():
             inside = _in_layers(name, self.path)
             if p.is_meta and (source is None or not inside):
-                raise ConfigError(f"calibrate_streamed: parameter {name} is on the meta device; "
+                raise ConfigError(f"{fn}: parameter {name} is on the meta device; "
                                   + ("only decoder-layer parameters may be (load_skeleton)" if source is not None
                                      else "a skeleton needs source=ShardedWeights(<checkpoint directory>)"))
             if source is not None and inside and not p.is_meta:
-                raise ConfigError(f"calibrate_streamed: source= is given but decoder-layer parameter {name} holds "
+                raise ConfigError(f"{fn}: source= is given but decoder-layer parameter {name} holds "
                                   f"real weights; pass the skeleton of load_skeleton (or drop source=)")
         from .stats import _input_device
         home = _input_device(model)
-        self.device = home if device is None else torch.device(device)
+        try:
+            self.device = home if device is None else torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ConfigError(f"{fn}: device={device!r} is not a torch device ({exc})") from exc
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"{fn}: device={device!r}, but CUDA is not available here")
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         #: the layers are copied or read onto a device other than the model's home (host memory)
         self.staged = self.device != home
         if self.staged and len(set(map(str, (getattr(model, "hf_device_map", None) or {}).values()))) > 1:
-            raise ConfigError("calibrate_streamed: device= is given but the model is dispatched over several "
+            raise ConfigError(f"{fn}: device= is given but the model is dispatched over several "
                               f"devices by accelerate ({sorted(set(map(str, model.hf_device_map.values())))}); load "
                               "it on one device (or host memory) instead")
         self._fetched: dict[int, list] = {}
@@ -393,6 +398,7 @@ class LayerPlacement:
                                                   requires_grad=p.requires_grad)
                     saved.append((mod._parameters, pname, p))
                     mod._parameters[pname] = new[id(p)]
+            self._move(list(layer.buffers()), saved)  # a layer's own buffers (if any) are real in a skeleton
         else:
             self._move([*layer.parameters(), *layer.buffers()], saved)
         if self.on_fetch is not None:
@@ -454,19 +460,27 @@ class LayerPlacement:
         return _to(obj, self.device, {})
 
     @contextmanager
-    def real_parameters(self) -> Iterator[None]:
+    def real_parameters(self, progress: bool = False) -> Iterator[None]:
         """While inside, ``model.named_parameters()`` yields real tensors: a skeleton's meta parameters are read
-        from ``source`` (CPU, their dtype), one at a time, for e.g. the model fingerprint; ``model.parameters()``
-        keeps yielding the meta ones (dtype and shape only). Without a source nothing changes."""
+        from ``source`` (CPU, their dtype), one at a time, for e.g. the model fingerprint (a tqdm bar
+        ``obdk stream [fingerprint]`` with ``progress``); ``model.parameters()`` keeps yielding the meta ones
+        (dtype and shape only). Without a source nothing changes."""
         if self.source is None:
             yield
             return
+        from tqdm.auto import tqdm
         model, source = self.model, self.source
         plain = model.named_parameters
+        total = sum(p.is_meta for _, p in plain())
 
         def named_parameters(*args, **kwargs):
-            for name, p in plain(*args, **kwargs):
-                yield name, (source.tensor(name, "cpu", p.dtype, shape=p.shape) if p.is_meta else p)
+            with tqdm(total=total, desc="obdk stream [fingerprint] reading the decoder layers", unit="tensor",
+                      disable=not progress, leave=False) as bar:
+                for name, p in plain(*args, **kwargs):
+                    if p.is_meta:
+                        p = source.tensor(name, "cpu", p.dtype, shape=p.shape)
+                        bar.update(1)
+                    yield name, p
 
         model.named_parameters = named_parameters
         model.parameters = lambda recurse=True: (p for _, p in plain(recurse=recurse))

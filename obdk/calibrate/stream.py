@@ -371,7 +371,7 @@ def calibrate_streamed(model: nn.Module, data: Any, *, stats: Sequence[str] = ("
     rank, world = dist.world()
     seed_used = int(seed) if (fisher == "true" and backward) else None
     read0 = source.read_bytes if source is not None else 0
-    with place.real_parameters():  # a skeleton's fingerprint is its checkpoint's (the loaded model's)
+    with place.real_parameters(progress):  # a skeleton's fingerprint is its checkpoint's (the loaded model's)
         fingerprint, _, _ = calibration_fingerprint(model, linears, ids, mask, src, want=want, dtype=dtype,
                                                     fisher=fisher, seed=seed_used)
     fingerprint_read = (source.read_bytes - read0) if source is not None else 0

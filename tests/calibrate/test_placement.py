@@ -249,6 +249,11 @@ def test_skeleton_and_source_must_go_together(tmp_path):
         calibrate_streamed(model, _data(False), progress=False)
     with pytest.raises(ConfigError, match="holds real weights"):
         calibrate_streamed(_loaded(d), _data(False), source=source, progress=False)
+    with pytest.raises(ConfigError, match="device='gpu0' is not a torch device"):
+        calibrate_streamed(_loaded(d), _data(False), device="gpu0", progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="device='cuda', but CUDA is not available"):
+            calibrate_streamed(_loaded(d), _data(False), device="cuda", progress=False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
