@@ -71,12 +71,14 @@ class SpectrumStore(LayerFiles, Mapping):
         self._pos = {n: j for j, n in enumerate(order or ())}
         self._entries: dict[str, dict[str, Any]] = {}  # name -> {"layer", "cls", "fields", "eigenvalues", ...}
         self.eigen_bytes = 0
+        self._closed = False
 
     # ------------------------------------------------------------------ write
     def put_layer(self, i: int, spectra: Mapping[str, Spectrum]) -> None:
         """Keep decoder layer ``i``'s spectra ``{name: Spectrum}`` (factors copied to the CPU where they are not
         there; the caller may drop its spectra). Each layer once; an empty ``spectra`` keeps nothing."""
         i = int(i)
+        self._check_open()
         if self._held(i) or any(e["layer"] == i for e in self._entries.values()):
             raise ConfigError(f"SpectrumStore: decoder layer {i}'s spectra were already kept")
         tensors: dict[str, Tensor] = {}
@@ -110,7 +112,13 @@ class SpectrumStore(LayerFiles, Mapping):
         self._entries.update(entries)
 
     # ------------------------------------------------------------------ read
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ConfigError("SpectrumStore: closed (Plan.close() or SpectrumStore.close() released every spectrum "
+                              "and its scratch files); prepare the plan again")
+
     def _entry(self, name: str) -> dict[str, Any]:
+        self._check_open()
         e = self._entries.get(name)
         if e is None:
             raise NotCollectedError(f"SpectrumStore: no spectrum of {name!r} was kept (have {len(self._entries)} "
@@ -141,6 +149,7 @@ class SpectrumStore(LayerFiles, Mapping):
         return sorted({e["layer"] for e in self._entries.values()})
 
     def __getitem__(self, name: str) -> Spectrum:
+        self._check_open()
         if name not in self._entries:
             raise KeyError(name)  # (Mapping's contract: ``in`` and ``get`` rely on it)
         e = self._entries[name]
@@ -170,7 +179,8 @@ class SpectrumStore(LayerFiles, Mapping):
 
     def close(self) -> None:
         """Release every layer's factors (host bytes back to the budget) and remove the scratch directory; the
-        store is empty afterwards."""
+        store is empty afterwards, and reading or filling it raises :class:`ConfigError`."""
         self._entries.clear()
         self.eigen_bytes = 0
+        self._closed = True
         self.free()

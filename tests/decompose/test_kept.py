@@ -96,6 +96,8 @@ def test_store_gives_back_every_spectrum_exactly_and_reattaches_the_weight(limit
         store.eigenvalues("nope")
     store.close()
     assert not list(tmp_path.iterdir()) and len(store) == 0 and store.host_bytes == 0
+    with pytest.raises(ConfigError, match="closed"):
+        store["layers.0.w0"]
 
 
 def test_batch_views_device_copies_and_meta_factors():
@@ -231,7 +233,9 @@ def test_streamed_plan_on_the_store_equals_the_dict_plan_bit_for_bit(spill, resi
         w = model.get_submodule(n).weight  # the model's own tensor (detached, as decompositions see it), not a copy
         assert got.weight.data_ptr() == w.data_ptr() and got.weight.shape == w.shape and got.damping == sp.damping
     plan.close()
-    assert not list(tmp_path.iterdir()) and store.host_bytes == 0
+    assert not list(tmp_path.iterdir()) and store.host_bytes == 0 and store.budget.used == 0
+    with pytest.raises(ConfigError, match="SpectrumStore: closed .Plan.close"):
+        plan.allocate(keep=0.5)
 
 
 def test_one_budget_bounds_the_kept_statistics_and_spectra_together(tmp_path):
