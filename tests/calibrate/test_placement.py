@@ -84,6 +84,7 @@ def test_skeleton_streamed_equals_resident(ckpt, padded, fisher, monkeypatch):
                                      ("fetch", 1), ("on_layer", 1), ("fetch", 0), ("on_layer", 0)]
     assert all(s[2] == [s[1]] for s in seen)  # exactly the layer at work, no other
     assert _materialized(model) == [] and info["peak_layers_materialized"] == 1
+    assert "named_parameters" not in model.__dict__ and "parameters" not in model.__dict__  # fingerprint patch gone
     assert info["weights_read_bytes"] == 2 * _layer_bytes(full)  # forward sweep + backward sweep
     assert info["fingerprint_read_bytes"] == _layer_bytes(full)
 
