@@ -225,29 +225,28 @@ class Plan:
             self.stats.free()
 
     # ------------------------------------------------------------------ apply
-    def apply(self, model: nn.Module, keep: Optional[float] = None, *, model_params_before: Optional[int] = None,
-              **overrides: Any) -> CompressionReport:
-        """Swap each target of ``model`` for a ``LowRankLinear`` at the allocated rank (or keep it dense).
+    def _truncate_and_correct(self, model: nn.Module, cfg: LowRankConfig, timer: StageTimer, *,
+                              lazy: bool = False, home: bool = True):
+        """Allocation, then every target's truncated (and, with ``cfg``'s correction, corrected) factors.
 
-        ``model``: the model the plan was prepared on or a copy of it (dense). ``keep`` and
-        ``overrides`` (``alloc``, ``floor``, ``rank_multiple``, ``correct``, ``probes``, ``eps``,
-        ``bsi_order``) change this application only, validated once through the config
-        (:meth:`resolve`). Returns the :class:`CompressionReport` (also ``model._obdk_report``).
-        """
+        Returns ``(allocation, kept_map, factors {name: (a [r, n], b [m, r], predicted)}, extra_damping)``.
+        ``lazy`` (no correction only): no factors are made here (:meth:`save` truncates each target as it
+        writes it, so that one target's factors are in memory at a time). ``home``: the factors on the device
+        of the model's weight (else where the plan keeps them: CPU for a streamed plan)."""
         from .correct import correct
-        cfg = self.resolve(keep, **overrides)
-        timer = StageTimer()
-        before = model_params_before if model_params_before is not None else count_params(model)
         with timer("allocation"):
             allocation = self.allocate(model=model, config=cfg)
         kept_map = (allocation.meta or {}).get("kept_indices", {}) if allocation.strategy == "bsi" else {}
         factors: dict[str, tuple] = {}
+        extra_damping: dict = {}
+        if lazy and not cfg.resolved_correct:
+            return allocation, kept_map, factors, extra_damping
         with timer("truncation"):
             for t in self.targets:
                 rank = allocation.ranks.get(t.name)
                 if rank is not None:
                     a, b, pred = self.factors(t.name, rank, kept_map.get(t.name))
-                    if not a.is_meta:  # (meta: a rank that holds their shapes only, refused below)
+                    if home and not a.is_meta:  # (meta: a rank that holds their shapes only, refused below)
                         dev = model.get_submodule(t.name).weight.device
                         a, b = a.to(dev), b.to(dev)
                     factors[t.name] = (a, b, pred)
@@ -256,31 +255,22 @@ class Plan:
             with timer("correction"):
                 factors, extra_damping = correct(model, self, cfg, factors, progress=self.progress)
             self._drop_cached()
-        else:
-            extra_damping = {}
         if any(f[0].is_meta for f in factors.values()):
             raise ConfigError("Plan.apply: this rank holds the shapes of the factors only (a streamed plan prepared "
                               "under torch.distributed gives them to rank 0, or to every rank through a correction "
                               "run on all ranks together); apply it on rank 0")
-        mods: list[ModuleReport] = []
-        with timer("packing"):
-            for t in self.targets:
-                t0 = time.perf_counter()
-                rank = allocation.ranks.get(t.name)
-                lin = model.get_submodule(t.name)
-                damping = self.damping(t.name)
-                damping.update(extra_damping.get(t.name, {}))
-                if rank is None:
-                    mods.append(ModuleReport(t.name, t.m, t.n, None, t.m * t.n, t.m * t.n, 0.0, damping,
-                                             time.perf_counter() - t0))
-                    continue
-                a, b, pred = factors[t.name]
-                bias = lin.bias.detach() if lin.bias is not None else None
-                new = LowRankLinear.from_factors(a.to(lin.weight.dtype), b.to(lin.weight.dtype), bias)
-                new.to(lin.weight.device)
-                set_module(model, t.name, new)
-                mods.append(ModuleReport(t.name, t.m, t.n, int(rank), int(rank) * (t.m + t.n), t.m * t.n,
-                                         pred, damping, time.perf_counter() - t0))
+        return allocation, kept_map, factors, extra_damping
+
+    def _module_report(self, t: Target, rank: Optional[int], pred: float, extra_damping: dict,
+                       seconds: float) -> ModuleReport:
+        damping = self.damping(t.name)
+        damping.update(extra_damping.get(t.name, {}))
+        if rank is None:
+            return ModuleReport(t.name, t.m, t.n, None, t.m * t.n, t.m * t.n, 0.0, damping, seconds)
+        return ModuleReport(t.name, t.m, t.n, int(rank), int(rank) * (t.m + t.n), t.m * t.n, pred, damping, seconds)
+
+    def _report(self, cfg: LowRankConfig, mods: list, allocation, before: int, after: int,
+                timer: StageTimer) -> tuple[CompressionReport, dict]:
         stages = dict(self.timer.to_dict())
         stages.update(timer.to_dict())
         record = cfg.to_dict()
@@ -290,7 +280,7 @@ class Plan:
             config=record, modules=mods,
             targeted_params_before=sum(m.dense_params for m in mods),
             targeted_params_after=sum(m.params for m in mods),
-            model_params_before=before, model_params_after=count_params(model),
+            model_params_before=before, model_params_after=after,
             predicted_loss=sum(m.predicted_loss for m in mods),
             stages=stages, calibration=self.calibration,
             allocation={"strategy": allocation.strategy, "budget": allocation.budget,
@@ -299,8 +289,107 @@ class Plan:
                            if isinstance(v, (int, float, str, bool)) or v is None}},
             coverage=self.coverage,
         )
+        return report, record
+
+    def apply(self, model: nn.Module, keep: Optional[float] = None, *, model_params_before: Optional[int] = None,
+              **overrides: Any) -> CompressionReport:
+        """Swap each target of ``model`` for a ``LowRankLinear`` at the allocated rank (or keep it dense).
+
+        ``model``: the model the plan was prepared on or a copy of it (dense). ``keep`` and
+        ``overrides`` (``alloc``, ``floor``, ``rank_multiple``, ``correct``, ``probes``, ``eps``,
+        ``bsi_order``) change this application only, validated once through the config
+        (:meth:`resolve`). Returns the :class:`CompressionReport` (also ``model._obdk_report``).
+        To write the compressed checkpoint without building the compressed model, see :meth:`save`.
+        """
+        if (self.stream or {}).get("source") is not None:
+            raise ConfigError("Plan.apply: this plan's model is a skeleton whose decoder layers live in the "
+                              "checkpoint's shards (prepare(source=...)); write the compressed model with "
+                              "Plan.save(model, out_dir)")
+        cfg = self.resolve(keep, **overrides)
+        timer = StageTimer()
+        before = model_params_before if model_params_before is not None else count_params(model)
+        allocation, _, factors, extra_damping = self._truncate_and_correct(model, cfg, timer)
+        mods: list[ModuleReport] = []
+        with timer("packing"):
+            for t in self.targets:
+                t0 = time.perf_counter()
+                rank = allocation.ranks.get(t.name)
+                if rank is None:
+                    mods.append(self._module_report(t, None, 0.0, extra_damping, time.perf_counter() - t0))
+                    continue
+                lin = model.get_submodule(t.name)
+                a, b, pred = factors[t.name]
+                bias = lin.bias.detach() if lin.bias is not None else None
+                new = LowRankLinear.from_factors(a.to(lin.weight.dtype), b.to(lin.weight.dtype), bias)
+                new.to(lin.weight.device)
+                set_module(model, t.name, new)
+                mods.append(self._module_report(t, rank, pred, extra_damping, time.perf_counter() - t0))
+        report, record = self._report(cfg, mods, allocation, before, count_params(model), timer)
         model._obdk_report = report
         model._obdk_config = LowRankConfig.from_dict(record)
+        return report
+
+    def save(self, model: nn.Module, save_dir, keep: Optional[float] = None, *, tokenizer=None,
+             overwrite: bool = False, source_dir=None, max_shard_bytes: Optional[int] = None,
+             model_params_before: Optional[int] = None, **overrides: Any) -> CompressionReport:
+        """Write ``model`` compressed at ``keep`` to the checkpoint ``save_dir``, tensor by tensor, without
+        building the compressed model: ``model`` stays as it is (dense).
+
+        The same checkpoint as :meth:`apply` followed by :func:`obdk.save_pretrained` (the same tensors,
+        ranks, ``config.json`` and report), written by :class:`obdk.io.CheckpointWriter` in the model's
+        ``state_dict`` order: each shard goes to disk as it fills. Without a correction each target is
+        truncated as it is written (one target's factors in memory at a time); with one, the corrected
+        factors of every target (the compressed model's size) are held until written. For a skeleton
+        (``prepare(source=...)``) every decoder-layer tensor that is not a compressed target's (norms,
+        kept-dense Linears, biases) is read from the checkpoint's shards as it is written. ``keep``,
+        ``overrides``: as for :meth:`apply`; ``tokenizer``, ``overwrite``, ``source_dir``: as for
+        :func:`obdk.save_pretrained` (``max_shard_bytes`` default its 4 GiB). Returns the
+        :class:`CompressionReport` (also in the checkpoint's ``obdk_report.json``).
+        """
+        from .io import SHARD_BYTES, CheckpointWriter, _sources_of, _tensors_for_save
+        cfg = self.resolve(keep, **overrides)
+        timer = StageTimer()
+        before = model_params_before if model_params_before is not None else count_params(model)
+        source = (self.stream or {}).get("source")
+        allocation, kept_map, factors, extra_damping = self._truncate_and_correct(model, cfg, timer, lazy=True,
+                                                                                   home=False)
+        ranks = allocation.ranks
+        by_name = {t.name: t for t in self.targets}
+        mods: dict[str, ModuleReport] = {}
+        sd = dict(_tensors_for_save(model))
+
+        def real(key: str, t: torch.Tensor) -> torch.Tensor:
+            return source.tensor(key, "cpu", t.dtype, shape=tuple(t.shape)) if t.is_meta else t
+
+        with timer("save"), CheckpointWriter(save_dir, max_shard_bytes=max_shard_bytes or SHARD_BYTES,
+                                             overwrite=overwrite,
+                                             source_dir=([source_dir] if source_dir is not None else [])
+                                             + _sources_of(model)) as w:
+            for key, t in sd.items():
+                mod, _, leaf = key.rpartition(".")
+                if mod in by_name and ranks.get(mod) is not None:
+                    if leaf == "weight":  # the module's factors (+ its bias and tombstone) at its weight's place
+                        t0 = time.perf_counter()
+                        a, b, pred = factors.pop(mod) if mod in factors else \
+                            self.factors(mod, ranks[mod], kept_map.get(mod))
+                        bias = sd.get(f"{mod}.bias")
+                        bias = None if bias is None else real(f"{mod}.bias", bias).to(t.dtype)
+                        w.add_lowrank(mod, a.to(t.dtype), b.to(t.dtype), bias)
+                        del a, b
+                        mods[mod] = self._module_report(by_name[mod], ranks[mod], pred, extra_damping,
+                                                        time.perf_counter() - t0)
+                    continue
+                w.add(key, real(key, t))
+            self._drop_cached()
+            mods.update({t.name: self._module_report(t, None, 0.0, extra_damping, 0.0)
+                         for t in self.targets if ranks.get(t.name) is None})
+            mods_list = [mods[t.name] for t in self.targets]
+            after = before - sum(m.dense_params - m.params for m in mods_list)
+            report, record = self._report(cfg, mods_list, allocation, before, after, timer)
+            w.finish(model_config=model.config, tokenizer=tokenizer, report=report,
+                     config=LowRankConfig.from_dict(record),
+                     generation_config=getattr(model, "generation_config", None))
+        report.stages.update(timer.to_dict())
         return report
 
     def _drop_cached(self) -> None:
@@ -363,7 +452,8 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
             tokenizer=None, nsamples: int = 32, seqlen: int = 512, seed: int = 0, data_dir=None,
             stats=None, device=None, progress: bool = True, timer: Optional[StageTimer] = None,
             batch: Optional[int] = None, workers: Optional[int] = None, calib_batch_size: int = 1,
-            stream: bool = False, scratch_dir=None, max_host_memory: Optional[int] = None) -> Plan:
+            stream: bool = False, scratch_dir=None, max_host_memory: Optional[int] = None,
+            source=None) -> Plan:
     """Calibrate ``model`` once and decompose every target fully (see :class:`Plan`).
 
     ``calibration``: a ``CalibrationData``, a dataset name (``wikitext2:validation``),
@@ -384,6 +474,13 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
     :class:`~obdk.calibrate.kept.HostBudget` of ``max_host_memory`` bytes: it bounds their sum (each
     pass's boundary buffers have their own ``max_host_memory``). :meth:`Plan.close` (or dropping the
     plan) removes the scratch files.
+
+    Streamed, ``device`` is also the compute device of every streamed pass: a model in host memory stays
+    there and one decoder layer at a time is copied onto ``device`` (:class:`~obdk.calibrate.placement.
+    LayerPlacement`). ``source``: the :class:`~obdk.calibrate.placement.ShardedWeights` of a skeleton
+    ``model`` (:func:`~obdk.calibrate.placement.load_skeleton`: decoder layers on the meta device), whose
+    layers every streamed pass (calibration, corrections) reads from the checkpoint's shards one at a time;
+    such a plan is written with :meth:`Plan.save` (it cannot :meth:`Plan.apply` to a model that has no weights).
     """
     from .decompose.schedule import decompose_targets
     config = config or LowRankConfig()
@@ -391,6 +488,9 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
     if why is not None:
         raise ConfigError(f"prepare(stream=True): method {config.method!r}: {why}; use the "
                           f"resident pass (stream=False, obdk compress without --stream)")
+    if source is not None and not stream:
+        raise ConfigError("prepare: source= (a skeleton's weights read from its checkpoint) needs stream=True: only "
+                          "the streamed passes read one decoder layer at a time")
     timer = timer or StageTimer()
     targets = select_targets(model, config)
     need = config.needed_stats
@@ -409,6 +509,10 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
     # the options of every streamed pass of this plan: the calibration's and the corrections' gradient passes
     stream_opts = {"scratch_dir": scratch_dir, "max_host_memory": max_host_memory,
                    "batch_size": calib_batch_size} if stream else None
+    if stream and device is not None:
+        stream_opts["device"] = device
+    if stream and source is not None:
+        stream_opts["source"] = source
     if need and stats is None:
         with timer("calibration"):
             if stream:
@@ -434,6 +538,12 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
                 from .calibrate import distributed as dist
                 owned = config.resolved_alloc in ("uniform", "global", "zero-sum", "bsi")
                 weights = {t.name: model.get_submodule(t.name).weight for t in targets}
+                if source is not None and dist.world()[1] > 1:
+                    raise ConfigError("prepare(stream=True, source=...): a skeleton read from its checkpoint under "
+                                      "torch.distributed is not supported; load the model on every rank")
+                # a layer fetched onto another device, or read from the shards, is released after its sweep: its
+                # spectra must refer to the model's own (host or meta) weight, never to the fetched copy
+                rehome = source is not None or device is not None
 
                 def decompose_layer(i, part):
                     nonlocal score_s
@@ -445,6 +555,8 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
                                                    workers=workers, progress=False)
                         for k, v in ph.items():
                             phases[k] = phases.get(k, 0.0) + v
+                        if rehome:
+                            sp = {n: dataclasses.replace(v, weight=weights[n]) for n, v in sp.items()}
                         t0 = time.perf_counter()
                         if config.resolved_alloc == "zero-sum":
                             from .scores import zero_sum_deltas

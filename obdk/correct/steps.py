@@ -140,7 +140,17 @@ def gradient_correct(model: nn.Module, factors: Mapping[str, tuple], kind: str, 
     if kind not in STEPS:
         raise ConfigError(f"correct: unknown step {kind!r}; choose one of {', '.join(STEPS)}")
     names = list(factors)
-    originals = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    # a skeleton's decoder layers (obdk.calibrate.placement.load_skeleton) live in the checkpoint's shards: each
+    # original W is read from them when its step runs, and W_r = b a is installed as each layer is fetched
+    source = (stream or {}).get("source")
+    wdtype = {n: model.get_submodule(n).weight.dtype for n in names}
+    if source is None:
+        originals = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    else:
+        if (stream or {}).get("owners") is not None:
+            raise ConfigError(f"correct={kind!r}: weights read from the checkpoint (a skeleton) under "
+                              f"torch.distributed are not supported; load the model on every rank")
+        originals = _ReadOnStep(source, {n: model.get_submodule(n).weight for n in names})
     out, used = {}, {}
     whitening = config.resolved_whitening
     sides = config.whitening_stats
@@ -155,12 +165,13 @@ def gradient_correct(model: nn.Module, factors: Mapping[str, tuple], kind: str, 
         chol_x: dict[str, tuple[Tensor, float]] = {}  # one factor per unique input
         for n in batch:
             a, b, _ = factors[n]
-            w = originals[n].to(cdtype)
-            wr = b.to(cdtype) @ a.to(cdtype)
             g = grads[n].to(cdtype)
-            cx = st.cx_for(n) if "cx" in sides and whitening != "asvd" else None
-            cg = st.cg[n] if "cg" in sides else None
-            d = spectra[n].damping
+            dev = g.device  # the pass's compute device: the step runs there, its factors come back home
+            w = originals[n].to(dev, cdtype)
+            wr = b.to(dev, cdtype) @ a.to(dev, cdtype)
+            cx = st.cx_for(n).to(dev) if "cx" in sides and whitening != "asvd" else None
+            cg = st.cg[n].to(dev) if "cg" in sides else None
+            d = spectra.meta(n)["damping"] if hasattr(spectra, "meta") else spectra[n].damping  # no factor read
             lg = lx = None
             if kind == "kfac":
                 used[n] = {}
@@ -181,7 +192,7 @@ def gradient_correct(model: nn.Module, factors: Mapping[str, tuple], kind: str, 
                     res.append(factors[n])
                     continue
                 wt = wc if t == 1 else wr + t * (wc - wr)
-                fac = factorize(wt.to(originals[n].dtype), a.shape[0], method=whitening if whitening != "asvd" else "svd",
+                fac = factorize(wt.to(wdtype[n]), a.shape[0], method=whitening if whitening != "asvd" else "svd",
                                 cx=cx, cg=cg, solver=config.solver, compute_dtype=cdtype,
                                 damping=config.damping, keep_dense_at_break_even=False)
                 pred = float(fac.predicted_loss)
@@ -189,7 +200,7 @@ def gradient_correct(model: nn.Module, factors: Mapping[str, tuple], kind: str, 
                     delta = w - fac.b.to(cdtype) @ fac.a.to(cdtype)
                     pred = kfac_loss(delta, damp_covariance(cx.to(cdtype), d.get("cx", 0.0)),
                                      damp_covariance(cg.to(cdtype), d.get("cg", 0.0)))
-                res.append((fac.a, fac.b, pred))
+                res.append((fac.a.to(a.device), fac.b.to(b.device), pred))
             out[n] = res[0] if scales is None else res
 
     if scales is not None and stream is not None:
@@ -200,11 +211,15 @@ def gradient_correct(model: nn.Module, factors: Mapping[str, tuple], kind: str, 
         raise ConfigError("correct: these statistics were kept layer by layer (a streamed plan); the correction's "
                           "gradient pass must stream too (stream={...})")
     try:
-        with torch.no_grad():
-            for n in names:
-                a, b, _ = factors[n]
-                w = model.get_submodule(n).weight
-                w.copy_((b.double() @ a.double()).to(w.dtype))
+        def install(ns) -> None:  # every target in ns at its truncation W_r = b a
+            with torch.no_grad():
+                for n in ns:
+                    a, b, _ = factors[n]
+                    w = model.get_submodule(n).weight
+                    w.copy_((b.to(w.device).double() @ a.to(w.device).double()).to(w.dtype))
+
+        if source is None:
+            install(names)
         if stream is None:
             grads = summed_weight_grads(model, data.input_ids, names, attention_mask=data.attention_mask,
                                         progress=progress, desc=f"correct [{kind}] gradient pass")
@@ -233,7 +248,14 @@ def gradient_correct(model: nn.Module, factors: Mapping[str, tuple], kind: str, 
                     step(batch, part.grad, stats.layer(i) if layered else stats)
                 part.grad.clear()
 
-            dtype = torch.promote_types(next(iter(originals.values())).dtype, torch.float32)
+            if source is not None:  # each fetched layer (read from the shards) gets its truncations installed
+                from ..calibrate.stream import decoder_layers
+                prefix = decoder_layers(model)[0] + "."
+                per_layer: dict[int, list] = {}
+                for n in names:
+                    per_layer.setdefault(int(n[len(prefix):].split(".", 1)[0]), []).append(n)
+                opts["on_fetch"] = lambda i, layer: install(per_layer.get(i, ()))
+            dtype = torch.promote_types(next(iter(wdtype.values())), torch.float32)
             calibrate_streamed(model, data, stats=("grad",), fisher="empirical", dtype=dtype, progress=progress,
                                on_layer=on_layer, keep=False, **opts)
             missing = [n for n in names if n in wanted and n not in out]
@@ -245,7 +267,20 @@ def gradient_correct(model: nn.Module, factors: Mapping[str, tuple], kind: str, 
                 out = {n: g[:3] for n, g in got.items()}
                 used = {n: g[3] for n, g in got.items() if g[3] is not None}
     finally:
-        with torch.no_grad():
-            for n in names:
-                model.get_submodule(n).weight.copy_(originals[n])
+        if source is None:
+            with torch.no_grad():
+                for n in names:
+                    model.get_submodule(n).weight.copy_(originals[n])
     return {n: out[n] for n in names}, used
+
+
+class _ReadOnStep:
+    """``{name: W [m, n]}`` of a skeleton's targets, each read from the checkpoint's shards when asked for
+    (CPU, the model's dtype), so that one matrix's original weight is in memory at a time."""
+
+    def __init__(self, source, params: Mapping[str, Tensor]) -> None:
+        self.source, self.params = source, params
+
+    def __getitem__(self, name: str) -> Tensor:
+        p = self.params[name]
+        return self.source.tensor(f"{name}.weight", "cpu", p.dtype, shape=tuple(p.shape))
