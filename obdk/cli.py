@@ -42,13 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-batch-size", type=int, default=1,
                    help="calibration windows per forward/backward pass (more: faster, more memory)")
     c.add_argument("--stream", action="store_true",
-                   help="calibrate one decoder layer at a time (the same statistics, one layer's statistics resident)")
+                   help="run every pass one decoder layer at a time (the same statistics and model, one layer's "
+                        "statistics resident): the model stays in host memory and each layer is copied to --device "
+                        "in turn; the checkpoint is written tensor by tensor, without building the compressed model")
+    c.add_argument("--weights-on-disk", action="store_true",
+                   help="--stream: leave the decoder layers in the model's safetensors shards and read each one when "
+                        "a pass needs it (host memory holds one layer; the model must be a local safetensors "
+                        "checkpoint directory)")
     c.add_argument("--scratch-dir", default=None,
-                   help="--stream: directory for the boundary activations and, with a correction, each layer's kept "
+                   help="--stream: directory for the boundary activations and for each layer's kept spectra and "
                         "statistics beyond --max-host-memory")
     c.add_argument("--max-host-memory", type=int, default=None, metavar="BYTES",
-                   help="--stream: host bytes for the boundary activations (and, with a correction, for the kept "
-                        "statistics) before they spill to --scratch-dir")
+                   help="--stream: host bytes for the boundary activations, and for the kept spectra and (with a "
+                        "correction) statistics, before they spill to --scratch-dir")
     c.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
                    help="under torchrun: seconds a rank waits for the others in a collective (also while rank 0 "
                         "applies, evaluates and saves) before the job fails")
@@ -147,6 +153,19 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(spec: str, dtype, device):
     from .hub import load_model
     return load_model(spec, dtype=dtype, device=device)  # dtype names are parsed (and checked) there
+
+
+def _load_skeleton(spec: str, dtype):
+    """``--weights-on-disk``: (skeleton model, its ShardedWeights, tokenizer) of a local safetensors checkpoint."""
+    from .calibrate.placement import load_skeleton
+    from .errors import ConfigError
+    from .hub import _parse_dtype, load_tokenizer, resolve_model_path
+    path = Path(resolve_model_path(spec))
+    if not path.is_dir() or not any(f.name.endswith(".safetensors") for f in path.iterdir()):
+        raise ConfigError(f"--weights-on-disk: {spec} is not a local directory of safetensors shards (a GGUF file or "
+                          f"a hub id is loaded whole; download or convert it to a directory first)")
+    model, source = load_skeleton(path, dtype=_parse_dtype(dtype))
+    return model, source, load_tokenizer(str(path))
 
 
 def _check_device(device: str) -> str:
@@ -284,6 +303,8 @@ def _compress(args, solo) -> int:
     cfg = _config_from_args(args)
     if not args.stream and (args.scratch_dir is not None or args.max_host_memory is not None):
         raise ConfigError("--scratch-dir/--max-host-memory: they apply to the streamed calibration; add --stream")
+    if args.weights_on_disk and not args.stream:
+        raise ConfigError("--weights-on-disk: only the streamed passes read one decoder layer at a time; add --stream")
     if args.max_host_memory is not None and args.max_host_memory < 0:
         raise ConfigError(f"--max-host-memory {args.max_host_memory}: must be a byte count ≥ 0")
     if args.scratch_dir is not None and not os.path.isdir(args.scratch_dir):
@@ -302,12 +323,17 @@ def _compress(args, solo) -> int:
         from .zeroshot import check_tasks, zeroshot
         check_tasks(args.eval_tasks, data_dir=args.data_dir)
     timer = StageTimer()
+    source = None
     with timer("load"):
-        model, tok = _load(args.model, args.dtype, args.device)
+        if args.weights_on_disk:
+            model, source, tok = _load_skeleton(args.model, args.dtype)
+        else:  # streamed, the model stays in host memory and each pass copies one layer at a time to --device
+            model, tok = _load(args.model, args.dtype, "cpu" if args.stream else args.device)
     before = count_params(model)
     plan = prepare(model, cfg, args.calib, tokenizer=tok, nsamples=args.nsamples, seqlen=args.seqlen,
                    seed=args.seed, data_dir=args.data_dir, timer=timer, calib_batch_size=args.calib_batch_size,
-                   stream=args.stream, scratch_dir=args.scratch_dir, max_host_memory=args.max_host_memory)
+                   stream=args.stream, scratch_dir=args.scratch_dir, max_host_memory=args.max_host_memory,
+                   device=args.device if args.stream else None, source=source)
     for v in variants:
         plan.resolve(**v)  # every --keep validated before the first is applied
     per_rank = _ranks_agree(plan, variants, solo)
@@ -315,14 +341,19 @@ def _compress(args, solo) -> int:
     writer = per_rank is None or dist_world()[0] == 0
     if not writer and not everywhere:  # torchrun: the ranks other than 0 are done here
         return 0
+    # one process, streamed: each ratio's checkpoint is written tensor by tensor (Plan.save), the model stays dense
+    by_save = args.stream and per_rank is None
     dense_eval = None
-    if args.eval_windows and writer:  # the dense model on the same windows, for the measured loss increase
+    if source is not None and (args.eval_windows or args.eval_tasks) and not args.json:
+        print("note: --weights-on-disk: the dense model is not evaluated (its layers stay on disk); the compressed "
+              "one is, loaded from its checkpoint")
+    if args.eval_windows and writer and source is None:  # the dense model on the same windows, for the measured loss
         from .eval import perplexity
         with torch.inference_mode():
             dense_eval = perplexity(model, tok, "wikitext2", seqlen=args.seqlen, windows=args.eval_windows,
                                     data_dir=args.data_dir)
     dense_zs = None
-    if args.eval_tasks and writer:  # the dense model on the same documents
+    if args.eval_tasks and writer and source is None:  # the dense model on the same documents
         dense_zs = zeroshot(model, tok, args.eval_tasks, limit=args.eval_limit, data_dir=args.data_dir)
     t_last = [time.perf_counter()]
 
@@ -333,11 +364,14 @@ def _compress(args, solo) -> int:
             return None
         idx = variants.index(variant)
         out, keep = outs[idx], variant["keep"]
-        save_timer = StageTimer()
-        with save_timer("save"):
-            obdk.save_pretrained(m, out, tokenizer=tok, report=report, overwrite=args.overwrite,
-                                 source_dir=sources[0] if sources else None)
-        report.stages.update(save_timer.to_dict())
+        if m is not None:  # (by_save: Plan.save has written it)
+            save_timer = StageTimer()
+            with save_timer("save"):
+                obdk.save_pretrained(m, out, tokenizer=tok, report=report, overwrite=args.overwrite,
+                                     source_dir=sources[0] if sources else None)
+            report.stages.update(save_timer.to_dict())
+        elif args.eval_windows or args.eval_tasks:  # evaluated as a user gets it: loaded from its checkpoint
+            m = obdk.load_pretrained(out, device=args.device)
         row = {"out": str(out), "keep": keep, "keep_actual": report.keep_actual,
                "targeted_params_before": report.targeted_params_before,
                "targeted_params_after": report.targeted_params_after,
@@ -352,11 +386,13 @@ def _compress(args, solo) -> int:
             with torch.inference_mode():
                 row["eval"] = perplexity(m, tok, "wikitext2", seqlen=args.seqlen, windows=args.eval_windows,
                                          data_dir=args.data_dir)
-            report.record_measurement(dense_eval, row["eval"])
-            row["measured"] = report.measured
+            if dense_eval is not None:
+                report.record_measurement(dense_eval, row["eval"])
+                row["measured"] = report.measured
         if args.eval_tasks:
             row["zeroshot"] = zeroshot(m, tok, args.eval_tasks, limit=args.eval_limit, data_dir=args.data_dir)
-            report.record_zeroshot(dense_zs, row["zeroshot"])
+            if dense_zs is not None:
+                report.record_zeroshot(dense_zs, row["zeroshot"])
         row["seconds_this_ratio"] = time.perf_counter() - t_last[0]
         t_last[0] = time.perf_counter()
         update_report(out, {**report.to_dict(), "cli": row})  # with the save stage and the evaluation
@@ -365,16 +401,24 @@ def _compress(args, solo) -> int:
             print("  " + report.summary().replace("\n", "\n  "))
             if idx > 0:
                 print(f"  marginal cost of this ratio: {row['seconds_this_ratio']:.1f}s")
-            if "eval" in row:
+            if "eval" in row and dense_eval is not None:
                 print(f"  wikitext2 ppl ({row['eval']['windows']}×{args.seqlen}): {row['eval']['ppl']:.2f} "
                       f"(dense {dense_eval['ppl']:.2f}; loss increase measured {report.measured['loss_increase']:.3f} "
                       f"vs predicted {report.predicted_loss:.3f} nats)")
+            elif "eval" in row:
+                print(f"  wikitext2 ppl ({row['eval']['windows']}×{args.seqlen}): {row['eval']['ppl']:.2f} "
+                      f"(predicted loss increase {report.predicted_loss:.3f} nats)")
             if "zeroshot" in row:
                 from .zeroshot import format_table
                 print("  " + format_table(row["zeroshot"], dense=dense_zs).replace("\n", "\n  "))
         return row
 
-    if len(variants) == 1:  # one ratio: compress the loaded model itself, no copy
+    if by_save:
+        results = [finish(None, plan.save(model, outs[i], tokenizer=tok, overwrite=args.overwrite,
+                                          source_dir=sources[0] if sources else None, model_params_before=before,
+                                          **v), v) for i, v in enumerate(variants)]
+        plan.close()
+    elif len(variants) == 1:  # one ratio: compress the loaded model itself, no copy
         results = [finish(model, plan.apply(model, model_params_before=before, **variants[0]), variants[0])]
     else:
         results = compress_many(model, cfg, variants, plan=plan, on_result=finish)

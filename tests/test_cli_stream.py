@@ -47,3 +47,46 @@ def test_compress_stream_refuses_a_missing_scratch_dir_before_loading(tiny_model
                               "--out", tmp_path / "o"], capsys)
     assert code == 2 and f"--scratch-dir {tmp_path / 'nope'}: not a directory" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def _tensors(d):
+    from safetensors.torch import load_file
+    out = {}
+    for f in sorted(d.iterdir()):
+        if f.name.endswith(".safetensors"):
+            out.update(load_file(str(f)))
+    return out
+
+
+def test_compress_weights_on_disk_writes_the_streamed_checkpoint(tiny_model_dir, data_dir, tmp_path, capsys):
+    """--weights-on-disk: the decoder layers stay in the shards; the checkpoint equals --stream's on the loaded model
+    (same ranks, tensors to rounding), evaluated from its checkpoint; the input directory is untouched."""
+    before = {f.name: f.stat().st_mtime_ns for f in tiny_model_dir.iterdir()}
+    outs = {}
+    for kind, extra in (("stream", ["--stream"]), ("disk", ["--stream", "--weights-on-disk", "--max-host-memory", "0"])):
+        outs[kind] = tmp_path / kind
+        code, stdout, err = _run(["compress", tiny_model_dir, *ARGS, "--out", outs[kind], "--data-dir", data_dir,
+                                  "--eval-windows", "2", *extra], capsys)
+        assert code == 0, err
+        res = json.loads(stdout.strip().splitlines()[-1])
+        assert res["eval"]["windows"] == 2 and res["eval"]["ppl"] > 1
+        outs[kind + "_ppl"] = res["eval"]["ppl"]
+    assert _ranks(outs["disk"]) == _ranks(outs["stream"])
+    a, b = _tensors(outs["disk"]), _tensors(outs["stream"])
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        if a[k].numel():  # (tombstones are empty)
+            assert (a[k].double() - b[k].double()).abs().max() <= 1e-4 * max(1.0, b[k].double().abs().max()), k
+    assert abs(outs["disk_ppl"] - outs["stream_ppl"]) <= 1e-3 * outs["stream_ppl"]
+    assert {f.name: f.stat().st_mtime_ns for f in tiny_model_dir.iterdir()} == before
+
+
+def test_compress_weights_on_disk_needs_stream_and_a_safetensors_dir(tiny_model_dir, tmp_path, capsys):
+    code, _, err = _run(["compress", tiny_model_dir, *ARGS, "--weights-on-disk", "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "--weights-on-disk" in err and "add --stream" in err and "Traceback" not in err
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    code, _, err = _run(["compress", gguf, *ARGS, "--stream", "--weights-on-disk", "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "--weights-on-disk" in err and "safetensors" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

@@ -261,7 +261,8 @@ def calibrate_streamed(model: nn.Module, data: Any, *, stats: Sequence[str] = ("
                        groups=None, info: Optional[dict] = None, reduce: str = "all",
                        owners: Optional[dict] = None, device: Optional[str | torch.device] = None,
                        source: Optional[ShardedWeights] = None,
-                       on_fetch: Optional[Callable[[int, nn.Module], Any]] = None) -> Statistics:
+                       on_fetch: Optional[Callable[[int, nn.Module], Any]] = None,
+                       fingerprint: bool = True) -> Statistics:
     """The statistics of :func:`~obdk.calibrate.stats.calibrate`, computed one decoder layer at a time.
 
     ``data``: as for ``calibrate`` (``.input_ids`` [N, T] and ``.attention_mask`` [N, T] or None, a dict,
@@ -319,7 +320,9 @@ def calibrate_streamed(model: nn.Module, data: Any, *, stats: Sequence[str] = ("
     raises. ``info`` then also holds ``peak_layers_materialized`` (most decoder layers fetched at once: 1),
     ``weights_read_bytes`` (stored bytes the sweeps read from ``source``; 0 without), ``fingerprint_read_bytes``
     (the fingerprint's read of every meta parameter), ``weights_moved_bytes`` (bytes copied to ``device``) and
-    ``device``.
+    ``device``. ``fingerprint=False``: the result's fingerprint is empty (a pass whose statistics are used at
+    once and never cached, such as a correction's gradient pass; it saves the fingerprint's hash of every
+    weight, for a skeleton a read of every decoder layer).
 
     Raises :class:`StreamingUnsupportedError` (an ``ObdkError``) for a model the schedule cannot run
     exactly (see the module docstring); the weights are frozen for the run and restored afterwards.
@@ -371,9 +374,12 @@ def calibrate_streamed(model: nn.Module, data: Any, *, stats: Sequence[str] = ("
     rank, world = dist.world()
     seed_used = int(seed) if (fisher == "true" and backward) else None
     read0 = source.read_bytes if source is not None else 0
-    with place.real_parameters(progress):  # a skeleton's fingerprint is its checkpoint's (the loaded model's)
-        fingerprint, _, _ = calibration_fingerprint(model, linears, ids, mask, src, want=want, dtype=dtype,
-                                                    fisher=fisher, seed=seed_used)
+    if fingerprint:
+        with place.real_parameters(progress):  # a skeleton's fingerprint is its checkpoint's (the loaded model's)
+            fingerprint, _, _ = calibration_fingerprint(model, linears, ids, mask, src, want=want, dtype=dtype,
+                                                        fisher=fisher, seed=seed_used)
+    else:  # (a pass whose statistics are consumed at once, e.g. a correction's gradients: no identity to keep)
+        fingerprint = {}
     fingerprint_read = (source.read_bytes - read0) if source is not None else 0
 
     # normalisers of all windows (what the resident pass all-reduces)

@@ -257,7 +257,7 @@ def gradient_correct(model: nn.Module, factors: Mapping[str, tuple], kind: str, 
                 opts["on_fetch"] = lambda i, layer: install(per_layer.get(i, ()))
             dtype = torch.promote_types(next(iter(wdtype.values())), torch.float32)
             calibrate_streamed(model, data, stats=("grad",), fisher="empirical", dtype=dtype, progress=progress,
-                               on_layer=on_layer, keep=False, **opts)
+                               on_layer=on_layer, keep=False, fingerprint=False, **opts)
             missing = [n for n in names if n in wanted and n not in out]
             if missing:
                 raise NotCollectedError(f"correct={kind!r}: the streamed gradient pass gave no gradient of "
