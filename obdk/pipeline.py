@@ -53,7 +53,8 @@ class Plan:
       applied from this plan). A streamed plan prepared for a ``kfac``-type correction keeps them
       layer by layer instead (``stats`` is a :class:`~obdk.calibrate.kept.LayerStatistics`).
     * ``stream``: None for a resident plan; for a streamed one the options of its streamed passes
-      (``scratch_dir``, ``max_host_memory``, ``batch_size``), which the corrections' gradient passes
+      (``scratch_dir``, ``budget``: the plan's :class:`~obdk.calibrate.kept.HostBudget`, ``batch_size``, and
+      ``device``/``source`` when given), which the corrections' gradient passes
       reuse, so that they stream too; prepared under ``torch.distributed``, also ``owners`` ({group key: rank}) and
       ``world``: each rank's ``stats`` hold only its own matrices, and the corrections run on every rank together.
     """
@@ -471,8 +472,8 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
     beyond the budget one safetensors file per layer in ``scratch_dir``); with a correction each
     layer's statistics are kept in a :class:`~obdk.calibrate.kept.LayerStatistics` too and the
     corrections' gradient passes stream. The kept spectra and statistics draw on one
-    :class:`~obdk.calibrate.kept.HostBudget` of ``max_host_memory`` bytes: it bounds their sum (each
-    pass's boundary buffers have their own ``max_host_memory``). :meth:`Plan.close` (or dropping the
+    :class:`~obdk.calibrate.kept.HostBudget` of ``max_host_memory`` bytes with every streamed pass's boundary
+    buffers (the calibration's and the corrections'): it bounds their sum. :meth:`Plan.close` (or dropping the
     plan) removes the scratch files.
 
     Streamed, ``device`` is also the compute device of every streamed pass: a model in host memory stays
@@ -507,8 +508,10 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
     kept = True
     layer_scores: Optional[dict] = None  # zero-sum's δ or BSI's scores, computed layer by layer in a streamed sweep
     # the options of every streamed pass of this plan: the calibration's and the corrections' gradient passes
-    stream_opts = {"scratch_dir": scratch_dir, "max_host_memory": max_host_memory,
-                   "batch_size": calib_batch_size} if stream else None
+    # one HostBudget of max_host_memory bytes for everything the plan holds on host: the kept spectra and statistics
+    # and each pass's boundary buffers (what does not fit goes to scratch_dir)
+    budget = HostBudget(max_host_memory, owner="prepare(stream=True)") if stream else None
+    stream_opts = {"scratch_dir": scratch_dir, "budget": budget, "batch_size": calib_batch_size} if stream else None
     if stream and device is not None:
         stream_opts["device"] = device
     if stream and source is not None:
@@ -527,7 +530,6 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
                 kept = False
                 by_name = {t.name: t for t in targets}
                 layer_scores, score_s, sinfo = {}, 0.0, {}
-                budget = HostBudget(max_host_memory, owner="prepare(stream=True)")
                 done = SpectrumStore(scratch_dir=scratch_dir, budget=budget, order=[t.name for t in targets])
                 store = LayerStatistics(scratch_dir=scratch_dir, budget=budget) if layered else None
                 # under torch.distributed each layer's statistics go to their owner ranks alone, which decompose them

@@ -110,14 +110,16 @@ class BoundaryStore:
     it is a file in ``scratch_dir`` (default the system temporary directory), its space reserved up
     front (``posix_fallocate``, so a full disk is an error here and not a ``SIGBUS`` later), mapped
     with ``torch.from_file(shared=True)`` and unlinked at once (the mapping keeps it alive until the
-    buffer is freed; nothing is left behind, even after a crash). Counters: ``host_bytes`` (now),
+    buffer is freed; nothing is left behind, even after a crash). ``budget``: a shared
+    :class:`~obdk.calibrate.kept.HostBudget` instead of ``max_host_memory`` (a streamed plan's: its kept
+    spectra and statistics and every pass's buffers draw on one limit). Counters: ``host_bytes`` (now),
     ``peak_host_bytes``, ``spilled_bytes`` (total ever spilled), ``peak_spilled_bytes``.
     """
 
-    def __init__(self, max_host_memory: Optional[int] = None, scratch_dir: Optional[str | os.PathLike] = None) -> None:
-        if max_host_memory is not None and int(max_host_memory) < 0:
-            raise ConfigError(f"calibrate_streamed: max_host_memory must be >= 0 bytes, got {max_host_memory}")
-        self.limit = None if max_host_memory is None else int(max_host_memory)
+    def __init__(self, max_host_memory: Optional[int] = None, scratch_dir: Optional[str | os.PathLike] = None,
+                 *, budget=None) -> None:
+        from .kept import _budget_of
+        self.budget = _budget_of("calibrate_streamed", max_host_memory, budget)
         self.dir = str(scratch_dir) if scratch_dir is not None else None
         if self.dir is not None and not os.path.isdir(self.dir):
             raise ConfigError(f"calibrate_streamed: scratch_dir {self.dir} is not a directory")
@@ -131,7 +133,7 @@ class BoundaryStore:
         for s in shape:
             numel *= int(s)
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        if self.limit is None or self.host_bytes + nbytes <= self.limit:
+        if self.budget.take(nbytes):
             self.host_bytes += nbytes
             self.peak_host_bytes = max(self.peak_host_bytes, self.host_bytes)
             return _Buffer(torch.empty(tuple(shape), dtype=dtype), nbytes, False, None)
@@ -163,6 +165,7 @@ class BoundaryStore:
             self.spilled_now -= buf.nbytes
         else:
             self.host_bytes -= buf.nbytes
+            self.budget.give(buf.nbytes)
         buf.tensor = None
 
 
@@ -262,7 +265,7 @@ def calibrate_streamed(model: nn.Module, data: Any, *, stats: Sequence[str] = ("
                        owners: Optional[dict] = None, device: Optional[str | torch.device] = None,
                        source: Optional[ShardedWeights] = None,
                        on_fetch: Optional[Callable[[int, nn.Module], Any]] = None,
-                       fingerprint: bool = True) -> Statistics:
+                       fingerprint: bool = True, budget=None) -> Statistics:
     """The statistics of :func:`~obdk.calibrate.stats.calibrate`, computed one decoder layer at a time.
 
     ``data``: as for ``calibrate`` (``.input_ids`` [N, T] and ``.attention_mask`` [N, T] or None, a dict,
@@ -275,7 +278,9 @@ def calibrate_streamed(model: nn.Module, data: Any, *, stats: Sequence[str] = ("
 
     ``scratch_dir``/``max_host_memory``: the boundary activations ([N, T, d] per layer boundary, model
     dtype) live in host memory up to ``max_host_memory`` bytes (None: unbounded) and in memory-mapped
-    files in ``scratch_dir`` beyond (:class:`BoundaryStore`). ``on_layer(i, stats_i)``: called when
+    files in ``scratch_dir`` beyond (:class:`BoundaryStore`); or, with ``budget`` (a
+    :class:`~obdk.calibrate.kept.HostBudget` shared with the stores a streamed plan keeps), up to what is
+    left of it. ``on_layer(i, stats_i)``: called when
     decoder layer ``i``'s statistics are final (top layer first when gradients are collected,
     bottom first for ``cx`` alone), with a :class:`Statistics` holding that layer's tensors only
     (normalised; ``Statistics.merge`` of all parts is the full result). ``keep``: keep each layer's
@@ -501,7 +506,7 @@ def calibrate_streamed(model: nn.Module, data: Any, *, stats: Sequence[str] = ("
         for g in by_layer.get(i, []):
             gstate[g.key].check_complete()
 
-    store = BoundaryStore(max_host_memory, scratch_dir)
+    store = BoundaryStore(max_host_memory, scratch_dir, budget=budget)
     from tqdm.auto import tqdm
     anchor = torch.zeros(0, device=in_dev, requires_grad=True)
     patch = _Patch(model, slots, linears, anchor)

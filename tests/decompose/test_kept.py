@@ -243,7 +243,8 @@ def test_one_budget_bounds_the_kept_statistics_and_spectra_together(tmp_path):
     cfg = CFG.replace(correct="kfac")  # keeps every layer's statistics too
     free = obdk.prepare(model, cfg, _ids(), progress=False, stream=True, workers=1)
     st, sp = free.stats.nbytes(), free.spectra.nbytes()
-    assert free.stats.budget is free.spectra.budget and free.stats.budget.peak == st + sp
+    assert free.stats.budget is free.spectra.budget is free.stream["budget"]  # the passes' buffers draw on it too
+    assert free.stats.budget.used == st + sp and free.stats.budget.peak > st + sp
     limit = max(st, sp)  # either store alone would fit: only a shared budget must spill
     plan = obdk.prepare(model, cfg, _ids(), progress=False, stream=True, workers=1, scratch_dir=tmp_path,
                         max_host_memory=limit)
@@ -273,3 +274,24 @@ def test_a_deleted_spill_file_fails_the_apply_naming_file_and_target(tmp_path):
     plan.allocate(keep=0.6)  # the eigenvalues do not need the file
     with pytest.raises(MissingFileError, match=rf"{d / 'layer-1.safetensors'} holding model\.layers\.1\.\S+'s factors"):
         plan.apply(copy.deepcopy(model), keep=0.6)
+
+
+def test_boundary_buffers_draw_on_a_shared_budget():
+    """calibrate_streamed(budget=): the boundary buffers go to scratch when what others hold leaves no room,
+    with the same statistics; the bytes are given back when the pass ends."""
+    from obdk.calibrate.kept import HostBudget
+    model = make_tiny_llama(layers=LAYERS).double()
+    ref_info, info = {}, {}
+    ref = calibrate_streamed(model, _ids(), stats=("cx", "cg"), dtype=torch.float64, progress=False, info=ref_info)
+    assert ref_info["spilled_bytes"] == 0
+    budget = HostBudget(1000)
+    assert budget.take(900)  # another store holds most of it
+    got = calibrate_streamed(model, _ids(), stats=("cx", "cg"), dtype=torch.float64, progress=False, info=info,
+                             budget=budget)
+    assert info["spilled_bytes"] == ref_info["peak_host_bytes"] > 0 and info["peak_host_bytes"] == 0
+    assert budget.used == 900 and budget.peak <= 1000
+    for kind in ("cx", "cg"):
+        for k, v in getattr(ref, kind).items():
+            assert torch.equal(getattr(got, kind)[k], v)
+    with pytest.raises(ConfigError, match="not both"):
+        calibrate_streamed(model, _ids(), progress=False, budget=budget, max_host_memory=10)
