@@ -242,6 +242,18 @@ class Plan:
         extra_damping: dict = {}
         if lazy and not cfg.resolved_correct:
             return allocation, kept_map, factors, extra_damping
+        if cfg.resolved_correct and cfg.resolved_correct != "seq" and self.stream is not None \
+                and self.stream.get("owners") is None:
+            # streamed in one process: the first step truncates each target as its layer comes up, and the
+            # steps keep their results layer by layer (FactorStore): the compressed model is never held whole
+            from .correct import Truncations
+            ranked = [t.name for t in self.targets if allocation.ranks.get(t.name) is not None]
+            lazy_f = Truncations(ranked, lambda n: self.factors(n, allocation.ranks[n], kept_map.get(n)))
+            with timer("correction"):
+                factors, extra_damping = correct(model, self, cfg, lazy_f, progress=self.progress) if ranked \
+                    else ({}, {})
+            self._drop_cached()
+            return allocation, kept_map, factors, extra_damping
         with timer("truncation"):
             for t in self.targets:
                 rank = allocation.ranks.get(t.name)
@@ -325,6 +337,7 @@ class Plan:
                 new.to(lin.weight.device)
                 set_module(model, t.name, new)
                 mods.append(self._module_report(t, rank, pred, extra_damping, time.perf_counter() - t0))
+        _free(factors)
         report, record = self._report(cfg, mods, allocation, before, count_params(model), timer)
         model._obdk_report = report
         model._obdk_config = LowRankConfig.from_dict(record)
@@ -371,8 +384,10 @@ class Plan:
                 if mod in by_name and ranks.get(mod) is not None:
                     if leaf == "weight":  # the module's factors (+ its bias and tombstone) at its weight's place
                         t0 = time.perf_counter()
-                        a, b, pred = factors.pop(mod) if mod in factors else \
-                            self.factors(mod, ranks[mod], kept_map.get(mod))
+                        if mod not in factors:
+                            a, b, pred = self.factors(mod, ranks[mod], kept_map.get(mod))
+                        else:  # (a dict's entry is released as it is written)
+                            a, b, pred = factors.pop(mod) if isinstance(factors, dict) else factors[mod]
                         bias = sd.get(f"{mod}.bias")
                         bias = None if bias is None else real(f"{mod}.bias", bias).to(t.dtype)
                         w.add_lowrank(mod, a.to(t.dtype), b.to(t.dtype), bias)
@@ -390,12 +405,20 @@ class Plan:
             w.finish(model_config=model.config, tokenizer=tokenizer, report=report,
                      config=LowRankConfig.from_dict(record),
                      generation_config=getattr(model, "generation_config", None))
+        _free(factors)
         report.stages.update(timer.to_dict())
         return report
 
     def _drop_cached(self) -> None:
         if isinstance(self.spectra, SpectrumStore):  # the last layer read back from its file
             self.spectra.drop_cache()
+
+
+def _free(factors) -> None:
+    """Release a streamed correction's kept factors (a FactorStore's host bytes and scratch files)."""
+    from .correct import FactorStore
+    if isinstance(factors, FactorStore):
+        factors.free()
 
 
 def _on_cpu(v):

@@ -327,7 +327,8 @@ class LayerPlacement:
     :class:`ShardedWeights` the skeleton's meta decoder layers are read from. ``on_fetch(i, layer)``: called
     after each fetch, before the layer runs; it may overwrite the fetched weights (e.g. install ``b @ a``),
     and the overwrite lasts until the release when the layer was moved or read (it went to the fetched
-    copy), but stays in the model when nothing was moved (the layer already on ``device``, no source).
+    copy), but stays in the model when nothing was moved (the layer already on ``device``, no source) unless
+    ``private``: then every fetch is a copy (one layer's extra memory) and the model never sees an overwrite.
 
     Counters: ``peak_fetched`` (most decoder layers fetched at once), ``read_bytes`` (stored bytes read from
     ``source`` by fetches), ``moved_bytes`` (bytes copied to ``device`` by fetches and :meth:`outside`).
@@ -337,8 +338,12 @@ class LayerPlacement:
 
     def __init__(self, model: nn.Module, *, device: Optional[str | torch.device] = None,
                  source: Optional[ShardedWeights] = None,
-                 on_fetch: Optional[Callable[[int, nn.Module], Any]] = None, fn: str = "calibrate_streamed") -> None:
+                 on_fetch: Optional[Callable[[int, nn.Module], Any]] = None, fn: str = "calibrate_streamed",
+                 private: bool = False) -> None:
         self.model, self.source, self.on_fetch = model, source, on_fetch
+        #: every fetch gives a copy of the layer's tensors, also on the model's own device, so that on_fetch's
+        #: overwrites never reach the model (one layer's extra memory)
+        self.private = bool(private)
         self.path, self.layers = decoder_layers(model)
         if source is not None and not isinstance(source, ShardedWeights):
             raise ConfigError(f"{fn}: source= must be a ShardedWeights (load_skeleton), got "
@@ -400,7 +405,7 @@ class LayerPlacement:
                     mod._parameters[pname] = new[id(p)]
             self._move(list(layer.buffers()), saved)  # a layer's own buffers (if any) are real in a skeleton
         else:
-            self._move([*layer.parameters(), *layer.buffers()], saved)
+            self._move([*layer.parameters(), *layer.buffers()], saved, copy=self.private)
         if self.on_fetch is not None:
             self.on_fetch(i, layer)
         return layer
@@ -412,16 +417,16 @@ class LayerPlacement:
         for table, key, old in reversed([e for e in saved if len(e) == 3]):
             table[key] = old
 
-    def _move(self, tensors: list[Tensor], saved: list) -> None:
+    def _move(self, tensors: list[Tensor], saved: list, copy: bool = False) -> None:
         """Put ``tensors`` (parameters, buffers) on the compute device, each keeping its object: ``.data`` is
         replaced and ``(tensor, old data)`` recorded in ``saved`` for :meth:`_restore`."""
         seen: set[int] = set()
         for t in tensors:
-            if id(t) in seen or t.device == self.device:
+            if id(t) in seen or (t.device == self.device and not copy):
                 continue
             seen.add(id(t))
             saved.append((t, t.data))
-            t.data = t.data.to(self.device)
+            t.data = t.data.to(self.device, copy=True) if copy else t.data.to(self.device)
             self.moved_bytes += t.numel() * t.element_size()
 
     @staticmethod

@@ -317,8 +317,8 @@ def calibrate_streamed(model: nn.Module, data: Any, *, stats: Sequence[str] = ("
     each parameter's dtype when layer ``i`` is needed, and replaced by the meta parameters after, so at most one
     decoder layer is materialized at a time. ``on_fetch(i, layer)``: called each time a sweep takes up decoder
     layer ``i`` (after its weights are on the compute device), before it runs; it may overwrite them (e.g. a
-    correction installing ``b @ a``); the overwrite is gone at the release when the layer was copied or read
-    (``device`` elsewhere, or ``source``), and stays in the model otherwise. ``on_layer(i, part)`` is called
+    correction installing ``b @ a``) and the overwrite is gone at the release: with ``on_fetch`` every fetched
+    layer is a private copy (one layer's extra memory), so the model never sees it. ``on_layer(i, part)`` is called
     while layer ``i`` is still on the compute device, so it may read ``model.get_submodule(name).weight``
     (e.g. to decompose it); with ``keep``, each part is moved to host memory after ``on_layer`` when ``device``
     is not the model's. Every parameter is back where it was (the same tensors) when the call returns or
@@ -373,7 +373,7 @@ def calibrate_streamed(model: nn.Module, data: Any, *, stats: Sequence[str] = ("
     if backward and not isinstance(norm, nn.Module):
         raise StreamingUnsupportedError(f"calibrate_streamed: {type(runner).__name__} has no final .norm; use "
                                         f"the resident pass (stream=False)")
-    place = LayerPlacement(model, device=device, source=source, on_fetch=on_fetch)
+    place = LayerPlacement(model, device=device, source=source, on_fetch=on_fetch, private=on_fetch is not None)
     if source is None:  # a source checks every tensor it reads; load_skeleton checked the rest
         _check_finite_weights(model)
     rank, world = dist.world()

@@ -18,10 +18,11 @@ from typing import Any
 from ..errors import ConfigError
 from .guarded import guarded_correct, split_holdout
 from .steps import STEPS, ZSCorrection, gradient_correct, gradient_step, zs_correct
+from .kept import FactorStore, Truncations
 
 log = logging.getLogger(__name__)
 
-__all__ = ["correct", "gradient_correct", "gradient_step", "guarded_correct", "zs_correct", "ZSCorrection", "STEPS"]
+__all__ = ["correct", "gradient_correct", "gradient_step", "guarded_correct", "zs_correct", "ZSCorrection", "STEPS", "FactorStore", "Truncations"]
 
 
 def correct(model, plan: Any, config, factors: dict[str, tuple], *,
@@ -66,9 +67,12 @@ def correct(model, plan: Any, config, factors: dict[str, tuple], *,
         factors = dist.broadcast_factors(factors if rank == 0 else {}, {n: 0 for n in factors},
                                          {n: model.get_submodule(n).weight for n in factors})
     for step in kind.split("+"):  # e.g. zs+kfac: one gradient pass per step, each at the previous result
+        prev = factors
         factors, used = gradient_correct(model, factors, step, data=plan.data, stats=plan.stats,
                                          spectra=plan.spectra, config=config, progress=progress,
                                          stream=stream)
+        if isinstance(prev, FactorStore):  # a streamed step's results, read by this step: done with
+            prev.free()
         for n, d in used.items():
             extra.setdefault(n, {}).update({f"kfac_{k}": v for k, v in d.items()})
     return factors, extra

@@ -116,21 +116,26 @@ def gradient_correct(model: nn.Module, factors: Mapping[str, tuple], kind: str, 
     """One correction step (``kind`` ``zs`` or ``kfac``, see the module docstring) of every truncation.
 
     ``model``: the dense model (its targets are set to ``W_r = b a`` for the gradient pass and
-    restored afterwards, also on error); ``factors``: ``{name: (a [r, n], b [m, r], predicted)}``;
+    restored afterwards, also on error; streamed in one process, ``W_r`` goes to each fetched layer's private
+    copy instead and the model is never written); ``factors``: ``{name: (a [r, n], b [m, r], predicted)}``
+    (any mapping: streamed, each is read when its layer is fetched and stepped, e.g. a
+    :class:`~obdk.correct.kept.FactorStore` or :class:`~obdk.correct.kept.Truncations`);
     ``data``: the calibration windows (``input_ids`` [N, T], ``attention_mask``); ``stats``: the
     :class:`~obdk.calibrate.statistics.Statistics` the spectra came from, or the
     :class:`~obdk.calibrate.kept.LayerStatistics` of a streamed plan; ``spectra``: ``{name:
     Spectrum}`` (for the damping each decomposition used); ``config``: the resolved
     :class:`~obdk.config.LowRankConfig`. ``stream``: None for one whole-model gradient pass
     (:func:`~obdk.calibrate.head.summed_weight_grads`), or the keyword arguments of
-    :func:`~obdk.calibrate.stream.calibrate_streamed` (``scratch_dir``, ``max_host_memory``,
-    ``batch_size``) for a layer-streamed one: the same gradients, each layer's step taken as soon as
+    :func:`~obdk.calibrate.stream.calibrate_streamed` (``scratch_dir``, ``budget`` or ``max_host_memory``,
+    ``batch_size``, ``device``, ``source``: a streamed plan's ``Plan.stream``) for a layer-streamed one: the same gradients, each layer's step taken as soon as
     its gradients are final, with that layer's statistics only. A ``stream`` with ``owners`` (``{group key:
     rank}``) and ``world`` (an owner-reduced streamed plan under ``torch.distributed``, where each rank's
     ``stats`` hold only the matrices it owns) runs on every rank together: the pass shards the windows, each
     ``∂L/∂W`` is reduced to its owner, which takes the step, and the results (factors, predicted loss, damping)
     are broadcast to every rank (:func:`~obdk.calibrate.distributed.broadcast_factors`); ``factors`` must then be
-    the same on every rank. Returns ``({name: (a, b, predicted)},
+    the same on every rank. Streamed in one process, the result is a :class:`~obdk.correct.kept.FactorStore`
+    (each layer's results kept as its step ends, under ``stream["budget"]``, spilled to ``scratch_dir``), so the
+    compressed model is never held in memory. Returns ``({name: (a, b, predicted)},
     {name: {"cx": α, "cg": α}})``: for ``obd`` the predicted loss is measured against the original
     ``W``; the second dict is the damping the ``kfac`` solves needed. ``scales`` (resident only; the guarded
     step's line search, :mod:`obdk.correct.guarded`): the step is taken at ``W_r + t·c·P`` for each ``t`` and
@@ -143,15 +148,24 @@ def gradient_correct(model: nn.Module, factors: Mapping[str, tuple], kind: str, 
     # a skeleton's decoder layers (obdk.calibrate.placement.load_skeleton) live in the checkpoint's shards: each
     # original W is read from them when its step runs, and W_r = b a is installed as each layer is fetched
     source = (stream or {}).get("source")
+    # one process, streamed: W_r = b a is installed in each fetched layer's private copy (the model never changes,
+    # so no copy of its weights is kept) and each layer's results go to a FactorStore under the plan's budget
+    per_fetch = stream is not None and stream.get("owners") is None
     wdtype = {n: model.get_submodule(n).weight.dtype for n in names}
-    if source is None:
-        originals = {n: model.get_submodule(n).weight.detach().clone() for n in names}
-    else:
-        if (stream or {}).get("owners") is not None:
+    if source is not None:
+        if not per_fetch:
             raise ConfigError(f"correct={kind!r}: weights read from the checkpoint (a skeleton) under "
                               f"torch.distributed are not supported; load the model on every rank")
         originals = _ReadOnStep(source, {n: model.get_submodule(n).weight for n in names})
+    elif per_fetch:
+        originals = {n: model.get_submodule(n).weight.detach() for n in names}
+    else:
+        originals = {n: model.get_submodule(n).weight.detach().clone() for n in names}
     out, used = {}, {}
+    kept_out = None
+    if per_fetch:
+        from .kept import FactorStore
+        kept_out = FactorStore(scratch_dir=stream.get("scratch_dir"), budget=stream.get("budget"))
     whitening = config.resolved_whitening
     sides = config.whitening_stats
     cdtype = config.torch_compute_dtype
@@ -218,7 +232,7 @@ def gradient_correct(model: nn.Module, factors: Mapping[str, tuple], kind: str, 
                     w = model.get_submodule(n).weight
                     w.copy_((b.to(w.device).double() @ a.to(w.device).double()).to(w.dtype))
 
-        if source is None:
+        if not per_fetch:
             install(names)
         if stream is None:
             grads = summed_weight_grads(model, data.input_ids, names, attention_mask=data.attention_mask,
@@ -246,9 +260,11 @@ def gradient_correct(model: nn.Module, factors: Mapping[str, tuple], kind: str, 
                 batch = [n for n in part.grad if n in wanted]
                 if batch:
                     step(batch, part.grad, stats.layer(i) if layered else stats)
+                    if kept_out is not None:
+                        kept_out.put_layer(i, {n: out.pop(n) for n in batch})
                 part.grad.clear()
 
-            if source is not None:  # each fetched layer (read from the shards) gets its truncations installed
+            if per_fetch:  # each fetched layer (a private copy, or read from the shards) gets its truncations
                 from ..calibrate.stream import decoder_layers
                 prefix = decoder_layers(model)[0] + "."
                 per_layer: dict[int, list] = {}
@@ -258,7 +274,7 @@ def gradient_correct(model: nn.Module, factors: Mapping[str, tuple], kind: str, 
             dtype = torch.promote_types(next(iter(wdtype.values())), torch.float32)
             calibrate_streamed(model, data, stats=("grad",), fisher="empirical", dtype=dtype, progress=progress,
                                on_layer=on_layer, keep=False, fingerprint=False, **opts)
-            missing = [n for n in names if n in wanted and n not in out]
+            missing = [n for n in names if n in wanted and n not in out and (kept_out is None or n not in kept_out)]
             if missing:
                 raise NotCollectedError(f"correct={kind!r}: the streamed gradient pass gave no gradient of "
                                         f"{missing[0]} (and {len(missing) - 1} more)")
@@ -267,10 +283,12 @@ def gradient_correct(model: nn.Module, factors: Mapping[str, tuple], kind: str, 
                 out = {n: g[:3] for n, g in got.items()}
                 used = {n: g[3] for n, g in got.items() if g[3] is not None}
     finally:
-        if source is None:
+        if not per_fetch:
             with torch.no_grad():
                 for n in names:
                     model.get_submodule(n).weight.copy_(originals[n])
+    if kept_out is not None:
+        return kept_out, used
     return {n: out[n] for n in names}, used
 
 

@@ -170,6 +170,8 @@ def test_on_fetch_overwrite_equals_a_model_with_that_weight(tmp_path, use_source
     if use_source:  # the overwrite went to the materialized copy: gone with it
         assert _materialized(model) == []
         assert not torch.equal(source.tensor(target + ".weight"), torch.zeros(64, 64, dtype=torch.float64))
+    else:  # with on_fetch each fetch is a private copy: the resident model never sees the overwrite
+        assert torch.equal(model.get_submodule(target).weight, _loaded(d).get_submodule(target).weight)
 
 
 def test_placement_bookkeeping():
