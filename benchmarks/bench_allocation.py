@@ -21,7 +21,10 @@ scores an allocation needs the first time a row asks for them and keeps them for
   ``decompose_s``), and a correction of a ``bsi`` row also runs on those windows;
 * ``+zs`` / ``+kfac`` (``correct``: ZS-SVD's Euclidean step or the K-FAC natural-gradient
   step) costs one more forward+backward pass over the plan's calibration windows per
-  (combination, keep), inside ``Plan.apply``.
+  (combination, keep), inside ``Plan.apply``; ``+zs-guarded`` (ZS-SVD's step with its size
+  chosen on the last 8 calibration windows, which its gradient does not use) that pass plus a
+  re-truncation and a forward over the 8 windows per step size; its row records the chosen
+  ``guard_t`` and the held-out loss at each size (``guard_losses``).
 
 Columns: ``calib_s`` (the shared calibration of cx+cg+grad), ``decompose_s`` (the whitening's
 plan, shared by its allocations and keeps), ``scores_s`` (zero-sum deltas or BSI scores, shared
@@ -78,7 +81,7 @@ GRIDS = {
 KEY_COLS = ("model", "calib", "eval", "whitening", "alloc", "correct", "keep", "windows_req", "seqlen",
             "nsamples", "seed", "bsi_windows", "bsi_probes", "bsi_order", "bsi_curvature")
 STATS = ("cx", "cg", "grad")
-CORRECT_KINDS = ("zs", "kfac", "zs+kfac")
+CORRECT_KINDS = ("zs", "kfac", "zs+kfac", "zs-guarded")
 
 
 def label(whitening: str, alloc: str, correct: str) -> str:
@@ -173,7 +176,8 @@ def run(args) -> list[dict]:
                    "predicted_loss": extra.get("predicted_loss", ""),
                    "calib_s": extra.get("calib_s", 0.0), "calib_stats": extra.get("calib_stats", ""),
                    "decompose_s": extra.get("decompose_s", 0.0), "scores_s": extra.get("scores_s", 0.0),
-                   "apply_s": extra.get("apply_s", 0.0), "correct_s": extra.get("correct_s", 0.0)}
+                   "apply_s": extra.get("apply_s", 0.0), "correct_s": extra.get("correct_s", 0.0),
+                   "guard_t": extra.get("guard_t", ""), "guard_losses": extra.get("guard_losses", "")}
             row["compress_s"] = sum(float(row[k] or 0) for k in ("calib_s", "decompose_s", "scores_s", "apply_s"))
             row["eval_s"] = ppl["seconds"]
             row["model_params_after"] = extra.get("model_params_after", before)
@@ -271,7 +275,7 @@ def run(args) -> list[dict]:
                          "apply_s": res.seconds - scored,
                          "correct_s": rep.stages.get("correction", {}).get("seconds", 0.0),
                          "keep_actual": rep.keep_actual, "predicted_loss": rep.predicted_loss,
-                         "model_params_after": rep.model_params_after}
+                         "model_params_after": rep.model_params_after, **_guard(rep)}
                 opts = {"order": res.point["bsi_order"], "curv": res.point["bsi_curvature"]} if a == "bsi" else {}
                 evaluate(res.model, dict(calib=calib, w=w, a=a, c=_row_correct(res.point), keep=res.point["keep"],
                                          **opts), extra)
@@ -280,6 +284,16 @@ def run(args) -> list[dict]:
         del stats, data, subset
         free()
     return out.rows
+
+
+def _guard(rep) -> dict:
+    """The step size ``zs-guarded`` chose (``guard_t``) and its held-out loss per size (``guard_losses``,
+    ``t:nll;…``), from the report's module damping; {} for another correction."""
+    d = next((m.damping for m in rep.modules if "guard_t" in (m.damping or {})), None)
+    if d is None:
+        return {}
+    losses = ";".join(f"{k.split('@')[1]}:{v:.5f}" for k, v in d.items() if k.startswith("guard_loss@"))
+    return {"guard_t": d["guard_t"], "guard_losses": losses}
 
 
 def _row_correct(point: dict) -> str:
@@ -342,7 +356,7 @@ def parse_args(argv=None):
     ap.add_argument("--allocs", nargs="+", default=None, choices=ALLOCS)
     ap.add_argument("--correct", nargs="+", default=None,
                     help="WHITENING:ALLOC[:KINDS] combinations also run with corrections (KINDS: comma-separated "
-                         "zs, kfac, zs+kfac; default zs), or 'all[:KINDS]' or 'none' (quick: obd:global:zs,kfac,zs+kfac; "
+                         "zs, kfac, zs+kfac, zs-guarded; default zs), or 'all[:KINDS]' or 'none' (quick: obd:global:zs,kfac,zs+kfac; "
                          "full: all:zs,kfac,zs+kfac)")
     ap.add_argument("--windows", type=int, default=64, help="first N evaluation windows of --seqlen tokens")
     ap.add_argument("--nsamples", type=int, default=32, help="calibration windows")
