@@ -27,8 +27,27 @@ Suites:
   time). Wall time of prepare + apply, the ranks' hash, WikiText-2 test perplexity on ``--eval-windows``
   × 512, peak RSS, the statistics held on host (resident: all of them; streamed: peak of the kept store).
 
-``python -m benchmarks.bench_stream_memory [--suites llama7b-shape smollm2 pipeline]``; rows append to
-``benchmarks/results/stream_memory.csv``. Run it alone on the machine (it is a memory measurement).
+* ``disk``: the CLI's out-of-core path against the resident one. Random seeded fp32 Llamas (hidden 1024, ffn
+  2816, 16 heads / 8 kv heads, vocabulary 128 with ``obdk.testing.make_char_tokenizer``) with ``--disk-layers``
+  decoder layers (default 4 and 16), each saved by ``save_pretrained(safe_serialization=True,
+  max_shard_size="100MB")`` into a temporary directory; for each, ``python -m obdk compress DIR --method obd
+  --keep 0.8 --calib wikitext2:validation --nsamples 8 --seqlen 256 --json`` as ``resident`` (no ``--stream``),
+  ``stream`` (``--stream``: the model in host memory) and ``stream-disk`` (``--stream --weights-on-disk
+  --max-host-memory 0 --scratch-dir TMP``), each with ``--correct none`` and with obdk's default (zs+kfac). The
+  compressed checkpoint's WikiText-2 perplexity (``--disk-eval-windows`` × 256) comes from a separate ``obdk
+  eval`` child (in ``compress --eval-windows`` the loaded compressed model would be the run's peak). Rows in
+  ``benchmarks/results/stream_disk.csv``.
+
+The parent reads each child's peak RSS from ``os.wait4``'s ``ru_maxrss``. Linux carries the RSS high-water mark of
+the process that forked into the exec'd child's ``ru_maxrss``, so a child forked straight from this process (torch
+imported: a few hundred MiB) can never report less than this process's RSS. The ``disk`` suite therefore starts
+each child through a small launcher (``_LAUNCH``: ``os.fork`` + ``execvp`` from a process of ~10 MiB, which
+``wait4``s it and samples ``/proc/PID/status`` every 50 ms for the largest ``RssAnon`` / ``RssFile`` seen); the
+older suites spawn directly (their rows include that floor).
+
+``python -m benchmarks.bench_stream_memory [--suites llama7b-shape smollm2 pipeline disk]``; rows append to
+``benchmarks/results/stream_memory.csv`` (``stream_pipeline.csv``, ``stream_disk.csv``). Run it alone on the
+machine (it is a memory measurement).
 """
 from __future__ import annotations
 
@@ -41,12 +60,44 @@ import tempfile
 import time
 from pathlib import Path
 
-from .core.env import RESULTS, env_fields
+from .core.env import RESULTS, env_fields, loadavg, timestamp
 from .core.rows import print_table, write_csv
 
 OUT = RESULTS / "stream_memory.csv"
 PIPELINE_OUT = RESULTS / "stream_pipeline.csv"
+DISK_OUT = RESULTS / "stream_disk.csv"
 _TAG = "OBDK_BENCH_RESULT "
+_RU_TAG = "OBDK_BENCH_RUSAGE "
+#: ``python -c _LAUNCH ARGV...``: fork + exec ARGV from this small process (its ~10 MiB are the floor of the
+#: child's ru_maxrss, not the bench's), wait4 it, print its rusage and the largest RssAnon/RssFile/RssShmem
+#: (KiB) seen in /proc/PID/status every 50 ms, exit with its status.
+_LAUNCH = r'''
+import json, os, sys, time
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(sys.argv[1], sys.argv[1:])
+    finally:
+        os._exit(127)
+peak = {"RssAnon": 0, "RssFile": 0, "RssShmem": 0, "VmHWM": 0}
+t0 = time.perf_counter()
+while True:
+    done, status, ru = os.wait4(pid, os.WNOHANG)
+    if done:
+        break
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in peak:
+                    peak[k] = max(peak[k], int(v.split()[0]))
+    except (OSError, ValueError):
+        pass
+    time.sleep(0.05)
+print("%s" + json.dumps({"maxrss_kib": ru.ru_maxrss, "wall_s": time.perf_counter() - t0,
+                          "user_s": ru.ru_utime, "sys_s": ru.ru_stime, "sampled_kib": peak}), flush=True)
+sys.exit(os.waitstatus_to_exitcode(status))
+''' % _RU_TAG
 
 
 # =========================================================================== child
@@ -172,23 +223,121 @@ def child_pipeline(args) -> None:
     print(_TAG + json.dumps(res), flush=True)
 
 
+def child_disk_model(args) -> None:
+    """Save the ``disk`` suite's random Llama (``args.layers`` layers) and its tokenizer to ``args.save``."""
+    import torch
+
+    from obdk.testing import make_char_tokenizer, make_tiny_llama
+    model = make_tiny_llama(0, layers=args.layers, hidden=args.disk_hidden, inter=args.disk_inter, heads=16,
+                            kv_heads=8, vocab=128)
+    assert next(model.parameters()).dtype == torch.float32
+    model.save_pretrained(args.save, safe_serialization=True, max_shard_size="100MB")
+    make_char_tokenizer(128).save_pretrained(args.save)
+    print(_TAG + json.dumps({"params": sum(p.numel() for p in model.parameters())}), flush=True)
+
+
+def _dir_bytes(path: Path, pattern: str = "*.safetensors") -> int:
+    return sum(f.stat().st_size for f in Path(path).glob(pattern))
+
+
+#: the ``disk`` suite's variants: the flags each adds to ``obdk compress`` (``{scratch}``: a fresh directory)
+DISK_VARIANTS = {"resident": [], "stream": ["--stream"],
+                 "stream-disk": ["--stream", "--weights-on-disk", "--max-host-memory", "0", "--scratch-dir", "{scratch}"]}
+
+
+def disk_suite(args, base: list[str], log_path: Path, env: dict) -> None:
+    """The ``disk`` suite: ``obdk compress`` resident / ``--stream`` / ``--stream --weights-on-disk`` per layer count."""
+    import shutil
+
+    child_env = {**os.environ, "OMP_NUM_THREADS": str(args.disk_threads), "MKL_NUM_THREADS": str(args.disk_threads),
+                 "TOKENIZERS_PARALLELISM": "false"}
+    for L in args.disk_layers:
+        with tempfile.TemporaryDirectory(prefix="obdk-bench-disk-") as tmp:
+            model_dir = Path(tmp) / "model"
+            res, _ = run_child(base + ["--variant", "disk-model", "--child-layers", str(L), "--save", str(model_dir),
+                                       "--disk-hidden", str(args.disk_hidden), "--disk-inter", str(args.disk_inter)],
+                               log_path)
+            model_bytes = _dir_bytes(model_dir)
+            shards = len(list(model_dir.glob("*.safetensors")))
+            for correct in args.disk_corrections:
+                for v in args.disk_variants:
+                    out, scratch = Path(tmp) / f"out-{v}-{correct}", Path(tmp) / f"scratch-{v}-{correct}"
+                    scratch.mkdir()
+                    flags = [f.format(scratch=scratch) for f in DISK_VARIANTS[v]]
+                    cmd = [sys.executable, "-m", "obdk", "compress", str(model_dir), "--method", "obd", "--keep",
+                           str(args.keep), "--calib", "wikitext2:validation", "--nsamples", str(args.disk_nsamples),
+                           "--seqlen", str(args.disk_seqlen), "--data-dir", args.data_dir, "--json", "--out", str(out),
+                           *flags, *(["--correct", correct] if correct != "default" else [])]
+                    text, ru = _spawn(cmd, log_path, env=child_env, launch=True)
+                    cli = json.loads([ln for ln in text.splitlines() if ln.startswith("{")][-1])
+                    report = json.loads((out / "obdk_report.json").read_text())
+                    ranks = [m["rank"] for m in report["modules"]]
+                    ckpt_bytes = _dir_bytes(out)
+                    shutil.rmtree(scratch)
+                    ppl, eval_rss = "", ""
+                    if args.disk_eval_windows:
+                        text_e, ru_e = _spawn([sys.executable, "-m", "obdk", "eval", str(out), "--seqlen",
+                                               str(args.disk_seqlen), "--windows", str(args.disk_eval_windows),
+                                               "--data-dir", args.data_dir, "--json"], log_path, env=child_env,
+                                              launch=True)
+                        ppl = json.loads([ln for ln in text_e.splitlines() if ln.startswith("{")][-1])["ppl"]
+                        eval_rss = round(ru_e["maxrss_mib"], 1)
+                    shutil.rmtree(out)
+                    samp = ru["sampled_kib"]
+                    r = {"layers": L, "variant": v, "correct": correct if correct != "default" else "default (zs+kfac)",
+                         "method": "obd", "keep": args.keep, "hidden": args.disk_hidden, "inter": args.disk_inter,
+                         "dtype": "float32", "nsamples": args.disk_nsamples, "seqlen": args.disk_seqlen,
+                         "model_disk_mib": round(model_bytes / 2**20, 1), "model_shards": shards,
+                         "model_params": res["params"], "peak_rss_mib": round(ru["maxrss_mib"], 1),
+                         "sampled_max_rss_anon_mib": round(samp["RssAnon"] / 1024, 1),
+                         "sampled_max_rss_file_mib": round(samp["RssFile"] / 1024, 1),
+                         "sampled_max_rss_shmem_mib": round(samp["RssShmem"] / 1024, 1),
+                         "wall_s": round(ru["wall_s"], 1), "user_s": round(ru["user_s"], 1),
+                         "sys_s": round(ru["sys_s"], 1), "predicted_loss": report["predicted_loss"],
+                         "keep_actual": cli["keep_actual"], "ranks_sum": sum(r_ for r_ in ranks if r_ is not None),
+                         "ranks_dense": sum(r_ is None for r_ in ranks),
+                         "ckpt_disk_mib": round(ckpt_bytes / 2**20, 1), "ppl": ppl,
+                         "ppl_windows": args.disk_eval_windows, "eval_peak_rss_mib": eval_rss,
+                         "stages_s": json.dumps({k: round(x["seconds"], 2) for k, x in cli["stages"].items()
+                                                 if "/" not in k}),
+                         "threads": args.disk_threads, **env, "timestamp": timestamp(), "loadavg_1m": loadavg()}
+                    write_csv([r], args.disk_out)
+                    print_table([r], ["layers", "variant", "correct", "peak_rss_mib", "sampled_max_rss_anon_mib",
+                                      "sampled_max_rss_file_mib", "wall_s", "predicted_loss", "ranks_sum", "ppl"])
+
+
 # =========================================================================== parent
+
+
+def _spawn(argv: list[str], log_path: Path, *, env: dict | None = None, launch: bool = False) -> tuple[str, dict]:
+    """Run ``argv`` (stderr to ``log_path``); ``(its stdout, its rusage)`` — ``maxrss_mib`` from ``os.wait4``,
+    and with ``launch`` (through ``_LAUNCH``) also ``wall_s``, ``user_s``, ``sys_s`` and the sampled peaks."""
+    cmd = [sys.executable, "-c", _LAUNCH, *argv] if launch else argv
+    with log_path.open("a") as log:
+        log.write(f"\n$ {' '.join(argv)}\n")
+        log.flush()
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+        out = p.stdout.read()
+        _, status, ru = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - t0
+        log.write(out)
+    if p.returncode != 0:
+        raise SystemExit(f"child failed ({p.returncode}): {' '.join(argv)}; see {log_path}")
+    if not launch:
+        return out, {"maxrss_mib": ru.ru_maxrss / 1024, "wall_s": wall}  # Linux: KiB
+    lines = [ln for ln in out.splitlines() if ln.startswith(_RU_TAG)]
+    r = json.loads(lines[-1][len(_RU_TAG):])
+    r["maxrss_mib"] = r.pop("maxrss_kib") / 1024
+    return "\n".join(ln for ln in out.splitlines() if not ln.startswith(_RU_TAG)), r
 
 
 def run_child(argv: list[str], log_path: Path) -> tuple[dict, float]:
     """Run one variant; ``(its result, its peak RSS in MiB read by the parent from ru_maxrss)``."""
-    with log_path.open("a") as log:
-        log.write(f"\n$ {' '.join(argv)}\n")
-        log.flush()
-        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True)
-        out = p.stdout.read()
-        _, status, ru = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
-        log.write(out)
-    if p.returncode != 0:
-        raise SystemExit(f"child failed ({p.returncode}): {' '.join(argv)}; see {log_path}")
+    out, ru = _spawn(argv, log_path)
     line = [ln for ln in out.splitlines() if ln.startswith(_TAG)][-1]
-    return json.loads(line[len(_TAG):]), ru.ru_maxrss / 1024  # Linux: KiB
+    return json.loads(line[len(_TAG):]), ru["maxrss_mib"]
 
 
 def norm_rel(a: dict, b: dict) -> float:
@@ -200,7 +349,7 @@ def norm_rel(a: dict, b: dict) -> float:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--suites", nargs="+", default=["llama7b-shape", "smollm2"],
-                    choices=["llama7b-shape", "smollm2", "pipeline"])
+                    choices=["llama7b-shape", "smollm2", "pipeline", "disk"])
     ap.add_argument("--pipeline-model", default="smollm2-135m")
     ap.add_argument("--pipeline-variants", nargs="+",
                     default=["pipeline-resident", "pipeline-streamed", "pipeline-streamed-scratch"])
@@ -214,6 +363,17 @@ def main(argv=None) -> None:
     ap.add_argument("--smol-seqlen", type=int, default=512)
     ap.add_argument("--data-dir", default=os.environ.get("OBDK_DATA_DIR", "/work/shared/data"))
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--disk-layers", nargs="+", type=int, default=[4, 16])
+    ap.add_argument("--disk-variants", nargs="+", default=list(DISK_VARIANTS), choices=list(DISK_VARIANTS))
+    ap.add_argument("--disk-corrections", nargs="+", default=["none", "default"],
+                    help="--correct of each disk run ('default': the method's, zs+kfac for obd)")
+    ap.add_argument("--disk-hidden", type=int, default=1024)
+    ap.add_argument("--disk-inter", type=int, default=2816)
+    ap.add_argument("--disk-nsamples", type=int, default=8)
+    ap.add_argument("--disk-seqlen", type=int, default=256)
+    ap.add_argument("--disk-eval-windows", type=int, default=4, help="0: no perplexity")
+    ap.add_argument("--disk-threads", type=int, default=2, help="OMP_NUM_THREADS of the disk suite's children")
+    ap.add_argument("--disk-out", default=str(DISK_OUT))
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--log", default=str(RESULTS / "stream_memory.log"))
     # child mode
@@ -225,7 +385,10 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.child:
         args.layers = args.child_layers
-        (child_pipeline if args.variant.startswith("pipeline") else child)(args)
+        if args.variant == "disk-model":
+            child_disk_model(args)
+        else:
+            (child_pipeline if args.variant.startswith("pipeline") else child)(args)
         return
 
     log_path = Path(args.log)
@@ -293,7 +456,10 @@ def main(argv=None) -> None:
             write_csv([r], pipeline_out)
             print_table([r], ["variant", "total_s", "time_vs_resident", "ppl", "same_ranks_as_first", "stats_held_gib",
                               "peak_rss_mib"])
-    outs = [str(args.out)] * bool(set(args.suites) - {"pipeline"}) + [str(pipeline_out)] * ("pipeline" in args.suites)
+    if "disk" in args.suites:
+        disk_suite(args, base, log_path, env)
+    outs = ([str(args.out)] * bool(set(args.suites) - {"pipeline", "disk"}) + [str(pipeline_out)] * ("pipeline" in args.suites)
+            + [str(args.disk_out)] * ("disk" in args.suites))
     print(f"rows appended to {', '.join(outs)}; child logs in {log_path}")
 
 
