@@ -60,7 +60,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .core.env import RESULTS, env_fields, loadavg, timestamp
+from .core.env import RESULTS, env_fields, git_sha, loadavg, timestamp
 from .core.rows import print_table, write_csv
 
 OUT = RESULTS / "stream_memory.csv"
@@ -268,6 +268,7 @@ def disk_suite(args, base: list[str], log_path: Path, env: dict) -> None:
                            str(args.keep), "--calib", "wikitext2:validation", "--nsamples", str(args.disk_nsamples),
                            "--seqlen", str(args.disk_seqlen), "--data-dir", args.data_dir, "--json", "--out", str(out),
                            *flags, *(["--correct", correct] if correct != "default" else [])]
+                    sha = git_sha()  # the children import obdk from this working tree: its HEAD as each one starts
                     text, ru = _spawn(cmd, log_path, env=child_env, launch=True)
                     cli = json.loads([ln for ln in text.splitlines() if ln.startswith("{")][-1])
                     report = json.loads((out / "obdk_report.json").read_text())
@@ -300,7 +301,8 @@ def disk_suite(args, base: list[str], log_path: Path, env: dict) -> None:
                          "ppl_windows": args.disk_eval_windows, "eval_peak_rss_mib": eval_rss,
                          "stages_s": json.dumps({k: round(x["seconds"], 2) for k, x in cli["stages"].items()
                                                  if "/" not in k}),
-                         "threads": args.disk_threads, **env, "timestamp": timestamp(), "loadavg_1m": loadavg()}
+                         "threads": args.disk_threads, **env, "git_sha": sha, "timestamp": timestamp(),
+                         "loadavg_1m": loadavg()}
                     write_csv([r], args.disk_out)
                     print_table([r], ["layers", "variant", "correct", "peak_rss_mib", "sampled_max_rss_anon_mib",
                                       "sampled_max_rss_file_mib", "wall_s", "predicted_loss", "ranks_sum", "ppl"])
