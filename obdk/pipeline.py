@@ -352,8 +352,10 @@ class Plan:
         The same checkpoint as :meth:`apply` followed by :func:`obdk.save_pretrained` (the same tensors,
         ranks, ``config.json`` and report), written by :class:`obdk.io.CheckpointWriter` in the model's
         ``state_dict`` order: each shard goes to disk as it fills. Without a correction each target is
-        truncated as it is written (one target's factors in memory at a time); with one, the corrected
-        factors of every target (the compressed model's size) are held until written. For a skeleton
+        truncated as it is written (one target's factors in memory at a time); with one, a streamed plan in
+        one process reads them from the correction's :class:`~obdk.correct.kept.FactorStore` (layer by
+        layer, under the plan's host budget), and a resident plan holds every target's corrected factors
+        (the compressed model's size) until written. For a skeleton
         (``prepare(source=...)``) every decoder-layer tensor that is not a compressed target's (norms,
         kept-dense Linears, biases) is read from the checkpoint's shards as it is written. ``keep``,
         ``overrides``: as for :meth:`apply`; ``tokenizer``, ``overwrite``, ``source_dir``: as for
