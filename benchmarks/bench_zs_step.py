@@ -116,7 +116,7 @@ def main(argv=None) -> int:
                     w = m.get_submodule(n).weight
                     w.copy_((b.double() @ a.double()).to(w.dtype))
             t2 = time.perf_counter()
-            row = {**key(keep, t), "calib_source": source, "predicted_loss": sum(per_t[n][j][2] for n in factors),
+            row = {**key(keep, t), "calib_source": source,
                    "loss_fit": heldout_loss(m, plan.data.input_ids, plan.data.attention_mask),
                    "loss_heldout": heldout_loss(m, held.input_ids, held.attention_mask),
                    "heldout_equal_windows": same, "step_s": step_s}
