@@ -454,6 +454,9 @@ def streaming_refusal(config: LowRankConfig) -> Optional[str]:
                 "stream; fisher 'empirical' does")
     if config.resolved_correct == "seq":
         return "correct 'seq' refits on the compressed model's inputs in a whole-model pass, which does not stream"
+    if config.resolved_correct == "zs-guarded":
+        return ("correct 'zs-guarded' runs the whole model on its held-out windows at each step size, which does not "
+                "stream; 'zs' does")
     return None
 
 

@@ -90,3 +90,10 @@ def test_compress_weights_on_disk_needs_stream_and_a_safetensors_dir(tiny_model_
     code, _, err = _run(["compress", gguf, *ARGS, "--stream", "--weights-on-disk", "--out", tmp_path / "o"], capsys)
     assert code == 2 and "--weights-on-disk" in err and "safetensors" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_compress_stream_refuses_zs_guarded_before_any_work(tiny_model_dir, data_dir, tmp_path, capsys):
+    code, _, err = _run(["compress", tiny_model_dir, *ARGS, "--correct", "zs-guarded", "--stream",
+                         "--out", tmp_path / "o", "--data-dir", data_dir], capsys)
+    assert code == 2 and "zs-guarded" in err and "does not stream" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
