@@ -868,12 +868,8 @@ def tensor_index(path: str | os.PathLike) -> dict[str, TensorInfo]:
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not a mapping")
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{index}: malformed shard index ({exc})") from exc
+        from .calibrate.placement import read_weight_map
+        weight_map = read_weight_map(index)
         files = sorted(set(weight_map.values()))
     else:
         files = ["model.safetensors"]
