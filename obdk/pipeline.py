@@ -242,33 +242,30 @@ class Plan:
         extra_damping: dict = {}
         if lazy and not cfg.resolved_correct:
             return allocation, kept_map, factors, extra_damping
-        if cfg.resolved_correct and cfg.resolved_correct != "seq" and self.stream is not None \
-                and self.stream.get("owners") is None:
-            # streamed in one process: the first step truncates each target as its layer comes up, and the
-            # steps keep their results layer by layer (FactorStore): the compressed model is never held whole
+        # streamed in one process: the first step truncates each target as its layer comes up, and the steps keep
+        # their results layer by layer (FactorStore): the compressed model is never held whole
+        by_layer = bool(cfg.resolved_correct and cfg.resolved_correct != "seq" and self.stream is not None
+                        and self.stream.get("owners") is None)
+        if by_layer:
             from .correct import Truncations
             ranked = [t.name for t in self.targets if allocation.ranks.get(t.name) is not None]
-            lazy_f = Truncations(ranked, lambda n: self.factors(n, allocation.ranks[n], kept_map.get(n)))
-            with timer("correction"):
-                factors, extra_damping = correct(model, self, cfg, lazy_f, progress=self.progress) if ranked \
-                    else ({}, {})
+            factors = Truncations(ranked, lambda n: self.factors(n, allocation.ranks[n], kept_map.get(n)))
+        else:
+            with timer("truncation"):
+                for t in self.targets:
+                    rank = allocation.ranks.get(t.name)
+                    if rank is not None:
+                        a, b, pred = self.factors(t.name, rank, kept_map.get(t.name))
+                        if home and not a.is_meta:  # (meta: a rank that holds their shapes only, refused below)
+                            dev = model.get_submodule(t.name).weight.device
+                            a, b = a.to(dev), b.to(dev)
+                        factors[t.name] = (a, b, pred)
             self._drop_cached()
-            return allocation, kept_map, factors, extra_damping
-        with timer("truncation"):
-            for t in self.targets:
-                rank = allocation.ranks.get(t.name)
-                if rank is not None:
-                    a, b, pred = self.factors(t.name, rank, kept_map.get(t.name))
-                    if home and not a.is_meta:  # (meta: a rank that holds their shapes only, refused below)
-                        dev = model.get_submodule(t.name).weight.device
-                        a, b = a.to(dev), b.to(dev)
-                    factors[t.name] = (a, b, pred)
-        self._drop_cached()
         if factors and cfg.resolved_correct:
             with timer("correction"):
                 factors, extra_damping = correct(model, self, cfg, factors, progress=self.progress)
             self._drop_cached()
-        if any(f[0].is_meta for f in factors.values()):
+        if not by_layer and any(f[0].is_meta for f in factors.values()):
             raise ConfigError("Plan.apply: this rank holds the shapes of the factors only (a streamed plan prepared "
                               "under torch.distributed gives them to rank 0, or to every rank through a correction "
                               "run on all ranks together); apply it on rank 0")

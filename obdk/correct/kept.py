@@ -101,8 +101,3 @@ class Truncations(Mapping):
     def __len__(self) -> int:
         return len(self._names)
 
-
-def is_lazy(factors) -> bool:
-    """True for the factor mappings that read on demand (:class:`FactorStore`, :class:`Truncations`)."""
-    return isinstance(factors, (FactorStore, Truncations))
-
