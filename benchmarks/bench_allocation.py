@@ -79,7 +79,7 @@ GRIDS = {
              "whitenings": list(WHITENINGS), "allocs": list(ALLOCS), "correct": ["all:zs,kfac,zs+kfac"]},
 }
 KEY_COLS = ("model", "calib", "eval", "whitening", "alloc", "correct", "keep", "windows_req", "seqlen",
-            "nsamples", "seed", "bsi_windows", "bsi_probes", "bsi_order", "bsi_curvature")
+            "nsamples", "seed", "bsi_windows", "bsi_probes", "bsi_order", "bsi_curvature", "bsi_terms")
 STATS = ("cx", "cg", "grad")
 CORRECT_KINDS = ("zs", "kfac", "zs+kfac", "zs-guarded")
 
@@ -130,7 +130,7 @@ def run(args) -> list[dict]:
     wreq = str(args.windows)
     grid = combos(args)
 
-    def base(calib, ev, w, a, c, keep, order="importance", curv="hutchinson") -> dict:
+    def base(calib, ev, w, a, c, keep, order="importance", curv="hutchinson", terms="first+second") -> dict:
         bsi = a == "bsi"
         probed = curv in ("hutchinson", "blocked")
         return {"model": mname, "calib": calib, "eval": ev, "whitening": w, "alloc": a, "correct": c, "keep": keep,
@@ -138,13 +138,15 @@ def run(args) -> list[dict]:
                 "seed": args.seed, "bsi_windows": args.bsi_windows if bsi and curv != "kfac" else "",
                 "bsi_probes": args.bsi_probes if bsi and probed else "",
                 "bsi_order": order if bsi and order != "importance" else "",
-                "bsi_curvature": curv if bsi and curv != "hutchinson" else ""}
+                "bsi_curvature": curv if bsi and curv != "hutchinson" else "",
+                "bsi_terms": terms if bsi and terms != "first+second" else ""}
 
     def variants(a: str) -> list[dict]:
         """The BSI options of one alloc's rows: every order × curvature for ``bsi``, none otherwise."""
         if a != "bsi":
             return [{}]
-        return [{"order": o, "curv": cv} for cv in args.bsi_curvatures for o in args.bsi_order]
+        return [{"order": o, "curv": cv, "terms": tm} for cv in args.bsi_curvatures for tm in args.bsi_terms
+                for o in args.bsi_order]
 
     def todo(calib, w, a, c, keep) -> bool:
         return any(not out.has(**base(calib, ev, w, a, c, keep, **v)) for ev in args.eval for v in variants(a))
@@ -166,13 +168,14 @@ def run(args) -> list[dict]:
             row = {"model": mname, "calib": b["calib"], "calib_source": extra.get("calib_source", ""), "eval": ev,
                    "method": label(b["whitening"], b["alloc"], b["correct"])
                    + (f" [{b['bsi_curvature']}]" if b["bsi_curvature"] else "")
-                   + (f" ({b['bsi_order']})" if b["bsi_order"] else ""), "whitening": b["whitening"],
+                   + (f" ({b['bsi_order']})" if b["bsi_order"] else "")
+                   + (f" {{{b['bsi_terms']}}}" if b["bsi_terms"] else ""), "whitening": b["whitening"],
                    "alloc": b["alloc"], "correct": b["correct"], "keep": b["keep"],
                    "keep_actual": extra.get("keep_actual", 1.0), "ppl": ppl["ppl"], "nll": ppl["nll"],
                    "windows": ppl["windows"], "windows_req": wreq, "seqlen": args.seqlen, "tokens": ppl["tokens"],
                    "nsamples": b["nsamples"], "seed": args.seed, "bsi_windows": b["bsi_windows"],
                    "bsi_probes": b["bsi_probes"], "bsi_order": b["bsi_order"],
-                   "bsi_curvature": b["bsi_curvature"], "bsi_passes": extra.get("bsi_passes", ""),
+                   "bsi_curvature": b["bsi_curvature"], "bsi_terms": b["bsi_terms"], "bsi_passes": extra.get("bsi_passes", ""),
                    "predicted_loss": extra.get("predicted_loss", ""),
                    "calib_s": extra.get("calib_s", 0.0), "calib_stats": extra.get("calib_stats", ""),
                    "decompose_s": extra.get("decompose_s", 0.0), "scores_s": extra.get("scores_s", 0.0),
@@ -247,11 +250,13 @@ def run(args) -> list[dict]:
             # the seconds (and gradient passes) of each set of scores, shared by the rows that use it
             scored_s: dict[tuple, float] = {}
             points = [{"keep": keep, "alloc": a, "correct": c or "none",
-                       **({"bsi_order": v["order"], "bsi_curvature": v["curv"]} if v else {})}
+                       **({"bsi_order": v["order"], "bsi_curvature": v["curv"], "bsi_terms": v["terms"]}
+                          if v else {})}
                       for keep in keeps for a, c in mine for v in variants(a)]
 
             def point_base(calib, ev, p) -> dict:
-                opts = {"order": p["bsi_order"], "curv": p["bsi_curvature"]} if p["alloc"] == "bsi" else {}
+                opts = ({"order": p["bsi_order"], "curv": p["bsi_curvature"], "terms": p["bsi_terms"]}
+                        if p["alloc"] == "bsi" else {})
                 return base(calib, ev, w, p["alloc"], _row_correct(p), p["keep"], **opts)
 
             skip = lambda p: all(out.has(**point_base(calib, ev, p)) for ev in args.eval)  # noqa: E731
@@ -276,7 +281,8 @@ def run(args) -> list[dict]:
                          "correct_s": rep.stages.get("correction", {}).get("seconds", 0.0),
                          "keep_actual": rep.keep_actual, "predicted_loss": rep.predicted_loss,
                          "model_params_after": rep.model_params_after, **_guard(rep)}
-                opts = {"order": res.point["bsi_order"], "curv": res.point["bsi_curvature"]} if a == "bsi" else {}
+                opts = ({"order": res.point["bsi_order"], "curv": res.point["bsi_curvature"],
+                         "terms": res.point["bsi_terms"]} if a == "bsi" else {})
                 evaluate(res.model, dict(calib=calib, w=w, a=a, c=_row_correct(res.point), keep=res.point["keep"],
                                          **opts), extra)
             del plans
@@ -369,6 +375,8 @@ def parse_args(argv=None):
     ap.add_argument("--bsi-curvatures", nargs="+", default=["hutchinson"],
                     choices=["hutchinson", "blocked", "kfac", "fisher"],
                     help="bsi allocation: the Hessian-diagonal estimators (obdk --bsi-curvature), one row each")
+    ap.add_argument("--bsi-terms", nargs="+", default=["first+second"], choices=["first+second", "second"],
+                    help="bsi allocation: the importance's Taylor terms (obdk --bsi-terms), one row each")
     ap.add_argument("--cache-dir", default=None, help="reuse/write the calibration statistics here (obdk.calibrate.cache)")
     ap.add_argument("--bsi-windows", type=int, default=8, help="first K calibration windows for the BSI scores")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense reference rows")

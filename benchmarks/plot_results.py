@@ -52,6 +52,16 @@ def _last(rows: list[dict], key_cols: tuple[str, ...]) -> list[dict]:
     return list(out.values())
 
 
+def _alloc_label(r: dict) -> str:
+    """An allocation row's x-axis label: the allocation, and for BSI its curvature, order and Taylor terms
+    (one bar each; blank cells are the seed's choices: hutchinson, importance order, first+second terms)."""
+    if r.get("alloc") != "bsi":
+        return r["alloc"]
+    curv = r.get("bsi_curvature") or "hutchinson"
+    order = {"importance": "imp", "spectral": "spec"}[r.get("bsi_order") or "importance"]
+    return f"bsi {curv[:6]} {order}" + (" 2nd" if r.get("bsi_terms") == "second" else "")
+
+
 def _grid(plt, n: int, w: float = 4.6, h: float = 3.6):
     cols = min(n, 2)
     rows = math.ceil(n / cols)
@@ -123,7 +133,7 @@ HATCH = {"zs": "//", "kfac": "..", "zs+kfac": "xx"}  # a correction's bars
 
 def plot_allocation(path: Path) -> list[Path]:
     rows = _last(read_rows(path), ("model", "calib", "eval", "whitening", "alloc", "correct", "keep", "windows_req",
-                              "seqlen", "nsamples", "seed", "bsi_windows", "bsi_probes"))
+                              "seqlen", "nsamples", "seed", "bsi_windows", "bsi_probes", "bsi_order", "bsi_curvature", "bsi_terms"))
     if not rows:
         print(f"[skip] {path}: empty")
         return []
@@ -138,9 +148,9 @@ def plot_allocation(path: Path) -> list[Path]:
         for keep in sorted({_f(r["keep"]) for r in comp}, reverse=True):
             kr = [r for r in comp if _f(r["keep"]) == keep]
             panels = list(dict.fromkeys((r["calib"], r["eval"]) for r in kr))
-            allocs = list(dict.fromkeys(r["alloc"] for r in kr))
+            allocs = list(dict.fromkeys(_alloc_label(r) for r in kr))
             series = list(dict.fromkeys((r["whitening"], r.get("correct", "")) for r in kr))
-            fig, axes = _grid(plt, len(panels), w=5.2, h=4.0)
+            fig, axes = _grid(plt, len(panels), w=max(5.2, 0.55 * len(allocs) + 1.5), h=4.4)
             width = 0.8 / max(1, len(series))
             colours = {w: f"C{i}" for i, w in enumerate(dict.fromkeys(w for w, _ in series))}
             for ax, (calib, ev) in zip(axes, panels):
@@ -149,7 +159,7 @@ def plot_allocation(path: Path) -> list[Path]:
                 for i, (w, c) in enumerate(series):
                     vals = []
                     for a in allocs:
-                        hit = [r for r in kr if (r["calib"], r["eval"], r["whitening"], r.get("correct", ""), r["alloc"])
+                        hit = [r for r in kr if (r["calib"], r["eval"], r["whitening"], r.get("correct", ""), _alloc_label(r))
                                == (calib, ev, w, c, a)]
                         vals.append(_f(hit[-1]["ppl"]) if hit else float("nan"))
                     seen += [v for v in vals if math.isfinite(v)]
@@ -169,7 +179,7 @@ def plot_allocation(path: Path) -> list[Path]:
                 elif seen:  # bars start near the best value: the differences are what matters
                     lo, hi = min(seen), max(seen)
                     ax.set_ylim(lo - 0.15 * (hi - lo) - 0.02 * lo, hi + 0.25 * (hi - lo) + 0.02 * hi)
-                ax.set_xticks(x, allocs)
+                ax.set_xticks(x, allocs, rotation=40, ha="right", fontsize=7)
                 ax.set_ylabel("perplexity (log axis)" if logy else "perplexity (axis does not start at 0)")
                 ax.set_title(f"calib {calib} → eval {ev}", fontsize=9)
                 ax.grid(True, axis="y", alpha=0.3)

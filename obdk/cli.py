@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--bsi-order", default=None, choices=["importance", "spectral"],
                    help="bsi allocation: keep the most important bases (BSI) or only choose ranks (spectral) "
                         "(default: the config's)")
+    c.add_argument("--bsi-terms", default=None, choices=["first+second", "second"],
+                   help="bsi allocation: the importance's Taylor terms: first+second (the seed's −g·σ + ½h·σ²) or "
+                        "second (½h·σ², the calibration gradient's first-order term left out) (default: the config's)")
     c.add_argument("--targets", nargs="*", default=None, help="fnmatch patterns of module names to compress")
     c.add_argument("--ignore", nargs="*", default=[], help="fnmatch patterns of module names to keep dense")
     c.add_argument("--compute-dtype", default="float64", choices=["float64", "float32"])
@@ -224,7 +227,7 @@ def _config_from_args(args):
                         compute_dtype=args.compute_dtype, solver=args.solver, fisher=args.fisher,
                         correct=args.correct, probes=args.probes, eps=args.eps,
                         **{k: v for k, v in (("bsi_order", args.bsi_order), ("bsi_curvature", args.bsi_curvature),
-                                             ("probe_tol", args.probe_tol),
+                                             ("bsi_terms", args.bsi_terms), ("probe_tol", args.probe_tol),
                                              ("max_probes", args.max_probes)) if v is not None})
     if cfg.resolved_alloc == "zero-sum":
         given = [f for f, v in (("--floor", args.floor), ("--rank-multiple", args.rank_multiple)) if v is not None]

@@ -46,7 +46,9 @@ ALLOCATIONS = ("uniform", "global", "zero-sum", "bsi")
 
 #: fields :meth:`obdk.pipeline.Plan.apply` may change without recalibrating or redecomposing
 APPLY_FIELDS = ("keep", "alloc", "floor", "rank_multiple", "correct", "probes", "eps", "bsi_order", "bsi_curvature",
-                "probe_tol", "max_probes", "guard_windows")
+                "bsi_terms", "probe_tol", "max_probes", "guard_windows")
+#: the Taylor terms BSI's importance may use (``LowRankConfig.bsi_terms``)
+BSI_TERMS = ("first+second", "second")
 DEFAULT_FLOOR = 0.2
 DEFAULT_RANK_MULTIPLE = 8
 
@@ -109,6 +111,8 @@ class LowRankConfig:
     * ``bsi_order``: ``spectral`` (default: BSI importances decide only the ranks; each matrix keeps
       its top components) or ``importance`` (BSI's rule: keep each matrix's most important bases, in
       any order; measured worse with every curvature, see the field's comment).
+    * ``bsi_terms``: ``first+second`` (the seed's importance ``−g_iσ_i + ½h_iiσ_i²``) or ``second``
+      (``½h_iiσ_i²``: the first-order term of the dense model's calibration gradient left out).
     * ``asvd_alpha``: ASVD activation-scaling exponent.
     """
 
@@ -139,6 +143,7 @@ class LowRankConfig:
     # costs no pass (11-15 s vs ~300 s) and is the cheap choice.
     bsi_order: str = "spectral"
     bsi_curvature: str = "hutchinson"
+    bsi_terms: str = "first+second"
     probe_tol: float = 0.1
     max_probes: int = 64
     guard_windows: int = 8
@@ -228,6 +233,8 @@ class LowRankConfig:
                               f"svd-llm or obd, not {self.resolved_whitening!r}")
         if self.bsi_order not in ("importance", "spectral"):
             raise bad("bsi_order", "importance or spectral")
+        if self.bsi_terms not in BSI_TERMS:
+            raise bad("bsi_terms", f"choose one of {', '.join(BSI_TERMS)}")
         if not (self.probes == "auto" or (_is_int(self.probes) and self.probes >= 1)):
             raise bad("probes", "must be an integer ≥ 1 or 'auto'")
         if self.bsi_curvature not in BSI_CURVATURES:

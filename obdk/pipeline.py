@@ -174,7 +174,7 @@ class Plan:
                 # BSI removes bases only until the budget is met (its greedy never removes more);
                 # a negative estimate (Hutchinson noise) must not make removing extra bases "profitable".
                 # Clamp at 0 and break ties by the spectral cost, so equal scores drop the tail first.
-                imp = scores[t.name].importance.double().cpu().clamp_min(0)
+                imp = scores[t.name].terms(cfg.bsi_terms).double().cpu().clamp_min(0)
                 kw["importance"] = imp + 1e-12 * kw["costs"][: imp.numel()]
             specs.append(A.MatrixSpec(t.name, t.m, t.n, **kw))
         if alloc == "uniform":

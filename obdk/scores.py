@@ -258,9 +258,10 @@ def bsi_importance(sigma: Tensor, g: Tensor, h_diag: Tensor) -> Tensor:
 class BSIScores:
     """Per-matrix BSI scores, all [k] fp64: ``importance`` and its variance ``importance_var``
     (from the Hutchinson variance, ``¼σ⁴·h_var``; 0 for the closed-form curvatures), ``grad``
-    (∂L/∂σ), ``h_diag`` and ``h_var``. ``curvature``: the estimator of ``h_diag``; ``probes``:
-    Hutchinson probes this matrix's block used (0 otherwise); ``passes``: forward+backward passes
-    over the calibration windows the whole scoring run took (shared by all matrices)."""
+    (∂L/∂σ), ``h_diag`` and ``h_var``; ``second_order``: the importance's second-order term
+    ``½ h_ii σ_i²`` alone. ``curvature``: the estimator of ``h_diag``; ``probes``: Hutchinson probes
+    this matrix's block used (0 otherwise); ``passes``: forward+backward passes over the calibration
+    windows the whole scoring run took (shared by all matrices)."""
     importance: Tensor
     importance_var: Tensor
     grad: Tensor
@@ -269,6 +270,19 @@ class BSIScores:
     curvature: str = "hutchinson"
     probes: int = 0
     passes: int = 0
+    second_order: Optional[Tensor] = None
+
+    def terms(self, which: str = "first+second") -> Tensor:
+        """The predicted loss increase of removing each basis [k] from the Taylor terms ``which``:
+        ``first+second`` (the seed's ``−g_iσ_i + ½h_iiσ_i²``, :attr:`importance`) or ``second``
+        (``½h_iiσ_i²``: the gradient term left out, see ``LowRankConfig.bsi_terms``)."""
+        if which == "first+second":
+            return self.importance
+        if which == "second":
+            if self.second_order is None:
+                raise ConfigError("BSIScores.terms('second'): these scores carry no second_order term")
+            return self.second_order
+        raise ConfigError(f"BSIScores.terms: which must be 'first+second' or 'second', got {which!r}")
 
 
 def _layer_of(name: str) -> str:
@@ -376,9 +390,11 @@ def bsi_scores(model: nn.Module, input_ids: Tensor, decomps: Mapping[str, Whiten
     for nm in names:
         s = decomps[nm].sigma
         hv = h_var.get(nm, torch.zeros_like(s))
-        out[nm] = BSIScores(importance=bsi_importance(s, g[nm].to(s.dtype), h[nm].to(s.dtype)),
+        hd = h[nm].to(s.dtype)
+        out[nm] = BSIScores(importance=bsi_importance(s, g[nm].to(s.dtype), hd),
                             importance_var=0.25 * s ** 4 * hv, grad=g[nm], h_diag=h[nm], h_var=hv,
-                            curvature=curvature, probes=used.get(nm, 0), passes=passes)
+                            curvature=curvature, probes=used.get(nm, 0), passes=passes,
+                            second_order=bsi_importance(s, torch.zeros_like(s), hd))
     log.info("bsi_scores [%s]: %d matrices, %d gradient passes over %d windows%s", curvature, len(names), passes,
              input_ids.shape[0], f" ({sum(used.values())} probes, eps {eps:g})" if used else "")
     return out

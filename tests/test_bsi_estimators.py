@@ -239,3 +239,66 @@ def test_cli_bsi_flags():
             ap.parse_args(base + bad)
     with pytest.raises(ConfigError, match="max_probes"):
         _config_from_args(ap.parse_args(base + ["--max-probes", "1"]))
+
+
+def test_bsi_terms_second_order_is_the_kfac_loss_of_the_truncation(setup):
+    """``bsi_terms='second'`` keeps ``½h_iiσ_i²`` only. With K-FAC curvature on input-whitened bases the
+    cross terms ``(u_iᵀC_g u_j)(x_iᵀC_x x_j)`` vanish (``x_iᵀC_x x_j = δ_ij`` up to the whitening's damping),
+    so the tail sum of the second-order terms is the K-FAC loss ``½N·tr(C_g ΔW C_x ΔWᵀ)`` of truncating
+    to that rank; the gradient term is what the seed's importance adds to it."""
+    model, _, plan, decomps = setup
+    sc = plan.scores("bsi", model, plan.resolve(bsi_curvature="kfac"))
+    st = plan.stats
+    for t in plan.targets[:4]:
+        s, d = sc[t.name], decomps[t.name]
+        torch.testing.assert_close(s.terms("second"), 0.5 * s.h_diag * d.sigma ** 2, rtol=1e-12, atol=0)
+        torch.testing.assert_close(s.terms("first+second"), s.importance, rtol=0, atol=0)
+        torch.testing.assert_close(s.importance - s.second_order, -s.grad * d.sigma, rtol=1e-10, atol=1e-12)
+        cx, cg, n = st.cx_for(t.name).double(), st.cg[t.name].double(), st.loss_tokens
+        for r in (1, d.sigma.numel() // 2):
+            dw = (d.u[:, r:] * d.sigma[r:]) @ d.right[r:]
+            kfac_loss = 0.5 * n * torch.trace(cg @ dw @ cx @ dw.T)
+            assert float(s.second_order[r:].sum()) == pytest.approx(float(kfac_loss), rel=0.02), (t.name, r)
+    with pytest.raises(ConfigError, match="which"):
+        next(iter(sc.values())).terms("first")
+
+
+def test_bsi_terms_config_cli_and_plan(setup):
+    """The field is validated by name, round-trips, is an apply-time option (the scores are shared) and
+    changes the allocation; on OBD's bases the K-FAC second-order term is the spectral cost ``½λ_i`` (per token,
+    so times N), which makes the allocation OBD's global one."""
+    from obdk.cli import _config_from_args, build_parser
+    model, ids, plan, _ = setup
+    with pytest.raises(ConfigError, match="bsi_terms"):
+        obdk.LowRankConfig(method="bsi", bsi_terms="first")
+    cfg = obdk.LowRankConfig(method="bsi", bsi_terms="second")
+    assert obdk.LowRankConfig.from_json(cfg.to_json()) == cfg
+    ap = build_parser()
+    base = ["compress", "tiny", "--out", "/tmp/x", "--method", "bsi"]
+    assert _config_from_args(ap.parse_args(base + ["--bsi-terms", "second"])).bsi_terms == "second"
+    assert _config_from_args(ap.parse_args(base)).bsi_terms == obdk.LowRankConfig().bsi_terms
+    with pytest.raises(SystemExit):
+        ap.parse_args(base + ["--bsi-terms", "first"])
+    a = plan.allocate(0.6, config=plan.resolve(0.6, bsi_curvature="kfac", bsi_order="spectral", bsi_terms="second"),
+                      model=model)
+    b = plan.allocate(0.6, config=plan.resolve(0.6, bsi_curvature="kfac", bsi_order="spectral",
+                                               bsi_terms="first+second"), model=model)
+    sc = plan.scores("bsi", model, plan.resolve(bsi_curvature="kfac"))
+    want = {n: sum(float(v) for v in sc[n].second_order[r:]) for n, r in a.ranks.items() if r is not None}
+    assert a.predicted_loss == pytest.approx(sum(want.values()), rel=1e-9)
+    assert a.ranks != b.ranks
+    rep = plan.apply(make_copy(model), keep=0.6, bsi_curvature="kfac", bsi_terms="second")
+    assert rep.config["bsi_terms"] == "second"
+    obd = obdk.prepare(model, obdk.LowRankConfig(method="obd", alloc="bsi", bsi_curvature="kfac", damping=0.0,
+                                                 compute_dtype="float64"),
+                       CalibrationData(input_ids=ids, attention_mask=None, fingerprint={"name": "arithmetic"}),
+                       progress=False)
+    so, n = obd.scores("bsi", model), obd.stats.loss_tokens
+    for t in obd.targets:
+        lam = obd.eigenvalues(t.name).double()
+        k = so[t.name].second_order.numel()
+        torch.testing.assert_close(so[t.name].second_order, n * lam[:k] / 2, rtol=1e-6, atol=1e-9 * n * float(lam.max()))
+    for keep in (0.8, 0.6):
+        bsi = obd.allocate(keep, config=obd.resolve(keep, bsi_curvature="kfac", bsi_order="spectral", bsi_terms="second"),
+                           model=model)
+        assert bsi.ranks == obd.allocate(keep, alloc="global").ranks, keep
