@@ -101,18 +101,19 @@ class LowRankConfig:
       the gradient then does not use; t = 0 is no correction; :mod:`obdk.correct.guarded`) or ``seq``
       (sequential refit on the compressed model's inputs, :mod:`obdk.correct.refit`).
     * ``guard_windows``: ``zs-guarded``'s held-out calibration windows (the last ones; default 8).
-    * ``bsi_curvature``: BSI's Hessian diagonal in σ: ``hutchinson`` (default, the seed's: all
-      matrices perturbed at once), ``blocked`` (Hutchinson one matrix at a time), ``kfac``
+    * ``bsi_curvature``: BSI's Hessian diagonal in σ: ``hutchinson`` (the seed's: all matrices
+      perturbed at once), ``blocked`` (Hutchinson one matrix at a time), ``kfac``
       (``N (u_iᵀ C_g u_i)(x_iᵀ C_x x_i)`` from the statistics, no pass; needs ``C_g``) or ``fisher``
-      (the exact empirical-Fisher diagonal, one pass); :func:`obdk.scores.bsi_scores`.
+      (default: the exact empirical-Fisher diagonal, one pass); :func:`obdk.scores.bsi_scores`.
     * ``probes`` / ``eps``: BSI Hutchinson probes (per block; an int or ``"auto"``) and perturbation
       size; with ``"auto"`` each block is probed until the relative standard error of its estimate
       per matrix is at most ``probe_tol``, at most ``max_probes`` probes.
     * ``bsi_order``: ``spectral`` (default: BSI importances decide only the ranks; each matrix keeps
       its top components) or ``importance`` (BSI's rule: keep each matrix's most important bases, in
       any order; measured worse with every curvature, see the field's comment).
-    * ``bsi_terms``: ``first+second`` (the seed's importance ``−g_iσ_i + ½h_iiσ_i²``) or ``second``
-      (``½h_iiσ_i²``: the first-order term of the dense model's calibration gradient left out).
+    * ``bsi_terms``: ``second`` (default: ``½h_iiσ_i²``, the first-order term of the dense model's
+      calibration gradient left out) or ``first+second`` (the seed's importance ``−g_iσ_i + ½h_iiσ_i²``).
+      The seed's recipe is ``bsi_curvature="hutchinson", bsi_order="importance", bsi_terms="first+second"``.
     * ``asvd_alpha``: ASVD activation-scaling exponent.
     """
 
@@ -131,19 +132,20 @@ class LowRankConfig:
     correct: Optional[str] = None
     probes: Union[int, str] = 4
     eps: float = 1e-3
-    # BSI's defaults, measured on SmolLM2-135M (benchmarks/results/allocation_smollm2.csv, issue #20): the
-    # seed's importance order loses to spectral order with every curvature, also the noise-free K-FAC one
-    # (keep 0.6 WikiText-2: obd 650.6 vs 76.7, svd-llm 876.0 vs 178.5). At obd 0.6 it drops 10,816 components
-    # that spectral order keeps, for which the first-order term −g_iσ_i predicts a gain: BSI predicts its
-    # dropped set lowers the loss (−2.4e4 nats summed, first-order −6.6e4), while its K-FAC cost is 3.4× that
-    # of spectral order's (2.86 vs 0.85 nats/token; benchmarks/results/bsi_order_smollm2.csv). The
-    # first-order extrapolation of removing a whole component fails; so BSI chooses ranks only. In
-    # spectral order 2 Hutchinson probes (8 windows) measured no worse than K-FAC (obd 0.6: 76.1 vs 76.7,
-    # svd-llm 0.6: 163.9 vs 178.5, 0.8: 50.3 vs 55.2), so the seed's estimator stays the default; K-FAC
-    # costs no pass (11-15 s vs ~300 s) and is the cheap choice.
+    # BSI's defaults, measured on SmolLM2-135M (benchmarks/results/allocation_smollm2.csv, issue #20; svd-llm
+    # whitening, keep 0.8 / 0.6, WikiText-2 test): the seed's importance order loses to spectral order with every
+    # curvature, also the noise-free K-FAC one (876.0 vs 178.5 at 0.6): for the bases it drops the first-order
+    # term −g_iσ_i predicts a gain (benchmarks/results/bsi_order_smollm2.csv), so BSI chooses ranks only. The
+    # same term also misleads the ranks: without it (bsi_terms "second") K-FAC goes 55.15 / 178.49 → 43.30 /
+    # 140.03 and the exact empirical Fisher 54.65 / 172.46 → 43.04 / 139.89 (C4 106.08 / 429.99 → 70.55 /
+    # 357.14), against the seed's Hutchinson (2 probes) 50.26 / 163.92 and ZS-SVD's zero-sum 45.87 / 126.91. On
+    # OBD's bases the K-FAC second-order term is the spectral cost itself (the global allocation), which the
+    # first-order term makes worse (38.91 → 41.20). The Fisher diagonal costs one gradient pass (182 s here,
+    # K-FAC none) and is the best BSI row in every column, so it is the default; it beats zero-sum at keep 0.8
+    # (43.04 vs 45.87, C4 70.55 vs 74.67), not at 0.6.
     bsi_order: str = "spectral"
-    bsi_curvature: str = "hutchinson"
-    bsi_terms: str = "first+second"
+    bsi_curvature: str = "fisher"
+    bsi_terms: str = "second"
     probe_tol: float = 0.1
     max_probes: int = 64
     guard_windows: int = 8
