@@ -27,9 +27,9 @@ import torch
 
 import obdk
 
-from .core.data import calibration_data, data_dir_of
+from .core.data import add_calibration_args, calibrated_model
 from .core.env import RESULTS, set_threads
-from .core.models import load, model_label
+from .core.models import model_label
 from .core.rows import ResultLog
 
 DEFAULT_OUT = RESULTS / "bsi_order_smollm2.csv"
@@ -76,30 +76,16 @@ def _sigma(plan, name: str) -> torch.Tensor:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--calib", default="wikitext2:validation")
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--windows", type=int, default=64, help="evaluated windows kept out of a same-corpus calibration")
+    add_calibration_args(ap)
     ap.add_argument("--whitenings", nargs="+", default=["obd", "svd-llm"], choices=["obd", "svd-llm"])
     ap.add_argument("--curvatures", nargs="+", default=["kfac"], choices=["hutchinson", "blocked", "kfac", "fisher"])
     ap.add_argument("--probes", type=int, default=2, help="Hutchinson probes (hutchinson/blocked)")
     ap.add_argument("--keeps", nargs="+", type=float, default=[0.8, 0.6])
-    ap.add_argument("--cache-dir", default=None)
-    ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     args = ap.parse_args(argv)
     set_threads(args.threads)
-    from obdk.calibrate.stats import calibrate
     mname = model_label(args.model)
-    model, tok = load(args.model)
-    data, source = calibration_data(args.calib, tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-                                    data_dir=data_dir_of(args.data_dir), evals=["wikitext2", "c4"],
-                                    eval_tokens=args.windows * args.seqlen)
-    stats = calibrate(model, data, stats=("cx", "cg", "grad"), seed=args.seed, progress=False,
-                      cache_dir=args.cache_dir)
+    model, _, data, source, stats = calibrated_model(args)
     log = ResultLog(args.out, KEY_COLS, resume=False)
     for w in args.whitenings:
         t0 = time.perf_counter()

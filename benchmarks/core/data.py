@@ -99,3 +99,31 @@ def random_windows(vocab: int, n: int, seqlen: int, seed: int) -> torch.Tensor:
     """Seeded uniformly random token ids ``[n, seqlen]``, for a model without a tokenizer."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n, seqlen), generator=g)
+
+
+def add_calibration_args(ap) -> None:
+    """The flags :func:`calibrated_model` reads, on argparse parser ``ap`` (with ``--threads``)."""
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--calib", default="wikitext2:validation")
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--windows", type=int, default=64, help="evaluated windows kept out of a same-corpus calibration")
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--threads", type=int, default=None)
+
+
+def calibrated_model(args, stats: tuple[str, ...] = ("cx", "cg", "grad")):
+    """``(model, tokenizer, data, calib_source, statistics)`` from the usual flags of a SmolLM2 study:
+    ``args.model``, ``args.calib``, ``args.nsamples``, ``args.seqlen``, ``args.seed``, ``args.data_dir``,
+    ``args.windows`` (evaluated windows of WikiText-2 and C4 kept out of a same-corpus calibration) and
+    ``args.cache_dir`` (the allocation benchmark's statistics cache, reused when it matches)."""
+    from obdk.calibrate.stats import calibrate
+    from .models import load
+    model, tok = load(args.model)
+    data, source = calibration_data(args.calib, tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                                    data_dir=data_dir_of(args.data_dir), evals=["wikitext2", "c4"],
+                                    eval_tokens=args.windows * args.seqlen)
+    st = calibrate(model, data, stats=stats, seed=args.seed, progress=False, cache_dir=args.cache_dir)
+    return model, tok, data, source, st
