@@ -141,8 +141,8 @@ class LowRankConfig:
     # 357.14), against the seed's Hutchinson (2 probes) 50.26 / 163.92 and ZS-SVD's zero-sum 45.87 / 126.91. On
     # OBD's bases the K-FAC second-order term is the spectral cost itself (the global allocation), which the
     # first-order term makes worse (38.91 → 41.20). The Fisher diagonal costs one gradient pass (182 s here,
-    # K-FAC none) and is the best BSI row in every column, so it is the default; it beats zero-sum at keep 0.8
-    # (43.04 vs 45.87, C4 70.55 vs 74.67), not at 0.6.
+    # K-FAC none) and is the best BSI row at keep 0.8 and 0.6 on both sets (K-FAC's at 0.7), so it is the default;
+    # it beats zero-sum at keep 0.8 (43.04 vs 45.87, C4 70.55 vs 74.67) and 0.7 (72.36 vs 76.71), not at 0.6.
     bsi_order: str = "spectral"
     bsi_curvature: str = "fisher"
     bsi_terms: str = "second"
