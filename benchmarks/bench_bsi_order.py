@@ -54,7 +54,7 @@ def order_rows(plan, model, curvature: str, keep: float) -> list[dict]:
             r = k - int(mask.sum())
             top = mask.clone()
             top[r:] = False  # dropped although spectral order at rank r keeps them
-            second = 0.5 * sc.h_diag * _sigma(plan, t.name) ** 2
+            second = sc.second_order  # ½ h σ²
             first = sc.importance - second  # importance = −g σ + ½ h σ²
             row["dropped"] += int(mask.sum())
             row["dropped_top"] += int(top.sum())
@@ -67,11 +67,6 @@ def order_rows(plan, model, curvature: str, keep: float) -> list[dict]:
         row.update(order=order, params=alloc.params, budget=alloc.budget, passes=next(iter(scores.values())).passes)
         out.append(row)
     return out
-
-
-def _sigma(plan, name: str) -> torch.Tensor:
-    from obdk.decompose.whitened import spectrum_as_svd
-    return spectrum_as_svd(plan.spectra[name]).sigma
 
 
 def main(argv=None) -> int:
