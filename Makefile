@@ -1,15 +1,23 @@
 # obdk — set-up and entry points. `make demo` and `make test` each do all set-up
-# on a fresh machine (Python 3.11, no torch) and are idempotent.
-PYTHON ?= python3
+# on a fresh machine (Python >= 3.10, no torch) and are idempotent.
+#
+# Everything installs into one virtual environment: the active one ($VIRTUAL_ENV) if there is
+# one, else .venv in this directory (made on first use, ignored by git). PYTHON=... picks any
+# other interpreter instead (it is used as it is, no venv made).
+BASE_PYTHON ?= python3
+VENV ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
+PYTHON ?= $(VENV)/bin/python
 PIP ?= $(PYTHON) -m pip
+export PYTHON
 # A CPU build of torch on machines without a GPU; override on a CUDA machine.
 TORCH_SPEC ?= torch==2.13.0
 OBDK_DATA_DIR ?= $(abspath ../shared/data)
 export OBDK_DATA_DIR
 
-.PHONY: install test demo bench nvcc-check clean cuda-build triton36-venv sm90-resources gpu-suite gpu-suite-dry
+.PHONY: install test demo bench nvcc-check clean distclean cuda-build triton36-venv sm90-resources gpu-suite gpu-suite-dry
 
 install:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "make: creating the virtual environment $(VENV)"; $(BASE_PYTHON) -m venv $(VENV); }
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q setuptools wheel pybind11 ninja
 	$(PIP) install -q --no-build-isolation -e ".[test,plot,eval]"
@@ -50,3 +58,7 @@ gpu-suite-dry:
 
 clean:
 	rm -rf build *.egg-info obdk/_C*.so
+
+# Also the virtual environment .venv (not an active one).
+distclean: clean
+	rm -rf .venv

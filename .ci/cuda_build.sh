@@ -9,8 +9,8 @@
 #   make cuda-build              # the same
 #
 # Steps (each timed; the times go to $OBDK_CUDA_BUILD_DIR/timings.txt):
-#   1. venv    $OBDK_CUDA_VENV (--system-site-packages, so transformers, numpy, pybind11, ninja ...
-#              come from the system python) with $OBDK_CUDA_TORCH_SPEC (torch==2.14.1, CUDA 13.0,
+#   1. venv    $OBDK_CUDA_VENV (transformers, numpy, pybind11, ninja ... come from $PYTHON's
+#              environment through a .pth file rewritten on every run, behind the venv's own) with $OBDK_CUDA_TORCH_SPEC (torch==2.14.1, CUDA 13.0,
 #              about 5.5 GB, from this machine's local index); skipped when already there.
 #   2. stage   obdk/ and kernels/ copied to $OBDK_CUDA_BUILD_DIR/stage/obdk (no .so, no caches).
 #   3. build   `setup.py build_ext -b stage -t temp` with TORCH_CUDA_ARCH_LIST=9.0a
@@ -33,7 +33,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$(pwd)"
-PYTHON="${PYTHON:-python3}"
+PYTHON="${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}"
 venv="${OBDK_CUDA_VENV:-$(cd .. && pwd)/venvs/torch-cuda}"
 spec="${OBDK_CUDA_TORCH_SPEC:-torch==2.14.1}"
 out="${OBDK_CUDA_BUILD_DIR:-$repo/build/cuda}"
@@ -56,9 +56,14 @@ if [[ "$have_version" == "$want_version "* && "$have_version" != *" none" ]]; th
   echo "cuda_build: venv $venv already has torch $have_version"
 else
   echo "cuda_build: creating $venv with $spec (several GB; local index)"
-  "$PYTHON" -m venv --system-site-packages "$venv"
+  "$PYTHON" -m venv "$venv"
   "$vpy" -m pip install -q "$spec"
 fi
+# $PYTHON's site-packages behind the venv's own (what --system-site-packages does for a system
+# python, which $PYTHON, the project's venv, is not)
+base_site="$("$PYTHON" -c 'import site; print(site.getsitepackages()[0])')"
+venv_site="$("$vpy" -c 'import site; print(site.getsitepackages()[0])')"
+echo "import site; site.addsitedir('$base_site')" > "$venv_site/_obdk_base_env.pth"
 "$vpy" -c 'import torch; assert torch.version.cuda, "torch in the venv has no CUDA"; print("cuda_build: torch", torch.__version__, "CUDA", torch.version.cuda, "| GPU visible:", torch.cuda.is_available())'
 phase venv "$t0"
 
@@ -67,8 +72,8 @@ t0=$SECONDS
 stage="$out/stage"
 rm -rf "$stage" "$out/temp"
 mkdir -p "$stage"
-tar -C "$repo" --exclude='__pycache__' --exclude='*.so' -cf - obdk | tar -C "$stage" -xf -
-tar -C "$repo" --exclude='__pycache__' --exclude='*.so' -cf - kernels | tar -C "$stage/obdk" -xf -
+# -h: obdk/kernels is a symlink to ../kernels; the stage gets the files themselves
+tar -C "$repo" -h --exclude='__pycache__' --exclude='*.so' -cf - obdk | tar -C "$stage" -xf -
 phase stage "$t0"
 
 # --------------------------------------------------------------------------- 3. build

@@ -27,7 +27,7 @@
 # estimate, "cap" the step's timeout; a step starts only with >= 15 s of budget left and never runs
 # past the budget; steps are ordered so that a late overrun costs the least):
 #  1 setup      est  20 s cap  60: versions, nvidia-smi, wheels, `pip install --no-deps -e .` with
-#               OBDK_SKIP_EXT=1 (the editable mapping obdk.kernels -> kernels/), no compiling.
+#               OBDK_SKIP_EXT=1 (obdk.kernels is the symlink obdk/kernels -> kernels/), no compiling.
 #  2 build      est 130 s cap 200: `setup.py build_ext --inplace`, TORCH_CUDA_ARCH_LIST=9.0a, 7
 #               translation units in parallel; the five that include torch's headers dominate (538 s
 #               on this project's 2 shared cores, 2 at a time: ~110 s each; ~1.5x faster cores there).

@@ -317,7 +317,7 @@ def _metrics(row: dict) -> dict:
 # --------------------------------------------------------------------------- public API
 
 
-def zeroshot(model, tokenizer, tasks: str | Iterable[str], *, limit: int | None = None, batch_size: int = 1,
+def zeroshot(model, tokenizer, tasks: str | Iterable[str], *, limit: int | None = None, batch_size: int | str = 1,
              num_fewshot: int = 0, data_dir: str | os.PathLike | None = None, device=None,
              progress: bool = True) -> dict:
     """Zero-shot (or ``num_fewshot``-shot) accuracy of a causal LM through lm-evaluation-harness.
@@ -349,8 +349,9 @@ def zeroshot(model, tokenizer, tasks: str | Iterable[str], *, limit: int | None 
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ConfigError(f"limit must be a positive int or None, got {limit!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not (batch_size == "auto" or (isinstance(batch_size, int) and not isinstance(batch_size, bool)
+                                     and batch_size >= 1)):
+        raise ConfigError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
     if isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0:
         raise ConfigError(f"num_fewshot must be a non-negative int, got {num_fewshot!r}")
     names = parse_tasks(tasks)

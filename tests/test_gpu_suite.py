@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ def test_gpu_suite_dry_run(tmp_path):
     env = dict(os.environ)
     env.pop("OUT", None)
     env.pop("TRITON_INTERPRET", None)
+    env["PYTHON"] = sys.executable  # the suite's default is the image's python3; here, this environment's
     t0 = time.perf_counter()
     r = subprocess.run(["bash", str(SUITE), "--dry-run", "--out", str(out), "--budget", "300"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=400)
