@@ -8,7 +8,7 @@ configuration that streams fully: each layer decomposed as its sweep ends, its s
 * ``2x1``: ``python -m torch.distributed.run --standalone --nproc-per-node 2`` with gloo, one thread per rank:
   each rank streams every layer over its half of the windows, each statistic is reduced to its
   group's owner rank only, the owners decompose, eigenvalues go to every rank and factors to rank 0
-  (:mod:`obdk.calibrate.distributed`).
+  (:mod:`obdk.stream.distributed`).
 
 Every rank (in its own process) records: ``prepare_s`` (its wall time in ``prepare``), ``peak_rss_mib``
 (``ru_maxrss`` of the process: model, boundary activations, statistics, factors), ``rss_before_mib``
@@ -53,7 +53,7 @@ def child(args) -> None:
     import torch
 
     import obdk
-    from obdk.calibrate import distributed as dist
+    from obdk.stream import distributed as dist
     from obdk.config import LowRankConfig
     from obdk.eval import perplexity
     from .core.data import random_windows

@@ -160,7 +160,7 @@ def _load(spec: str, dtype, device):
 
 def _load_skeleton(spec: str, dtype):
     """``--weights-on-disk``: (skeleton model, its ShardedWeights, tokenizer) of a local safetensors checkpoint."""
-    from .calibrate.placement import load_skeleton
+    from .stream.placement import load_skeleton
     from .errors import ConfigError
     from .hub import _parse_dtype, load_tokenizer, resolve_model_path
     path = Path(resolve_model_path(spec))
@@ -245,7 +245,7 @@ def cmd_compress(args) -> int:
     alone saves)."""
     import contextlib
 
-    from .calibrate import distributed as dist
+    from .stream import distributed as dist
     _check_device(args.device)
     own, args.device = dist.init_from_env(args.device, args.dist_timeout)
     try:
@@ -269,7 +269,7 @@ def _rank_counters() -> list:
     """Every rank's collective counters and peak RSS (MiB), in rank order (a collective)."""
     import resource
 
-    from .calibrate import distributed as dist
+    from .stream import distributed as dist
     mine = {"rank": dist.world()[0], **dist.traffic(),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     return dist.all_gather_objects(mine)
@@ -280,7 +280,7 @@ def _ranks_agree(plan, variants: list, solo) -> list | None:
     naming the first rank that differs); returns each rank's collective counters and peak RSS (MiB), and
     on rank 0 hides the group for the rest of ``solo`` (rank 0 applies and saves as one process) unless the
     correction runs on every rank (:func:`_corrects_everywhere`). None without a group."""
-    from .calibrate import distributed as dist
+    from .stream import distributed as dist
     rank, world = dist.world()
     if world == 1:
         return None
@@ -299,7 +299,7 @@ def _compress(args, solo) -> int:
     import obdk
     from .errors import ConfigError
     from .io import check_writable, update_report
-    from .calibrate.distributed import world as dist_world
+    from .stream.distributed import world as dist_world
     from .pipeline import compress_many, prepare
     from .report import StageTimer, count_params
 

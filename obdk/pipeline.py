@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 
 from .config import APPLY_FIELDS, DEFAULT_FLOOR, DEFAULT_RANK_MULTIPLE, LowRankConfig
-from .calibrate.kept import HostBudget, LayerStatistics
-from .decompose.kept import SpectrumStore
+from .stream.layer_files import HostBudget, LayerStatistics
+from .decompose.spectrum_store import SpectrumStore
 from .decompose.whitened import spectrum_as_svd
 from .errors import ConfigError, NotCollectedError
 from .models import Target, check_context, coverage, select_targets, set_module
@@ -40,7 +40,7 @@ class Plan:
     * ``config``: the :class:`LowRankConfig` the plan was prepared with (fixes the whitening, the
       statistics and the decompositions); :meth:`apply` changes only :data:`~obdk.config.APPLY_FIELDS`.
     * ``targets``: the targeted Linears in forward order; ``spectra``: ``{name: Spectrum}`` (a dict for a
-      resident plan; for a streamed one a :class:`~obdk.decompose.kept.SpectrumStore`, each layer's factors on
+      resident plan; for a streamed one a :class:`~obdk.decompose.spectrum_store.SpectrumStore`, each layer's factors on
       host memory or in a scratch file, the eigenvalues and metadata on host: the allocation reads no file, a
       truncation one layer file at a time; :meth:`close` removes its files).
     * ``stats``: the :class:`~obdk.calibrate.statistics.Statistics` (None for plain SVD).
@@ -51,9 +51,9 @@ class Plan:
     * ``stats_kept``: False when a streamed :func:`prepare` decomposed each layer during its sweep
       and dropped its statistics (then corrections that read ``C_x``/``C_g`` and zero-sum cannot be
       applied from this plan). A streamed plan prepared for a ``kfac``-type correction keeps them
-      layer by layer instead (``stats`` is a :class:`~obdk.calibrate.kept.LayerStatistics`).
+      layer by layer instead (``stats`` is a :class:`~obdk.stream.layer_files.LayerStatistics`).
     * ``stream``: None for a resident plan; for a streamed one the options of its streamed passes
-      (``scratch_dir``, ``budget``: the plan's :class:`~obdk.calibrate.kept.HostBudget`, ``batch_size``, and
+      (``scratch_dir``, ``budget``: the plan's :class:`~obdk.stream.layer_files.HostBudget`, ``batch_size``, and
       ``device``/``source`` when given), which the corrections' gradient passes
       reuse, so that they stream too; prepared under ``torch.distributed``, also ``owners`` ({group key: rank}) and
       ``world``: each rank's ``stats`` hold only its own matrices, and the corrections run on every rank together.
@@ -204,7 +204,7 @@ class Plan:
         """``(a [r, n], b [m, r], predicted_loss)`` of target ``name`` at ``rank`` (or exactly ``kept_indices``).
 
         On the device of the plan's factors: the weight's for a resident plan, the CPU for a streamed one
-        (whose :class:`~obdk.decompose.kept.SpectrumStore` loads ``name``'s factors alone, from its layer's file
+        (whose :class:`~obdk.decompose.spectrum_store.SpectrumStore` loads ``name``'s factors alone, from its layer's file
         when spilled); :meth:`apply` moves them to the model's weight."""
         spec = self.spectra[name]
         if kept_indices is not None:
@@ -350,7 +350,7 @@ class Plan:
         ranks, ``config.json`` and report), written by :class:`obdk.io.CheckpointWriter` in the model's
         ``state_dict`` order: each shard goes to disk as it fills. Without a correction each target is
         truncated as it is written (one target's factors in memory at a time); with one, a streamed plan in
-        one process reads them from the correction's :class:`~obdk.correct.kept.FactorStore` (layer by
+        one process reads them from the correction's :class:`~obdk.correct.factor_store.FactorStore` (layer by
         layer, under the plan's host budget), and a resident plan holds every target's corrected factors
         (the compressed model's size) until written. For a skeleton
         (``prepare(source=...)``) every decoder-layer tensor that is not a compressed target's (norms,
@@ -493,18 +493,18 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
     (:func:`obdk.calibrate.stream.calibrate_streamed`: the same statistics, one layer's statistics
     resident; boundary activations on host memory up to ``max_host_memory`` bytes, beyond that
     memory-mapped in ``scratch_dir``), each layer decomposed as its sweep ends and its spectra kept in
-    a :class:`~obdk.decompose.kept.SpectrumStore` (eigenvalues on host; ordered factors on host memory,
+    a :class:`~obdk.decompose.spectrum_store.SpectrumStore` (eigenvalues on host; ordered factors on host memory,
     beyond the budget one safetensors file per layer in ``scratch_dir``); with a correction each
-    layer's statistics are kept in a :class:`~obdk.calibrate.kept.LayerStatistics` too and the
+    layer's statistics are kept in a :class:`~obdk.stream.layer_files.LayerStatistics` too and the
     corrections' gradient passes stream. The kept spectra and statistics draw on one
-    :class:`~obdk.calibrate.kept.HostBudget` of ``max_host_memory`` bytes with every streamed pass's boundary
+    :class:`~obdk.stream.layer_files.HostBudget` of ``max_host_memory`` bytes with every streamed pass's boundary
     buffers (the calibration's and the corrections'): it bounds their sum. :meth:`Plan.close` (or dropping the
     plan) removes the scratch files.
 
     Streamed, ``device`` is also the compute device of every streamed pass: a model in host memory stays
-    there and one decoder layer at a time is copied onto ``device`` (:class:`~obdk.calibrate.placement.
-    LayerPlacement`). ``source``: the :class:`~obdk.calibrate.placement.ShardedWeights` of a skeleton
-    ``model`` (:func:`~obdk.calibrate.placement.load_skeleton`: decoder layers on the meta device), whose
+    there and one decoder layer at a time is copied onto ``device`` (:class:`~obdk.stream.placement.
+    LayerPlacement`). ``source``: the :class:`~obdk.stream.placement.ShardedWeights` of a skeleton
+    ``model`` (:func:`~obdk.stream.placement.load_skeleton`: decoder layers on the meta device), whose
     layers every streamed pass (calibration, corrections) reads from the checkpoint's shards one at a time;
     such a plan is written with :meth:`Plan.save` (it cannot :meth:`Plan.apply` to a model that has no weights).
     """
@@ -558,11 +558,11 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
                 done = SpectrumStore(scratch_dir=scratch_dir, budget=budget, order=[t.name for t in targets])
                 store = LayerStatistics(scratch_dir=scratch_dir, budget=budget) if layered else None
                 # under torch.distributed each layer's statistics go to their owner ranks alone, which decompose them
-                # (obdk.calibrate.distributed.share_spectra then gives every rank the eigenvalues and rank 0 the
+                # (obdk.stream.distributed.share_spectra then gives every rank the eigenvalues and rank 0 the
                 # factors) and compute zero-sum's δ scores (all-gathered: k floats per matrix, so that the
                 # allocation runs identically everywhere); each rank's LayerStatistics keeps only the matrices it
                 # owns, and the corrections reuse the owner map (obdk.correct.steps.gradient_correct)
-                from .calibrate import distributed as dist
+                from .stream import distributed as dist
                 owned = config.resolved_alloc in ("uniform", "global", "zero-sum", "bsi")
                 weights = {t.name: model.get_submodule(t.name).weight for t in targets}
                 if source is not None and dist.world()[1] > 1:

@@ -38,7 +38,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..errors import ConfigError, DataError, NonFiniteError, WrongTypeError
-from . import distributed as dist
+from ..stream import distributed as dist
 from .cache import StatsCache, cache_key, data_fingerprint, model_fingerprint
 from .function import CalibrationContext, CalibrationLinear, GroupState, ModuleSlot
 from .memory import _resolve_groups, stats_nbytes  # noqa: F401  (public here too)

@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import ConfigError
 from .guarded import guarded_correct, split_holdout
 from .steps import STEPS, ZSCorrection, gradient_correct, gradient_step, zs_correct
-from .kept import FactorStore, Truncations
+from .factor_store import FactorStore, Truncations
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,8 @@ def correct(model, plan: Any, config, factors: dict[str, tuple], *,
         return factors, {n: dict(shown) for n in factors}
     if stream and stream.get("owners") is not None:
         # an owner-reduced streamed plan under torch.distributed: rank 0 alone holds the truncated factors; every
-        # rank needs them (W_r = b a for the gradient passes), r columns each (obdk.calibrate.distributed)
-        from ..calibrate import distributed as dist
+        # rank needs them (W_r = b a for the gradient passes), r columns each (obdk.stream.distributed)
+        from ..stream import distributed as dist
         from .steps import check_world
         check_world(stream)
         rank = dist.world()[0]

@@ -23,7 +23,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..calibrate.head import summed_weight_grads
-from ..calibrate.kept import LayerStatistics
+from ..stream.layer_files import LayerStatistics
 from ..decompose import damp_covariance, factorize, kfac_loss
 from ..decompose.roots import cholesky_root
 from ..decompose.whitened import whitened_svd
@@ -102,7 +102,7 @@ def zs_correct(weight: Tensor, a: Tensor, b: Tensor, grad: Tensor, *, chol: Opti
 def check_world(stream: Mapping) -> None:
     """Refuse an owner-reduced streamed plan (``stream["owners"]``: its statistics spread over ``stream["world"]``
     ranks, each holding its own matrices') outside a process group of that size: :class:`ConfigError`."""
-    from ..calibrate import distributed as dist
+    from ..stream import distributed as dist
     want, have = int(stream.get("world", 1)), dist.world()[1]
     if have != want:
         raise ConfigError(f"correct: this streamed plan was prepared by {want} ranks, each keeping the statistics of "
@@ -119,10 +119,10 @@ def gradient_correct(model: nn.Module, factors: Mapping[str, tuple], kind: str, 
     restored afterwards, also on error; streamed in one process, ``W_r`` goes to each fetched layer's private
     copy instead and the model is never written); ``factors``: ``{name: (a [r, n], b [m, r], predicted)}``
     (any mapping: streamed, each is read when its layer is fetched and stepped, e.g. a
-    :class:`~obdk.correct.kept.FactorStore` or :class:`~obdk.correct.kept.Truncations`);
+    :class:`~obdk.correct.factor_store.FactorStore` or :class:`~obdk.correct.factor_store.Truncations`);
     ``data``: the calibration windows (``input_ids`` [N, T], ``attention_mask``); ``stats``: the
     :class:`~obdk.calibrate.statistics.Statistics` the spectra came from, or the
-    :class:`~obdk.calibrate.kept.LayerStatistics` of a streamed plan; ``spectra``: ``{name:
+    :class:`~obdk.stream.layer_files.LayerStatistics` of a streamed plan; ``spectra``: ``{name:
     Spectrum}`` (for the damping each decomposition used); ``config``: the resolved
     :class:`~obdk.config.LowRankConfig`. ``stream``: None for one whole-model gradient pass
     (:func:`~obdk.calibrate.head.summed_weight_grads`), or the keyword arguments of
@@ -132,8 +132,8 @@ def gradient_correct(model: nn.Module, factors: Mapping[str, tuple], kind: str, 
     rank}``) and ``world`` (an owner-reduced streamed plan under ``torch.distributed``, where each rank's
     ``stats`` hold only the matrices it owns) runs on every rank together: the pass shards the windows, each
     ``∂L/∂W`` is reduced to its owner, which takes the step, and the results (factors, predicted loss, damping)
-    are broadcast to every rank (:func:`~obdk.calibrate.distributed.broadcast_factors`); ``factors`` must then be
-    the same on every rank. Streamed in one process, the result is a :class:`~obdk.correct.kept.FactorStore`
+    are broadcast to every rank (:func:`~obdk.stream.distributed.broadcast_factors`); ``factors`` must then be
+    the same on every rank. Streamed in one process, the result is a :class:`~obdk.correct.factor_store.FactorStore`
     (each layer's results kept as its step ends, under ``stream["budget"]``, spilled to ``scratch_dir``), so the
     compressed model is never held in memory. Returns ``({name: (a, b, predicted)},
     {name: {"cx": α, "cg": α}})``: for ``obd`` the predicted loss is measured against the original
@@ -164,7 +164,7 @@ def gradient_correct(model: nn.Module, factors: Mapping[str, tuple], kind: str, 
     out, used = {}, {}
     kept_out = None
     if per_fetch:
-        from .kept import FactorStore
+        from .factor_store import FactorStore
         kept_out = FactorStore(scratch_dir=stream.get("scratch_dir"), budget=stream.get("budget"))
     whitening = config.resolved_whitening
     sides = config.whitening_stats
@@ -239,7 +239,7 @@ def gradient_correct(model: nn.Module, factors: Mapping[str, tuple], kind: str, 
                                         progress=progress, desc=f"correct [{kind}] gradient pass")
             step(names, grads, stats)
         else:
-            from ..calibrate import distributed as dist
+            from ..stream import distributed as dist
             from ..calibrate.stream import calibrate_streamed
             wanted = set(names)
             opts = dict(stream)
@@ -265,7 +265,7 @@ def gradient_correct(model: nn.Module, factors: Mapping[str, tuple], kind: str, 
                 part.grad.clear()
 
             if per_fetch:  # each fetched layer (a private copy, or read from the shards) gets its truncations
-                from ..calibrate.stream import decoder_layers
+                from ..models import decoder_layers
                 prefix = decoder_layers(model)[0] + "."
                 per_layer: dict[int, list] = {}
                 for n in names:

@@ -10,7 +10,7 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 
 from tests.conftest import make_tiny_llama
-from obdk.calibrate.distributed import all_agree, all_reduce_counts, shard, world
+from obdk.stream.distributed import all_agree, all_reduce_counts, shard, world
 from obdk.calibrate.stats import Statistics, calibrate
 
 N_WINDOWS, SEQ = 5, 12  # uneven split: rank 0 gets windows 0, 2, 4; rank 1 gets 1, 3

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as tdist
 
-from obdk.calibrate import distributed as dist
+from obdk.stream import distributed as dist
 from obdk.config import LowRankConfig
 from obdk.nn import LowRankLinear
 from obdk.pipeline import prepare

@@ -2,7 +2,7 @@
 
 Every rank streams the same layer over its own windows (``i % W == rank``); a finished layer's statistics
 are reduced to each group's owner only, which decomposes them; every rank then holds every eigenvalue
-and rank 0 every factor (``obdk.calibrate.distributed.share_spectra``). The model is a 3-layer tiny Llama
+and rank 0 every factor (``obdk.stream.distributed.share_spectra``). The model is a 3-layer tiny Llama
 in float64 with float64 accumulators (``calibrate_streamed(dtype=torch.float64)``), so one process and W
 processes differ only by the order of summation: equal to 1e-10 relative.
 """
@@ -18,7 +18,7 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 
-from obdk.calibrate import distributed as dist
+from obdk.stream import distributed as dist
 from obdk.calibrate.data import CalibrationData
 from obdk.config import LowRankConfig
 from obdk.models import linear_groups

@@ -1,4 +1,4 @@
-"""FactorStore / Truncations (obdk.correct.kept): a streamed correction's results kept layer by layer under the
+"""FactorStore / Truncations (obdk.correct.factor_store): a streamed correction's results kept layer by layer under the
 plan's host budget, spilled to scratch beyond it, read back bit for bit; the streamed default compression
 through them equals the resident one while no step's results are ever all on host at once."""
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import obdk
-from obdk.calibrate.kept import HostBudget
+from obdk.stream.layer_files import HostBudget
 from obdk.config import LowRankConfig
-from obdk.correct.kept import FactorStore, Truncations
+from obdk.correct.factor_store import FactorStore, Truncations
 from obdk.errors import ConfigError, MissingFileError
 from obdk.testing import make_tiny_llama
 

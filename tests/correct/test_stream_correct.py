@@ -11,7 +11,7 @@ import torch
 import obdk
 from obdk.calibrate.head import summed_weight_grads
 from obdk.calibrate.data import CalibrationData
-from obdk.calibrate.kept import LayerStatistics
+from obdk.stream.layer_files import LayerStatistics
 from obdk.calibrate.stream import calibrate_streamed
 from obdk.config import LowRankConfig
 from obdk.errors import ConfigError, ObdkError

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import obdk
-from obdk.calibrate.kept import HostBudget, LayerStatistics
+from obdk.stream.layer_files import HostBudget, LayerStatistics
 from obdk.calibrate.stream import calibrate_streamed
 from obdk.config import LowRankConfig
 from obdk.decompose import spectra as batched_spectra
 from obdk.decompose import spectrum
-from obdk.decompose.kept import SpectrumStore
+from obdk.decompose.spectrum_store import SpectrumStore
 from obdk.errors import ConfigError, DataError, MissingFileError, NotCollectedError
 from obdk.testing import make_tiny_llama
 
@@ -279,7 +279,7 @@ def test_a_deleted_spill_file_fails_the_apply_naming_file_and_target(tmp_path):
 def test_boundary_buffers_draw_on_a_shared_budget():
     """calibrate_streamed(budget=): the boundary buffers go to scratch when what others hold leaves no room,
     with the same statistics; the bytes are given back when the pass ends."""
-    from obdk.calibrate.kept import HostBudget
+    from obdk.stream.layer_files import HostBudget
     model = make_tiny_llama(layers=LAYERS).double()
     ref_info, info = {}, {}
     ref = calibrate_streamed(model, _ids(), stats=("cx", "cg"), dtype=torch.float64, progress=False, info=ref_info)

@@ -5,7 +5,7 @@ still comes from one decomposition, so each target's eigenvalues (for the alloca
 factors (``factor_b`` [m, k], ``factor_a`` [k, n], compute dtype: any rank is a slice) are kept until
 :meth:`~obdk.pipeline.Plan.apply`. Kept whole on host they are several times the model (Llama-70B in
 fp32: 382 GB). :class:`SpectrumStore` keeps the factors on host memory up to a byte budget (a
-:class:`~obdk.calibrate.kept.HostBudget`, shared with the plan's kept statistics) and beyond it one
+:class:`~obdk.stream.layer_files.HostBudget`, shared with the plan's kept statistics) and beyond it one
 safetensors file per decoder layer in a private ``obdk-spectra-*`` directory under ``scratch_dir``
 (default the system temporary directory), removed by :meth:`SpectrumStore.close` or when the store is
 garbage-collected (a killed process leaves the directory). The eigenvalues and the metadata always stay
@@ -21,7 +21,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..calibrate.kept import HostBudget, LayerFiles
+from ..stream.layer_files import HostBudget, LayerFiles
 from ..errors import ConfigError, DataError, NotCollectedError
 from .closed_form import Spectrum
 
@@ -45,8 +45,8 @@ class SpectrumStore(LayerFiles, Mapping):
     """A read-only ``Mapping[str, Spectrum]`` filled one decoder layer at a time (see the module docstring).
 
     ``max_host_memory`` / ``scratch_dir``: host bytes of factors before layers go to safetensors files in
-    ``scratch_dir`` (None: all on host); or ``budget``, a :class:`~obdk.calibrate.kept.HostBudget` shared with
-    other stores (a streamed plan's :class:`~obdk.calibrate.kept.LayerStatistics`), so that one
+    ``scratch_dir`` (None: all on host); or ``budget``, a :class:`~obdk.stream.layer_files.HostBudget` shared with
+    other stores (a streamed plan's :class:`~obdk.stream.layer_files.LayerStatistics`), so that one
     ``max_host_memory`` bounds their sum. ``order``: the names in the order to iterate (a plan's targets in
     forward order); names not in it follow in the order they were put.
 

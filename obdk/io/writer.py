@@ -79,11 +79,11 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.nn as nn
 
-from .errors import CheckpointError, ConfigError, NonFiniteError, OutputPathError, WrongTypeError  # noqa: F401
-from . import __version__
-from .config import FORMAT_VERSION
-from .models import set_module
-from .nn import LowRankLinear
+from ..errors import CheckpointError, ConfigError, NonFiniteError, OutputPathError, WrongTypeError  # noqa: F401
+from .. import __version__
+from ..config import FORMAT_VERSION
+from ..models import set_module
+from ..nn import LowRankLinear
 
 log = logging.getLogger(__name__)
 
@@ -754,7 +754,7 @@ def save_pretrained(model: nn.Module, save_dir: str | os.PathLike, *, tokenizer=
     """
     report = report if report is not None else getattr(model, "_obdk_report", None)
     config = config if config is not None else getattr(model, "_obdk_config", None)
-    from .nn import PackedSlice
+    from ..nn import PackedSlice
     if any(isinstance(m, PackedSlice) for m in model.modules()):
         raise ValueError("save_pretrained: the model has packed shared-input factors; call "
                          "obdk.nn.unpack_shared_inputs(model) before saving")
@@ -868,7 +868,7 @@ def tensor_index(path: str | os.PathLike) -> dict[str, TensorInfo]:
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        from .calibrate.placement import read_weight_map
+        from ..stream.placement import read_weight_map
         weight_map = read_weight_map(index)
         files = sorted(set(weight_map.values()))
     else:
@@ -1046,7 +1046,7 @@ def load_pretrained(path: str | os.PathLike, *, device: str | torch.device = "cp
     if pack is None:
         pack = torch.device(device).type == "cuda"
     if pack:
-        from .nn import pack_shared_inputs
+        from ..nn import pack_shared_inputs
         pack_shared_inputs(model)
     return model
 

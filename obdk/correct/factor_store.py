@@ -4,7 +4,7 @@ A streamed plan's correction (:func:`obdk.correct.steps.gradient_correct` with `
 layer's step as soon as that layer's gradients are final. Its results, every target's corrected factors,
 are the compressed model: holding them in a dict would build the compressed model in memory before it is
 written. :class:`FactorStore` keeps them one decoder layer at a time under the plan's
-:class:`~obdk.calibrate.kept.HostBudget` (shared with its kept spectra, statistics and boundary buffers),
+:class:`~obdk.stream.layer_files.HostBudget` (shared with its kept spectra, statistics and boundary buffers),
 beyond it one safetensors file per layer in a private ``obdk-factors-*`` directory under ``scratch_dir``,
 read back one layer at a time by the next step's pass, :meth:`obdk.pipeline.Plan.save` or
 :meth:`~obdk.pipeline.Plan.apply`; the directory goes with :meth:`~FactorStore.free` or the store.
@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Mapping, Optional
 
 from torch import Tensor
 
-from ..calibrate.kept import HostBudget, LayerFiles
+from ..stream.layer_files import HostBudget, LayerFiles
 from ..errors import ConfigError
 
 __all__ = ["FactorStore"]

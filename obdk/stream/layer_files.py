@@ -11,7 +11,7 @@ host memory holds the budget plus the one layer being corrected. The directory i
 the store is freed or garbage-collected (a killed process leaves an ``obdk-kept-*`` directory).
 
 The same machinery (:class:`LayerFiles`) keeps each layer's spectra
-(:class:`obdk.decompose.kept.SpectrumStore`). Both draw on a :class:`HostBudget`: a streamed plan
+(:class:`obdk.decompose.spectrum_store.SpectrumStore`). Both draw on a :class:`HostBudget`: a streamed plan
 gives its statistics and its spectra one budget, so that ``max_host_memory`` bounds the bytes they
 hold on host *together* (the boundary buffers of each streamed pass have their own, see
 :class:`obdk.calibrate.stream.BoundaryStore`).
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, DataError, MissingFileError, NotCollectedError
-from .statistics import STATS, Statistics
+from ..calibrate.statistics import STATS, Statistics
 
 __all__ = ["HostBudget", "LayerFiles", "LayerStatistics"]
 
@@ -84,7 +84,7 @@ class LayerFiles:
     """One dict of CPU tensors per decoder layer: on host memory within a :class:`HostBudget`, beyond it a
     safetensors file per layer in a private ``{prefix}*`` directory under ``scratch_dir``.
 
-    The part the kept stores share (:class:`LayerStatistics`, :class:`obdk.decompose.kept.SpectrumStore`).
+    The part the kept stores share (:class:`LayerStatistics`, :class:`obdk.decompose.spectrum_store.SpectrumStore`).
     ``owner`` names the store in errors. :meth:`_keep` takes a layer's tensors (CPU, contiguous, owning
     their storage); :meth:`_tensors` gives them back, a spilled layer read from its file (the last one read
     is cached, so a layer-by-layer walk reads each file once; ``files_read`` counts the reads). The
@@ -195,7 +195,7 @@ class LayerStatistics(LayerFiles):
     ``max_host_memory`` / ``scratch_dir``: host bytes before layers go to safetensors files in
     ``scratch_dir`` (None: all on host memory). ``budget``: instead of ``max_host_memory``, a
     :class:`HostBudget` shared with other stores (a streamed plan shares one with its
-    :class:`~obdk.decompose.kept.SpectrumStore`, so that ``max_host_memory`` bounds the statistics and
+    :class:`~obdk.decompose.spectrum_store.SpectrumStore`, so that ``max_host_memory`` bounds the statistics and
     the spectra together). :meth:`put` copies a layer's tensors (``cx`` [n, n],
     ``cg`` [m, m], ``grad`` [m, n]) to host memory or to its file; :meth:`layer` returns them as a
     :class:`Statistics` (CPU tensors; a spilled layer is read from its file, the last one read is
