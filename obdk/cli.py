@@ -298,7 +298,8 @@ def _compress(args, solo) -> int:
 
     import obdk
     from .errors import ConfigError
-    from .io import check_writable, update_report
+    from .io.atomic import check_writable
+    from .io.load import update_report
     from .stream.distributed import world as dist_world
     from .pipeline import compress_many, prepare
     from .report import StageTimer, count_params

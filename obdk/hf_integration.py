@@ -39,7 +39,7 @@ def register() -> bool:
     except Exception as exc:  # pragma: no cover - very old/new transformers
         log.info("transformers quantizer registration unavailable (%s); use obdk.load_pretrained", exc)
         return False
-    from .io import QUANT_METHOD
+    from .io.format import QUANT_METHOD
 
     if QUANT_METHOD in AUTO_QUANTIZER_MAPPING:
         _registered = True
@@ -70,7 +70,7 @@ def register() -> bool:
         requires_calibration = True
 
         def validate_environment(self, *args, **kwargs):
-            from .io import check_quantization_config
+            from .io.format import check_quantization_config
             check_quantization_config(self.quantization_config.to_dict(), "config.json")
 
         def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
@@ -78,7 +78,8 @@ def register() -> bool:
             from pathlib import Path
 
             from .errors import CheckpointError
-            from .io import _read_config_json, _tied_names, check_tensors, install_lowrank, tensor_index
+            from .io.format import _read_config_json, tensor_index
+            from .io.load import _tied_names, check_tensors, install_lowrank
             q = self.quantization_config.to_dict()
             ckpt = Path(os.path.dirname(checkpoint_files[0])) if checkpoint_files else None
             where = str(ckpt / "config.json") if ckpt is not None else "config.json"
@@ -99,7 +100,7 @@ def register() -> bool:
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
-            from .io import check_finite
+            from .io.format import check_finite
             seen = set()
             for name, t in model.state_dict().items():
                 if t.device.type == "meta":

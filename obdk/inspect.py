@@ -5,7 +5,8 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-from .io import load_report, read_quantization_config
+from .io.format import read_quantization_config
+from .io.load import load_report
 
 _LAYER = re.compile(r"^(?P<prefix>.*?)\.(?P<idx>\d+)\.(?P<kind>.+)$")
 

@@ -308,7 +308,8 @@ class Plan:
         ``model``: the model the plan was prepared on or a copy of it (dense). ``keep`` and
         ``overrides`` (``alloc``, ``floor``, ``rank_multiple``, ``correct``, ``probes``, ``eps``,
         ``bsi_order``) change this application only, validated once through the config
-        (:meth:`resolve`). Returns the :class:`CompressionReport` (also ``model._obdk_report``).
+        (:meth:`resolve`). Returns the :class:`CompressionReport`; pass it to :func:`obdk.save_pretrained`
+        (``report=``) to write it with the checkpoint.
         To write the compressed checkpoint without building the compressed model, see :meth:`save`.
         """
         if (self.stream or {}).get("source") is not None:
@@ -335,10 +336,7 @@ class Plan:
                 set_module(model, t.name, new)
                 mods.append(self._module_report(t, rank, pred, extra_damping, time.perf_counter() - t0))
         _free(factors)
-        report, record = self._report(cfg, mods, allocation, before, count_params(model), timer)
-        model._obdk_report = report
-        model._obdk_config = LowRankConfig.from_dict(record)
-        return report
+        return self._report(cfg, mods, allocation, before, count_params(model), timer)[0]
 
     def save(self, model: nn.Module, save_dir, keep: Optional[float] = None, *, tokenizer=None,
              overwrite: bool = False, source_dir=None, max_shard_bytes: Optional[int] = None,
@@ -359,54 +357,55 @@ class Plan:
         :func:`obdk.save_pretrained` (``max_shard_bytes`` default its 4 GiB). Returns the
         :class:`CompressionReport` (also in the checkpoint's ``obdk_report.json``).
         """
-        from .io import SHARD_BYTES, CheckpointWriter, _sources_of, _tensors_for_save
+        from .io.format import SHARD_BYTES
+        from .io.writer import write_model
         cfg = self.resolve(keep, **overrides)
         timer = StageTimer()
         before = model_params_before if model_params_before is not None else count_params(model)
-        source = (self.stream or {}).get("source")
+        source = self.stream.get("source") if self.stream else None
         allocation, kept_map, factors, extra_damping = self._truncate_and_correct(model, cfg, timer, lazy=True,
                                                                                    home=False)
         ranks = allocation.ranks
         by_name = {t.name: t for t in self.targets}
         mods: dict[str, ModuleReport] = {}
-        sd = dict(_tensors_for_save(model))
 
         def real(key: str, t: torch.Tensor) -> torch.Tensor:
             return source.tensor(key, "cpu", t.dtype, shape=tuple(t.shape)) if t.is_meta else t
 
-        with timer("save"), CheckpointWriter(save_dir, max_shard_bytes=max_shard_bytes or SHARD_BYTES,
-                                             overwrite=overwrite,
-                                             source_dir=([source_dir] if source_dir is not None else [])
-                                             + _sources_of(model)) as w:
-            for key, t in sd.items():
-                mod, _, leaf = key.rpartition(".")
-                if mod in by_name and ranks.get(mod) is not None:
-                    if leaf == "weight":  # the module's factors (+ its bias and tombstone) at its weight's place
-                        t0 = time.perf_counter()
-                        if mod not in factors:
-                            a, b, pred = self.factors(mod, ranks[mod], kept_map.get(mod))
-                        else:  # (a dict's entry is released as it is written)
-                            a, b, pred = factors.pop(mod) if isinstance(factors, dict) else factors[mod]
-                        bias = sd.get(f"{mod}.bias")
-                        bias = None if bias is None else real(f"{mod}.bias", bias).to(t.dtype)
-                        w.add_lowrank(mod, a.to(t.dtype), b.to(t.dtype), bias)
-                        del a, b
-                        mods[mod] = self._module_report(by_name[mod], ranks[mod], pred, extra_damping,
-                                                        time.perf_counter() - t0)
-                    continue
-                w.add(key, real(key, t))
+        def lowrank(mod: str):
+            def write(entries: dict) -> tuple:  # the module's factors (+ its bias) at its weight's place
+                t0 = time.perf_counter()
+                if mod not in factors:
+                    a, b, pred = self.factors(mod, ranks[mod], kept_map.get(mod))
+                else:  # (a dict's entry is released as it is written)
+                    a, b, pred = factors.pop(mod) if isinstance(factors, dict) else factors[mod]
+                w, bias = entries["weight"], entries.get("bias")
+                bias = None if bias is None else real(f"{mod}.bias", bias).to(w.dtype)
+                mods[mod] = self._module_report(by_name[mod], ranks[mod], pred, extra_damping,
+                                                time.perf_counter() - t0)
+                return a.to(w.dtype), b.to(w.dtype), bias
+            return write
+
+        done: list[CompressionReport] = []
+
+        def report() -> CompressionReport:  # once every tensor is written (before the checkpoint is swapped in)
             self._drop_cached()
             mods.update({t.name: self._module_report(t, None, 0.0, extra_damping, 0.0)
                          for t in self.targets if ranks.get(t.name) is None})
             mods_list = [mods[t.name] for t in self.targets]
             after = before - sum(m.dense_params - m.params for m in mods_list)
-            report, record = self._report(cfg, mods_list, allocation, before, after, timer)
-            w.finish(model_config=model.config, tokenizer=tokenizer, report=report,
-                     config=LowRankConfig.from_dict(record),
-                     generation_config=getattr(model, "generation_config", None))
+            done.append(self._report(cfg, mods_list, allocation, before, after, timer)[0])
+            return done[0]
+
+        with timer("save"):
+            write_model(model, save_dir, factors={t.name: lowrank(t.name) for t in self.targets
+                                                  if ranks.get(t.name) is not None},
+                        tensor=real, tokenizer=tokenizer, report=report,
+                        max_shard_bytes=max_shard_bytes or SHARD_BYTES, overwrite=overwrite,
+                        source_dir=source_dir)
         _free(factors)
-        report.stages.update(timer.to_dict())
-        return report
+        done[0].stages.update(timer.to_dict())
+        return done[0]
 
     def _drop_cached(self) -> None:
         if isinstance(self.spectra, SpectrumStore):  # the last layer read back from its file

@@ -12,6 +12,7 @@ import torch
 
 import obdk
 from obdk import hub, io
+from obdk.io import writer as io_writer
 from obdk.errors import CheckpointError, ObdkError, OutputPathError
 from obdk.models import set_module
 from obdk.nn import LowRankLinear
@@ -222,7 +223,8 @@ class _Faults:
 
     def __init__(self, monkeypatch, k, kill):
         self.k, self.kill, self.n, self.dead, self.steps = k, kill, 0, False, []
-        for mod, name in ((os, "rename"), (os, "replace"), (os, "unlink"), (shutil, "rmtree"), (io, "_write_shard")):
+        for mod, name in ((os, "rename"), (os, "replace"), (os, "unlink"), (shutil, "rmtree"),
+                          (io_writer, "_write_shard")):
             monkeypatch.setattr(mod, name, self._wrap(name, getattr(mod, name)))
 
     def _wrap(self, name, fn):

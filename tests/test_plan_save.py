@@ -87,7 +87,7 @@ def test_save_equals_apply_then_save_pretrained(tmp_path, method, correct, strea
     assert not any(isinstance(m, obdk.LowRankLinear) for m in model.modules())
     ref = copy.deepcopy(model)
     rep_ref = plan.apply(ref, keep=0.6)
-    obdk.save_pretrained(ref, tmp_path / "ref", max_shard_bytes=40_000)
+    obdk.save_pretrained(ref, tmp_path / "ref", max_shard_bytes=40_000, report=rep_ref)
     _same_checkpoint(tmp_path / "saved", tmp_path / "ref")
     assert len([f for f in os.listdir(tmp_path / "saved") if f.endswith(".safetensors")]) > 1
     assert rep.model_params_after == rep_ref.model_params_after
@@ -123,8 +123,8 @@ def test_skeleton_pipeline_one_layer_at_a_time_equals_loaded_model(tmp_path, mak
 
     loaded = AutoModelForCausalLM.from_pretrained(src).eval()
     plan_ref = prepare(loaded, cfg, ids, progress=False, stream=True)
-    plan_ref.apply(loaded, keep=0.6)
-    obdk.save_pretrained(loaded, tmp_path / "ref")
+    rep_ref = plan_ref.apply(loaded, keep=0.6)
+    obdk.save_pretrained(loaded, tmp_path / "ref", report=rep_ref)
 
     live, peak, fetches = set(), [0], [0]
     fetch, release = placement.LayerPlacement.fetch, placement.LayerPlacement.release

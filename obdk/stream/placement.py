@@ -22,7 +22,6 @@ Errors name the directory, file and tensor (:class:`~obdk.errors.CheckpointError
 """
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,67 +36,30 @@ from ..models import decoder_layers
 
 __all__ = ["LayerPlacement", "ShardedWeights", "load_skeleton"]
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-
-
 # =========================================================================== checkpoint tensors
-
-
-def read_weight_map(index: Path) -> dict[str, str]:
-    """``weight_map`` (tensor name → shard file name) of shard index ``index``; :class:`CheckpointError` naming it."""
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not a mapping")
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{index}: malformed shard index ({exc})") from exc
-    return weight_map
 
 
 class ShardedWeights:
     """The tensors of a HF safetensors checkpoint ``directory``, read on demand.
 
-    The index (name → file, stored dtype, shape) comes from the file headers only. ``read_bytes``
-    counts the stored bytes of every tensor read so far (what was read from disk).
-    Raises :class:`CheckpointError` naming the directory when it holds neither ``model.safetensors``
-    nor ``model.safetensors.index.json``, and naming the file for an unreadable shard or a tensor the
-    index lists but its shard lacks.
+    The index (name → file, stored dtype, shape) comes from the file headers only, through
+    :func:`obdk.io.format.tensor_index` (the one shard-index reader). ``read_bytes`` counts the stored bytes
+    of every tensor read so far (what was read from disk). Raises :class:`CheckpointError` naming the
+    directory when it holds neither ``model.safetensors`` nor ``model.safetensors.index.json``, and naming
+    the file for an unreadable or truncated shard or a tensor the index lists but its shard lacks.
     """
 
     def __init__(self, directory: str | os.PathLike) -> None:
+        from ..io.format import INDEX_FILE, SINGLE_FILE, tensor_index
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise CheckpointError(f"{self.directory}: no such checkpoint directory")
         index = self.directory / INDEX_FILE
-        single = self.directory / SINGLE_FILE
-        if index.is_file():
-            weight_map = read_weight_map(index)
-            self.where = index
-            files = sorted(set(weight_map.values()))
-        elif single.is_file():
-            self.where, weight_map, files = single, None, [SINGLE_FILE]
-        else:
+        if not index.is_file() and not (self.directory / SINGLE_FILE).is_file():
             raise CheckpointError(f"{self.directory}: no {SINGLE_FILE} or {INDEX_FILE} (not a safetensors "
                                   f"checkpoint directory)")
-        from safetensors import safe_open
-        self._info: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
-        for fname in files:
-            f = self.directory / fname
-            if not f.is_file():
-                raise CheckpointError(f"{f}: missing shard (listed in {index.name})")
-            try:
-                with safe_open(str(f), framework="pt", device="cpu") as h:
-                    for k in h.keys():
-                        s = h.get_slice(k)
-                        self._info[k] = (f, s.get_dtype(), tuple(int(x) for x in s.get_shape()))
-            except Exception as exc:
-                raise CheckpointError(f"{f}: unreadable safetensors file ({exc})") from exc
-        if weight_map is not None:
-            for k, fname in weight_map.items():
-                if k not in self._info or self._info[k][0].name != fname:
-                    raise CheckpointError(f"{self.directory / fname}: tensor {k!r} listed in {index.name} is not "
-                                          f"in that file")
+        self.where = index if index.is_file() else self.directory / SINGLE_FILE
+        self._info = tensor_index(self.directory)
         self.read_bytes = 0
 
     def __contains__(self, name: str) -> bool:
@@ -109,25 +71,25 @@ class ShardedWeights:
 
     def file(self, name: str) -> Path:
         """The file holding tensor ``name``."""
-        return self._entry(name)[0]
+        return self._entry(name).file
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The stored shape of tensor ``name`` (from the header)."""
-        return self._entry(name)[2]
+        return self._entry(name).shape
 
-    def _entry(self, name: str) -> tuple[Path, str, tuple[int, ...]]:
+    def _entry(self, name: str):
         e = self._info.get(name)
         if e is None:
             raise CheckpointError(f"{self.where}: tensor {name!r} missing from the checkpoint")
         return e
 
-    def stored_dtype(self, name: str) -> str:
-        """The stored dtype of tensor ``name`` as the header spells it (``"BF16"``, ``"F32"``, ...)."""
-        return self._entry(name)[1]
+    def stored_dtype(self, name: str):
+        """The stored dtype of tensor ``name``: a ``torch.dtype`` (the header's string where torch has none)."""
+        return self._entry(name).dtype
 
     def check_shape(self, name: str, shape: Sequence[int]) -> None:
         """Raise :class:`CheckpointError` (naming file and tensor) when ``name`` is missing or not ``shape``."""
-        f, _, have = self._entry(name)
+        f, have = self._entry(name).file, self._entry(name).shape
         if have != tuple(shape):
             raise CheckpointError(f"{f}: tensor {name!r} has shape {have}, expected {tuple(shape)}")
 
@@ -146,7 +108,7 @@ class ShardedWeights:
         for name, (shape, _) in specs.items():
             if shape is not None:
                 self.check_shape(name, shape)
-            by_file.setdefault(self._entry(name)[0], []).append(name)
+            by_file.setdefault(self._entry(name).file, []).append(name)
         out: dict[str, Tensor] = {}
         for f, names in by_file.items():
             try:
@@ -212,10 +174,10 @@ def _checkpoint_dtype(config: Any, source: ShardedWeights) -> torch.dtype:
             return v
         if isinstance(v, str) and isinstance(getattr(torch, v.removeprefix("torch."), None), torch.dtype):
             return getattr(torch, v.removeprefix("torch."))
-    floating = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
     for k in source.names():
-        if source.stored_dtype(k) in floating:
-            return floating[source.stored_dtype(k)]
+        dt = source.stored_dtype(k)
+        if dt in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+            return dt
     return torch.float32
 
 

@@ -77,8 +77,8 @@ def test_streamed_default_compression_keeps_the_corrected_factors_layer_by_layer
     ids = torch.randint(0, 128, (5, 12), generator=torch.Generator().manual_seed(4))
     cfg = LowRankConfig(method="obd")
     ref = copy.deepcopy(model)
-    obdk.prepare(ref, cfg, ids, progress=False).apply(ref, keep=0.6)
-    obdk.save_pretrained(ref, tmp_path / "ref")
+    rep_ref = obdk.prepare(ref, cfg, ids, progress=False).apply(ref, keep=0.6)
+    obdk.save_pretrained(ref, tmp_path / "ref", report=rep_ref)
 
     kept = []  # (store, host bytes, spilled bytes) after each put
     put = FactorStore.put_layer
