@@ -1,18 +1,22 @@
 """Where the targeted Linears are, per architecture, and which share an input.
 
-A declarative map per ``config.model_type`` (GPTQModel-style): the path of the
-decoder-layer list and the groups of Linears inside one decoder layer that read
-the same input tensor (q/k/v; gate/up). Unknown architectures fall back to
-"every ``nn.Linear`` inside the decoder layers", each in its own group, where the
-decoder layers are the longest ``nn.ModuleList`` of the model.
+One record per ``config.model_type`` (:class:`Architecture`, GPTQModel-style): the path of the
+decoder-layer list, the groups of Linears inside one decoder layer that read the same input
+tensor (q/k/v; gate/up), whether its head is plain and whether the streamed passes run it.
+Unknown architectures fall back to "every ``nn.Linear`` inside the decoder layers", each in its
+own group, where the decoder layers are the longest ``nn.ModuleList`` of the model. How a model's
+trunk is run (:func:`trunk`, :func:`forward_kwargs`, :func:`input_device`) is here too: the
+calibration, the corrections and the streamed sweep all run it the same way.
 """
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Optional, Sequence
 
+import torch
 import torch.nn as nn
 
 from .errors import ConfigError, UnsupportedModelError
@@ -29,16 +33,40 @@ _LLAMA_GROUPS = (
 #: Linear-like layers of other libraries that obdk does not decompose (named in errors and coverage).
 _UNSUPPORTED_LINEAR_TYPES = frozenset({"Conv1D"})
 
-#: model_type -> (decoder layers path, shared-input groups inside one layer)
-ARCHITECTURES: dict[str, tuple[str, tuple[tuple[str, ...], ...]]] = {
-    "llama": ("model.layers", _LLAMA_GROUPS),
-    "mistral": ("model.layers", _LLAMA_GROUPS),
-    "qwen2": ("model.layers", _LLAMA_GROUPS),
-    "qwen3": ("model.layers", _LLAMA_GROUPS),
-    "gemma": ("model.layers", _LLAMA_GROUPS),
-    "gemma2": ("model.layers", _LLAMA_GROUPS),
-    "phi3": ("model.layers", (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",))),
+@dataclass(frozen=True)
+class Architecture:
+    """What obdk knows of one ``config.model_type``, in one record.
+
+    * ``layers``: the path of the decoder-layer ``nn.ModuleList`` (``"model.layers"``);
+    * ``groups``: the Linears of one decoder layer that read the same input (q/k/v; gate/up), relative names;
+    * ``plain_head``: the ``*ForCausalLM`` computes ``logits = lm_head(base_model(...)[0])`` with nothing in
+      between (no logit scaling; soft-capping only where the config sets it, checked at run time), so a
+      backward pass forms the head's loss gradient one window at a time (:func:`obdk.calibrate.head.plain_head`);
+    * ``streams``: the layer-streamed passes (:mod:`obdk.stream.sweep`) are verified on it (tests: llama, qwen2,
+      mistral, phi3) or its trunk is the same loop (qwen3); the capture checks the structure at run time anyway.
+    """
+    layers: str
+    groups: tuple[tuple[str, ...], ...]
+    plain_head: bool = False
+    streams: bool = False
+
+
+#: ``config.model_type`` -> its :class:`Architecture` (the one map of per-architecture knowledge)
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": Architecture("model.layers", _LLAMA_GROUPS, plain_head=True, streams=True),
+    "mistral": Architecture("model.layers", _LLAMA_GROUPS, plain_head=True, streams=True),
+    "qwen2": Architecture("model.layers", _LLAMA_GROUPS, plain_head=True, streams=True),
+    "qwen3": Architecture("model.layers", _LLAMA_GROUPS, plain_head=True, streams=True),
+    "gemma": Architecture("model.layers", _LLAMA_GROUPS, plain_head=True),
+    "gemma2": Architecture("model.layers", _LLAMA_GROUPS, plain_head=True),
+    "phi3": Architecture("model.layers", (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",),
+                                          ("mlp.down_proj",)), plain_head=True, streams=True),
 }
+
+
+def architecture(model: nn.Module) -> Optional[Architecture]:
+    """The :class:`Architecture` of ``model.config.model_type``, or None for a type obdk has no record of."""
+    return ARCHITECTURES.get(getattr(getattr(model, "config", None), "model_type", None))
 
 
 @dataclass(frozen=True)
@@ -78,12 +106,11 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     Uses the architecture map when ``model.config.model_type`` is known, else the
     longest ``nn.ModuleList`` that contains Linears. Raises ``ValueError`` if none.
     """
-    mtype = getattr(getattr(model, "config", None), "model_type", None)
-    if mtype in ARCHITECTURES:
-        path = ARCHITECTURES[mtype][0]
-        mod = _get(model, path)
+    arch = architecture(model)
+    if arch is not None:
+        mod = _get(model, arch.layers)
         if isinstance(mod, nn.ModuleList):
-            return path, mod
+            return arch.layers, mod
     best: tuple[str, nn.ModuleList] | None = None
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and any(isinstance(m, nn.Linear) for m in mod.modules()):
@@ -105,10 +132,11 @@ def linear_groups(model: nn.Module, types: tuple[type, ...] = (nn.Linear,)) -> l
     the module classes that count as members (add ``LowRankLinear`` for a compressed model).
     """
     path, layers = decoder_layers(model)
-    mtype = getattr(getattr(model, "config", None), "model_type", None)
-    known = ARCHITECTURES.get(mtype, (None, ()))[1]
-    if mtype not in ARCHITECTURES:
-        log.info("architecture %r is not in obdk's map: targeting every nn.Linear in %s, no shared inputs", mtype, path)
+    arch = architecture(model)
+    known = arch.groups if arch is not None else ()
+    if arch is None:
+        log.info("architecture %r is not in obdk's map: targeting every nn.Linear in %s, no shared inputs",
+                 getattr(getattr(model, "config", None), "model_type", None), path)
     groups: list[LinearGroup] = []
     for i, layer in enumerate(layers):
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, types)}
@@ -220,3 +248,57 @@ def check_context(model: nn.Module, seqlen: int, what: str = "--seqlen") -> None
     if limit is not None and int(seqlen) > int(limit):
         raise ConfigError(f"{what} {seqlen}: {type(model).__name__} has learned position embeddings "
                           f"({learned[0]}) for at most {limit} tokens; use {what} {limit} or less")
+
+
+# --------------------------------------------------------------------------- running the trunk
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s input embeddings (where its input ids go), else of its first parameter."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    w = getattr(emb, "weight", None)
+    if isinstance(w, torch.Tensor):
+        return w.device
+    return next(model.parameters()).device
+
+
+def trunk(model: nn.Module, linears: dict[str, nn.Linear]) -> nn.Module:
+    """The sub-module that runs every targeted Linear without the LM head, else ``model``.
+
+    A Hugging Face causal LM's ``base_model`` (``LlamaForCausalLM.model``) returns hidden
+    states; skipping the ``[vocab, d]`` head saves ~19 % of SmolLM2-135M's forward FLOPs. Used
+    only when it takes ``input_ids`` and contains every targeted Linear (``linears``: {name: module}).
+    """
+    base = getattr(model, "base_model", None)
+    if not isinstance(base, nn.Module) or base is model:
+        return model
+    try:
+        params = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return model
+    inside = {id(m) for m in base.modules()}
+    if "input_ids" not in params or any(id(m) not in inside for m in linears.values()):
+        return model
+    return base
+
+
+def accepts_position_ids(runner: nn.Module) -> bool:
+    """Whether ``runner.forward`` takes ``position_ids`` (then padded windows get real-token positions)."""
+    try:
+        return "position_ids" in inspect.signature(runner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def forward_kwargs(ids: torch.Tensor, mask: Optional[torch.Tensor], accepts_pos: bool) -> dict[str, Any]:
+    """Keyword arguments of one forward over ``ids`` [B, T] with ``mask`` [B, T] (None: no padding).
+
+    With padding, positions count real tokens only (``cumsum(mask) − 1``), so a left-padded window
+    sees the rotary phases of its unpadded self, where the model accepts ``position_ids``.
+    """
+    kwargs: dict[str, Any] = {"input_ids": ids, "use_cache": False}
+    if mask is not None:
+        kwargs["attention_mask"] = mask
+        if accepts_pos:
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)
+    return kwargs

@@ -10,7 +10,6 @@ sums ``∂L/∂W`` over calibration windows (ZS-SVD's scores, the corrections, B
 """
 from __future__ import annotations
 
-import inspect
 import logging
 from typing import Any, Callable, Optional, Sequence
 
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError, DataError
+from ..models import ARCHITECTURES, accepts_position_ids, architecture, forward_kwargs, trunk  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +27,8 @@ __all__ = ["plain_head", "trunk", "head_backward", "loss_backward", "forward_kwa
            "next_token_loss", "window_nll", "summed_weight_grads", "window_generator", "accepts_position_ids"]
 
 
-# Model types whose ``*ForCausalLM.forward`` computes ``logits = lm_head(base_model(...)[0])`` with
-# nothing in between (no logit scaling; soft-capping only where the config sets it, checked below).
-PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2"})
+#: model types whose head is plain (:attr:`obdk.models.Architecture.plain_head`)
+PLAIN_HEAD_TYPES = frozenset(k for k, a in ARCHITECTURES.items() if a.plain_head)
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "logit_softcapping")
 
 
@@ -40,26 +39,6 @@ def window_generator(seed: int, window: int, device: torch.device) -> torch.Gene
     return g
 
 
-def trunk(model: nn.Module, linears: dict[str, nn.Linear]) -> nn.Module:
-    """The sub-module that runs every targeted Linear without the LM head, else ``model``.
-
-    A Hugging Face causal LM's ``base_model`` (``LlamaForCausalLM.model``) returns hidden
-    states; skipping the ``[vocab, d]`` head saves ~19 % of SmolLM2-135M's forward FLOPs. Used
-    only when it takes ``input_ids`` and contains every targeted Linear.
-    """
-    base = getattr(model, "base_model", None)
-    if not isinstance(base, nn.Module) or base is model:
-        return model
-    try:
-        params = inspect.signature(base.forward).parameters
-    except (TypeError, ValueError):
-        return model
-    inside = {id(m) for m in base.modules()}
-    if "input_ids" not in params or any(id(m) not in inside for m in linears.values()):
-        return model
-    return base
-
-
 def plain_head(model: nn.Module, linears: dict[str, nn.Linear]) -> Optional[nn.Linear]:
     """The LM head when ``model``'s logits are exactly ``head(trunk(...)[0])``, else None.
 
@@ -67,11 +46,12 @@ def plain_head(model: nn.Module, linears: dict[str, nn.Linear]) -> Optional[nn.L
     trunk, ``model.base_model``). Then a backward pass runs the trunk and forms the logits, the loss gradient and the
     head's input gradient one window at a time (:func:`head_backward`) instead of holding
     ``[B, T, vocab]`` logits, their fp32 copy and their gradient at once. Only for the model
-    types in ``PLAIN_HEAD_TYPES`` with no logit transform in their config, a plain ``nn.Linear``
+    types whose :class:`~obdk.models.Architecture` says ``plain_head``, with no logit transform in their config, a plain ``nn.Linear``
     head outside the targeted Linears, and a trunk that :func:`trunk` accepts.
     """
     cfg = getattr(model, "config", None)
-    if cfg is None or getattr(cfg, "model_type", None) not in PLAIN_HEAD_TYPES:
+    arch = architecture(model)
+    if cfg is None or arch is None or not arch.plain_head:
         return None
     if any(getattr(cfg, a, None) not in (None, 1, 1.0) for a in _LOGIT_TRANSFORMS):
         return None
@@ -115,28 +95,6 @@ def head_backward(hidden: Tensor, head: nn.Linear, *, ids: Tensor, lab: Optional
         grad[b, :-1] = p.to(w.dtype) @ w
         del p
     return grad
-
-
-def accepts_position_ids(runner: nn.Module) -> bool:
-    """Whether ``runner.forward`` takes ``position_ids`` (then padded windows get real-token positions)."""
-    try:
-        return "position_ids" in inspect.signature(runner.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def forward_kwargs(ids: Tensor, mask: Optional[Tensor], accepts_pos: bool) -> dict[str, Any]:
-    """Keyword arguments of one forward over ``ids`` [B, T] with ``mask`` [B, T] (None: no padding).
-
-    With padding, positions count real tokens only (``cumsum(mask) − 1``), so a left-padded window
-    sees the rotary phases of its unpadded self, where the model accepts ``position_ids``.
-    """
-    kwargs: dict[str, Any] = {"input_ids": ids, "use_cache": False}
-    if mask is not None:
-        kwargs["attention_mask"] = mask
-        if accepts_pos:
-            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)
-    return kwargs
 
 
 def loss_backward(runner: nn.Module, head: Optional[nn.Linear], *, ids: Tensor, mask: Optional[Tensor],

@@ -43,8 +43,8 @@ from .cache import StatsCache, cache_key, data_fingerprint, model_fingerprint
 from .function import CalibrationContext, CalibrationLinear, GroupState, ModuleSlot
 from .memory import _resolve_groups, stats_nbytes  # noqa: F401  (public here too)
 from .statistics import _FISHER, STATS, Statistics
-from .head import (accepts_position_ids, forward_kwargs, head_backward, label_positions, loss_backward,  # noqa: F401
-                   plain_head, trunk)
+from ..models import accepts_position_ids, forward_kwargs, input_device, trunk
+from .head import head_backward, label_positions, loss_backward, plain_head  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +82,6 @@ def _windows(data: Any) -> tuple[Tensor, Optional[Tensor], Any]:
         if bool((mask == 1).all()):
             mask = None
     return ids.to(torch.int64), mask, src
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    w = getattr(emb, "weight", None)
-    if isinstance(w, Tensor):
-        return w.device
-    return next(model.parameters()).device
 
 
 class _Patch:
@@ -301,7 +293,7 @@ def _run_pass(model, ctx, slots, linears, accs, *, ids, mask, mine, done, tokens
     runner = trunk(model, linears) if (head is not None or not backward) else model
     accepts_pos = accepts_position_ids(runner)
     group_states = list({id(s.group): s.group for s in slots.values()}.values())
-    in_dev = _input_device(model)
+    in_dev = input_device(model)
     anchor = torch.zeros(0, device=in_dev, requires_grad=True)
     from tqdm.auto import tqdm
     patch = _Patch(model, slots, linears, anchor)

@@ -32,7 +32,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..errors import CheckpointError, ConfigError
-from ..models import decoder_layers
+from ..models import decoder_layers, input_device
 
 __all__ = ["LayerPlacement", "ShardedWeights", "load_skeleton"]
 
@@ -319,8 +319,7 @@ class LayerPlacement:
             if source is not None and inside and not p.is_meta:
                 raise ConfigError(f"{fn}: source= is given but decoder-layer parameter {name} holds "
                                   f"real weights; pass the skeleton of load_skeleton (or drop source=)")
-        from ..calibrate.stats import _input_device
-        home = _input_device(model)
+        home = input_device(model)
         try:
             self.device = home if device is None else torch.device(device)
         except (RuntimeError, TypeError) as exc:

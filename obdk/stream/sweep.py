@@ -70,10 +70,10 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..errors import ConfigError, DataError, NonFiniteError, UnsupportedModelError
-from ..models import decoder_layers
+from ..models import ARCHITECTURES, accepts_position_ids, decoder_layers, forward_kwargs, trunk
 from . import distributed as dist
 from ..calibrate.function import CalibrationContext, GroupState, ModuleSlot
-from ..calibrate.head import accepts_position_ids, forward_kwargs, head_backward, label_positions, plain_head, trunk
+from ..calibrate.head import head_backward, label_positions, plain_head
 from ..calibrate.memory import _resolve_groups
 from .placement import LayerPlacement, ShardedWeights
 from ..calibrate.statistics import STATS, Statistics
@@ -84,9 +84,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["calibrate_streamed", "StreamingUnsupportedError", "STREAM_TYPES", "BoundaryStore"]
 
-#: model types the streamed schedule is verified on (tests: llama, qwen2, mistral, phi3) or whose
-#: trunk is the same loop (qwen3); the capture checks the structure at run time in any case
-STREAM_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
+#: model types the streamed schedule runs (:attr:`obdk.models.Architecture.streams`)
+STREAM_TYPES = frozenset(k for k, a in ARCHITECTURES.items() if a.streams)
 
 
 class StreamingUnsupportedError(UnsupportedModelError):
