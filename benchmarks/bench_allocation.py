@@ -285,7 +285,7 @@ def run(args) -> list[dict]:
                          "terms": res.point["bsi_terms"]} if a == "bsi" else {})
                 evaluate(res.model, dict(calib=calib, w=w, a=a, c=_row_correct(res.point), keep=res.point["keep"],
                                          **opts), extra)
-            del plans
+            plans = None  # (released; plan_of's closure reads the name)
             free()
         del stats, data, subset
         free()

@@ -25,7 +25,6 @@ import copy
 import sys
 import time
 
-
 import obdk
 
 from .core.data import add_calibration_args, calibrated_model

@@ -47,7 +47,6 @@ from .core.models import DTYPES, LLAMA7B, load, random_llama
 from .core.rows import write_csv
 from .core.timing import free, sync
 
-
 # ----------------------------------------------------------------------------- environment
 
 

@@ -237,7 +237,7 @@ def run_reference(base, device, data, keeps, ev, args, meta) -> list[dict]:
         rows += _run_rows(meta, label, res.point["keep"], "extra", ppl, pa, pa / meta["_params_before"],
                           [(timer.to_dict(), "stage"), (detail.to_dict(), "detail")], res.seconds, device,
                           first_total=first_total)
-    del chol
+    chol = None  # (released; whitening's closure reads the name)
     free()
     return rows
 

@@ -53,9 +53,10 @@ def child(args) -> None:
     import torch
 
     import obdk
-    from obdk.stream import distributed as dist
     from obdk.config import LowRankConfig
     from obdk.eval import perplexity
+    from obdk.stream import distributed as dist
+
     from .core.data import random_windows
     from .core.models import load
     torch.set_num_threads(args.threads)

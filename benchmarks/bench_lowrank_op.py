@@ -153,10 +153,10 @@ def main(argv=None) -> int:
                 print_table(cur, ["shape", "keep", "rank", "M", "provider", "median_us", "q20_us", "q80_us",
                                           "speedup_vs_dense", "speedup_vs_two_mm", "gbps", "tflops",
                                           "frac_bw_roofline", "frac_flop_roofline", "max_rel_err"])
-                del x, ref
-            del a, b, bias
+                x = ref = None  # (released; the providers' closures read the names)
+            a = b = bias = None
             gc.collect()
-        del w
+        w = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
     rows = [{**r, **env} for r in rows]

@@ -240,7 +240,7 @@ def markdown_table(rows: list[dict], model: str) -> str:
             for m in meths:
                 if m == "dense":
                     d = cell.get(("dense", 1.0))
-                    out.append(f"| dense | " + " | ".join(f"{d:.2f}" if d else "" for _ in keeps) + " |")
+                    out.append("| dense | " + " | ".join(f"{d:.2f}" if d else "" for _ in keeps) + " |")
                     continue
                 cs = []
                 for k in keeps:

@@ -191,6 +191,7 @@ def child_pipeline(args) -> None:
     import obdk
     from obdk.config import LowRankConfig
     from obdk.eval import perplexity
+
     from .core.models import load
     if args.threads:
         torch.set_num_threads(args.threads)

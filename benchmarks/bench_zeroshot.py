@@ -112,7 +112,7 @@ def evaluate(model, tok, method: str, keep: float, extra: dict, out: ResultLog, 
         r = zeroshot(model, tok, [t], limit=task_limit(t, args), batch_size=args.batch_size, data_dir=args.data_dir,
                      progress=args.progress)[t]
         results[t] = r
-        row = out.write({**base, "task": t, "acc": r["acc"], "acc_stderr": r["acc_stderr"], "acc_norm": r["acc_norm"],
+        out.write({**base, "task": t, "acc": r["acc"], "acc_stderr": r["acc_stderr"], "acc_norm": r["acc_norm"],
                          "acc_norm_stderr": r["acc_norm_stderr"], "n": r["n"], "available": r["available"],
                          "split": r["split"], "chance": CHANCE.get(t), "eval_s": round(r["seconds"], 2), "ppl": ppl,
                          "ppl_windows": args.ppl_windows})

@@ -18,9 +18,8 @@ __version__ = "0.1.0"
 
 logging.getLogger("obdk").addHandler(logging.NullHandler())
 
-from . import _ext  # noqa: E402  (never raises)
-from . import ops  # noqa: E402,F401  (declares the torch.library ops)
-from . import calibrate  # noqa: E402  (callable package: obdk.calibrate(model, data, ...))
+# _ext never raises; ops declares the torch.library ops; calibrate is a callable package (obdk.calibrate(model, ...))
+from . import _ext, calibrate, ops  # noqa: E402,F401
 from .config import LowRankConfig  # noqa: E402
 from .errors import ObdkError  # noqa: E402
 from .nn import LowRankLinear  # noqa: E402
@@ -28,7 +27,8 @@ from .nn import LowRankLinear  # noqa: E402
 __all__ = [
     "__version__", "ObdkError", "ops", "calibrate", "LowRankConfig", "LowRankLinear", "factorize", "spectrum",
     "compress", "compress_many", "prepare", "CompressionReport", "save_pretrained", "load_pretrained",
-    "perplexity", "load_model", "PackedLowRankLinear", "pack_shared_inputs",
+    "perplexity", "load_model", "PackedLowRankLinear", "pack_shared_inputs", "load_skeleton", "Plan", "Streaming",
+    "init_distributed",
 ]
 
 _LAZY = {
@@ -36,6 +36,10 @@ _LAZY = {
     "spectrum": ("obdk.decompose", "spectrum"),
     "Factorization": ("obdk.decompose", "Factorization"),
     "compress": ("obdk.pipeline", "compress"),
+    "Plan": ("obdk.plan", "Plan"),
+    "Streaming": ("obdk.stream.options", "Streaming"),
+    "load_skeleton": ("obdk.stream.shards", "load_skeleton"),
+    "init_distributed": ("obdk.stream.distributed", "init_from_env"),
     "compress_many": ("obdk.pipeline", "compress_many"),
     "prepare": ("obdk.pipeline", "prepare"),
     "CompressionReport": ("obdk.report", "CompressionReport"),

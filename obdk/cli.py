@@ -13,6 +13,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -24,17 +25,15 @@ def _add_data_dir(p: argparse.ArgumentParser) -> None:
                    help="local data directory laid out like shared/data (default: $OBDK_DATA_DIR, else the HF hub)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="obdk", description="Low-rank LLM compression (Optimal Brain Decomposition)")
-    ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = ap.add_subparsers(dest="verb", required=True)
-
+def _add_compress(sub) -> None:
+    """The ``compress`` verb's arguments (the method, allocation and correction names from :mod:`obdk.registry`)."""
+    from .registry import ALLOCATORS, CORRECTIONS, METHODS
     c = sub.add_parser("compress", help="compress a causal LM and save it")
     c.add_argument("model", help="HF id or directory, a .gguf file, or the alias smollm2-135m")
-    c.add_argument("--method", default="obd", help="svd | svd-llm | asvd | obd | zs-svd | bsi (default obd)")
+    c.add_argument("--method", default="obd", help=f"{' | '.join(METHODS)} (default obd)")
     c.add_argument("--keep", type=float, nargs="+", default=[0.8],
                    help="fraction(s) of targeted Linear parameters kept; several write one model each")
-    c.add_argument("--alloc", default=None, help="uniform | global | zero-sum | bsi (default: the method's)")
+    c.add_argument("--alloc", default=None, help=f"{' | '.join(ALLOCATORS)} (default: the method's)")
     c.add_argument("--whitening", default=None, help="override the method's whitening: svd | svd-llm | obd")
     c.add_argument("--calib", default="wikitext2:validation", help="NAME[:SPLIT] (wikitext2, c4) or a file path")
     c.add_argument("--nsamples", type=int, default=32)
@@ -64,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--floor", type=float, default=None,
                    help="global/bsi allocation: per-matrix rank floor as a fraction of the uniform rank (default 0.2)")
     c.add_argument("--fisher", default="empirical", choices=["empirical", "true"])
-    c.add_argument("--correct", default=None, choices=["none", "zs", "kfac", "zs+kfac", "zs-guarded", "seq"],
+    c.add_argument("--correct", default=None, choices=["none", *CORRECTIONS],
                    help="after truncation: none, zs (ZS-SVD's one-step projected gradient), kfac (the same step along the "
                         "K-FAC natural gradient), zs+kfac (both in turn), zs-guarded (zs with its step size chosen in "
                         "{0, .25, .5, .75, 1} on the last 8 calibration windows, held out from its gradient; 0 = no "
@@ -102,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eval-limit", type=int, default=None, help="--eval-tasks: score the first N documents of each task")
     c.add_argument("--json", action="store_true")
     _add_data_dir(c)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="obdk", description="Low-rank LLM compression (Optimal Brain Decomposition)")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = ap.add_subparsers(dest="verb", required=True)
+
+    _add_compress(sub)
 
     e = sub.add_parser("eval", help="perplexity (and, with --tasks, zero-shot accuracy) of a model or compressed directory")
     e.add_argument("model")
@@ -160,9 +167,9 @@ def _load(spec: str, dtype, device):
 
 def _load_skeleton(spec: str, dtype):
     """``--weights-on-disk``: (skeleton model, its ShardedWeights, tokenizer) of a local safetensors checkpoint."""
-    from .stream.placement import load_skeleton
     from .errors import ConfigError
     from .hub import _parse_dtype, load_tokenizer, resolve_model_path
+    from .stream.shards import load_skeleton
     path = Path(resolve_model_path(spec))
     if not path.is_dir() or not any(f.name.endswith(".safetensors") for f in path.iterdir()):
         raise ConfigError(f"--weights-on-disk: {spec} is not a local directory of safetensors shards (a GGUF file or "
@@ -220,6 +227,7 @@ def _probes_arg(text: str):
 def _config_from_args(args):
     from .config import DEFAULT_FLOOR, DEFAULT_RANK_MULTIPLE, LowRankConfig
     from .errors import ConfigError
+    from .registry import ALLOCATORS
     cfg = LowRankConfig(method=args.method, keep=args.keep[0], alloc=args.alloc, whitening=args.whitening,
                         targets=args.targets, ignore=args.ignore,
                         rank_multiple=DEFAULT_RANK_MULTIPLE if args.rank_multiple is None else args.rank_multiple,
@@ -229,40 +237,30 @@ def _config_from_args(args):
                         **{k: v for k, v in (("bsi_order", args.bsi_order), ("bsi_curvature", args.bsi_curvature),
                                              ("bsi_terms", args.bsi_terms), ("probe_tol", args.probe_tol),
                                              ("max_probes", args.max_probes)) if v is not None})
-    if cfg.resolved_alloc == "zero-sum":
-        given = [f for f, v in (("--floor", args.floor), ("--rank-multiple", args.rank_multiple)) if v is not None]
-        if given:
-            raise ConfigError(f"{' and '.join(given)}: the zero-sum allocation (ZS-SVD) removes components one at a "
-                              f"time and uses neither; drop {'them' if len(given) > 1 else 'it'} or choose "
-                              f"another --alloc")
+    alloc = ALLOCATORS[cfg.resolved_alloc]  # options the allocation has no use for are refused, not ignored
+    given = ["--" + f.replace("_", "-") for f in alloc.refuses if getattr(args, f) is not None]
+    if given:
+        raise ConfigError(f"{' and '.join(given)}: the {alloc.name} allocation {alloc.refuses_why} and uses "
+                          f"{'neither' if len(alloc.refuses) > 1 else 'none'}; drop {'them' if len(given) > 1 else 'it'} "
+                          f"or choose another --alloc")
     return cfg
 
 
 def cmd_compress(args) -> int:
     """``obdk compress``; under ``torchrun`` (``WORLD_SIZE`` > 1) inside one process group (gloo on CPU, NCCL on
-    CUDA) that every rank calibrates in, rank 0 alone applying and saving while the others wait at a barrier (with a
-    correction on an owner-reduced streamed plan every rank applies, each stepping the matrices it owns; rank 0
-    alone saves)."""
-    import contextlib
-
+    CUDA) that every rank calibrates in; :meth:`~obdk.plan.Plan.save` carries the rank policy (every rank allocates
+    and must agree, the correction of an owner-reduced streamed plan runs on every rank, rank 0 writes), and rank 0
+    alone evaluates while the others wait at a barrier."""
     from .stream import distributed as dist
     _check_device(args.device)
     own, args.device = dist.init_from_env(args.device, args.dist_timeout)
     try:
-        with contextlib.ExitStack() as solo:
-            rc = _compress(args, solo)
-        dist.barrier()  # the other ranks wait here until rank 0 has saved
+        rc = _compress(args)
+        dist.barrier()  # the other ranks wait here until rank 0 has evaluated
         return rc
     finally:
         if own:
             dist.destroy()
-
-
-def _corrects_everywhere(plan, variants: list) -> bool:
-    """True when ``plan`` is owner-reduced over the process group and a variant corrects: then every rank runs
-    apply's correction (each owner steps its own matrices, every rank packs the same factors); rank 0 alone saves."""
-    return bool((plan.stream or {}).get("owners") is not None
-                and any(plan.resolve(**v).resolved_correct for v in variants))
 
 
 def _rank_counters() -> list:
@@ -275,36 +273,10 @@ def _rank_counters() -> list:
     return dist.all_gather_objects(mine)
 
 
-def _ranks_agree(plan, variants: list, solo) -> list | None:
-    """Under a process group: every rank allocates every variant and the ranks must agree (:class:`DataError`
-    naming the first rank that differs); returns each rank's collective counters and peak RSS (MiB), and
-    on rank 0 hides the group for the rest of ``solo`` (rank 0 applies and saves as one process) unless the
-    correction runs on every rank (:func:`_corrects_everywhere`). None without a group."""
-    from .stream import distributed as dist
-    rank, world = dist.world()
-    if world == 1:
-        return None
-    for v in variants:
-        alloc = plan.allocate(config=plan.resolve(**v))
-        dist.same_on_every_rank(alloc.ranks, f"the allocation at --keep {v['keep']:g}")
-    per_rank = _rank_counters()
-    if rank == 0 and not _corrects_everywhere(plan, variants):
-        solo.enter_context(dist.alone())
-    return per_rank
-
-
-def _compress(args, solo) -> int:
-    import torch
-
-    import obdk
+def _check_compress_args(args) -> tuple[list[dict], list[Path], list[str]]:
+    """Everything ``compress`` refuses before any work: ``(variants, output directories, source directories)``."""
     from .errors import ConfigError
     from .io.atomic import check_writable
-    from .io.load import update_report
-    from .stream.distributed import world as dist_world
-    from .pipeline import compress_many, prepare
-    from .report import StageTimer, count_params
-
-    cfg = _config_from_args(args)
     if not args.stream and (args.scratch_dir is not None or args.max_host_memory is not None):
         raise ConfigError("--scratch-dir/--max-host-memory: they apply to the streamed calibration; add --stream")
     if args.weights_on_disk and not args.stream:
@@ -317,118 +289,126 @@ def _compress(args, solo) -> int:
     if len(set(args.keep)) != len(args.keep):
         raise ConfigError(f"--keep {' '.join(f'{k:g}' for k in args.keep)}: a ratio is repeated (each writes one "
                           f"DIR-keepK directory)")
-    variants = [{"keep": k} for k in args.keep]
     outs = [Path(args.out if len(args.keep) == 1 else f"{args.out}-keep{k:g}") for k in args.keep]
     _check_device(args.device)
     sources = _source_dirs(args.model)
     for out in outs:  # before any work: a refused output costs a second, not a compression
         check_writable(out, overwrite=args.overwrite, source_dir=sources)
     if args.eval_tasks:  # unknown task names fail before any work
-        from .zeroshot import check_tasks, zeroshot
+        from .zeroshot import check_tasks
         check_tasks(args.eval_tasks, data_dir=args.data_dir)
+    return [{"keep": k} for k in args.keep], outs, sources
+
+
+def _compress(args) -> int:
+    """``obdk compress``: parse → prepare → save per ``--keep`` → evaluate and print (rank 0)."""
+    from .pipeline import prepare
+    from .report import StageTimer, count_params
+    from .stream.distributed import world
+    cfg = _config_from_args(args)
+    variants, outs, sources = _check_compress_args(args)
     timer = StageTimer()
-    source = None
     with timer("load"):
         if args.weights_on_disk:
             model, source, tok = _load_skeleton(args.model, args.dtype)
         else:  # streamed, the model stays in host memory and each pass copies one layer at a time to --device
-            model, tok = _load(args.model, args.dtype, "cpu" if args.stream else args.device)
+            (model, tok), source = _load(args.model, args.dtype, "cpu" if args.stream else args.device), None
     before = count_params(model)
     plan = prepare(model, cfg, args.calib, tokenizer=tok, nsamples=args.nsamples, seqlen=args.seqlen,
                    seed=args.seed, data_dir=args.data_dir, timer=timer, calib_batch_size=args.calib_batch_size,
                    stream=args.stream, scratch_dir=args.scratch_dir, max_host_memory=args.max_host_memory,
                    device=args.device if args.stream else None, source=source)
     for v in variants:
-        plan.resolve(**v)  # every --keep validated before the first is applied
-    per_rank = _ranks_agree(plan, variants, solo)
-    everywhere = per_rank is not None and _corrects_everywhere(plan, variants)
-    writer = per_rank is None or dist_world()[0] == 0
-    if not writer and not everywhere:  # torchrun: the ranks other than 0 are done here
-        return 0
-    # one process, streamed: each ratio's checkpoint is written tensor by tensor (Plan.save), the model stays dense
-    by_save = args.stream and per_rank is None
-    dense_eval = None
+        plan.resolve(**v)  # every --keep validated before the first is written
+    writer, many = world()[0] == 0, world()[1] > 1
+    dense = _Evaluation(args, tok, sources, dense=model if writer and source is None else None)
     if source is not None and (args.eval_windows or args.eval_tasks) and not args.json:
         print("note: --weights-on-disk: the dense model is not evaluated (its layers stay on disk); the compressed "
               "one is, loaded from its checkpoint")
-    if args.eval_windows and writer and source is None:  # the dense model on the same windows, for the measured loss
+    rows = []
+    for i, v in enumerate(variants):  # each ratio's checkpoint written tensor by tensor; the model stays dense
+        report = plan.save(model, outs[i], tokenizer=tok, overwrite=args.overwrite,
+                           source_dir=sources[0] if sources else None, model_params_before=before, **v)
+        counters = _rank_counters() if many else None  # (a collective: every rank)
+        if writer:
+            rows.append(dense.finish(i, outs[i], v, report, counters, len(variants)))
+    plan.close()
+    if args.json and writer:
+        print(json.dumps(rows[0] if len(rows) == 1 else {"results": rows}, default=str))
+    return 0
+
+
+class _Evaluation:
+    """``compress``'s evaluations on rank 0: the dense model's (before any ratio), then each saved checkpoint's,
+    loaded as a user gets it; its row of ``--json`` and ``obdk_report.json`` (``cli``), and its printed summary."""
+
+    def __init__(self, args, tok, sources: list[str], dense) -> None:
+        self.args, self.tok, self.sources = args, tok, sources
+        self.ppl = self.zs = None
+        self.t_last = time.perf_counter()
+        if dense is not None and args.eval_windows:  # the dense model on the same windows, for the measured loss
+            self.ppl = self._perplexity(dense)
+        if dense is not None and args.eval_tasks:  # the dense model on the same documents
+            from .zeroshot import zeroshot
+            self.zs = zeroshot(dense, tok, args.eval_tasks, limit=args.eval_limit, data_dir=args.data_dir)
+
+    def _perplexity(self, model) -> dict:
+        import torch
+
         from .eval import perplexity
         with torch.inference_mode():
-            dense_eval = perplexity(model, tok, "wikitext2", seqlen=args.seqlen, windows=args.eval_windows,
-                                    data_dir=args.data_dir)
-    dense_zs = None
-    if args.eval_tasks and writer and source is None:  # the dense model on the same documents
-        dense_zs = zeroshot(model, tok, args.eval_tasks, limit=args.eval_limit, data_dir=args.data_dir)
-    t_last = [time.perf_counter()]
+            return perplexity(model, self.tok, "wikitext2", seqlen=self.args.seqlen, windows=self.args.eval_windows,
+                              data_dir=self.args.data_dir)
 
-    def finish(m, report, variant) -> dict:
-        """Save one compressed copy, evaluate it, print its summary; returns its row."""
-        counters = [_rank_counters()] if everywhere else []  # a collective: every rank, before rank 0 saves
-        if not writer:
-            return None
-        idx = variants.index(variant)
-        out, keep = outs[idx], variant["keep"]
-        if m is not None:  # (by_save: Plan.save has written it)
-            save_timer = StageTimer()
-            with save_timer("save"):
-                obdk.save_pretrained(m, out, tokenizer=tok, report=report, overwrite=args.overwrite,
-                                     source_dir=sources[0] if sources else None)
-            report.stages.update(save_timer.to_dict())
-        elif args.eval_windows or args.eval_tasks:  # evaluated as a user gets it: loaded from its checkpoint
-            m = obdk.load_pretrained(out, device=args.device)
-        row = {"out": str(out), "keep": keep, "keep_actual": report.keep_actual,
+    def finish(self, idx: int, out: Path, variant: dict, report, counters: Optional[list], n: int) -> dict:
+        """Evaluate the checkpoint ``out`` of one ratio, record and print it; returns its row."""
+        import obdk
+
+        from .io.load import update_report
+        args = self.args
+        row = {"out": str(out), "keep": variant["keep"], "keep_actual": report.keep_actual,
                "targeted_params_before": report.targeted_params_before,
                "targeted_params_after": report.targeted_params_after,
                "model_params_before": report.model_params_before, "model_params_after": report.model_params_after,
                "predicted_loss": report.predicted_loss, "method": args.method,
                "alloc": report.config["alloc"], "stages": report.stages,
                "coverage": {k: v for k, v in report.coverage.items() if k != "untargeted"}}
-        if per_rank is not None:  # torchrun: bytes sent, seconds in collectives and peak RSS of each rank
-            row["distributed"] = counters[0] if counters else per_rank
+        if counters is not None:  # torchrun: bytes sent, seconds in collectives and peak RSS of each rank
+            row["distributed"] = counters
+        m = obdk.load_pretrained(out, device=args.device) if args.eval_windows or args.eval_tasks else None
         if args.eval_windows:
-            from .eval import perplexity
-            with torch.inference_mode():
-                row["eval"] = perplexity(m, tok, "wikitext2", seqlen=args.seqlen, windows=args.eval_windows,
-                                         data_dir=args.data_dir)
-            if dense_eval is not None:
-                report.record_measurement(dense_eval, row["eval"])
+            row["eval"] = self._perplexity(m)
+            if self.ppl is not None:
+                report.record_measurement(self.ppl, row["eval"])
                 row["measured"] = report.measured
         if args.eval_tasks:
-            row["zeroshot"] = zeroshot(m, tok, args.eval_tasks, limit=args.eval_limit, data_dir=args.data_dir)
-            if dense_zs is not None:
-                report.record_zeroshot(dense_zs, row["zeroshot"])
-        row["seconds_this_ratio"] = time.perf_counter() - t_last[0]
-        t_last[0] = time.perf_counter()
+            from .zeroshot import zeroshot
+            row["zeroshot"] = zeroshot(m, self.tok, args.eval_tasks, limit=args.eval_limit, data_dir=args.data_dir)
+            if self.zs is not None:
+                report.record_zeroshot(self.zs, row["zeroshot"])
+        row["seconds_this_ratio"] = time.perf_counter() - self.t_last
+        self.t_last = time.perf_counter()
         update_report(out, {**report.to_dict(), "cli": row})  # with the save stage and the evaluation
         if not args.json:
-            print(f"[{idx + 1}/{len(variants)}] keep={keep:g} → {out}")
-            print("  " + report.summary().replace("\n", "\n  "))
-            if idx > 0:
-                print(f"  marginal cost of this ratio: {row['seconds_this_ratio']:.1f}s")
-            if "eval" in row and dense_eval is not None:
-                print(f"  wikitext2 ppl ({row['eval']['windows']}×{args.seqlen}): {row['eval']['ppl']:.2f} "
-                      f"(dense {dense_eval['ppl']:.2f}; loss increase measured {report.measured['loss_increase']:.3f} "
-                      f"vs predicted {report.predicted_loss:.3f} nats)")
-            elif "eval" in row:
-                print(f"  wikitext2 ppl ({row['eval']['windows']}×{args.seqlen}): {row['eval']['ppl']:.2f} "
-                      f"(predicted loss increase {report.predicted_loss:.3f} nats)")
-            if "zeroshot" in row:
-                from .zeroshot import format_table
-                print("  " + format_table(row["zeroshot"], dense=dense_zs).replace("\n", "\n  "))
+            self._print(idx, n, out, row, report)
         return row
 
-    if by_save:
-        results = [finish(None, plan.save(model, outs[i], tokenizer=tok, overwrite=args.overwrite,
-                                          source_dir=sources[0] if sources else None, model_params_before=before,
-                                          **v), v) for i, v in enumerate(variants)]
-        plan.close()
-    elif len(variants) == 1:  # one ratio: compress the loaded model itself, no copy
-        results = [finish(model, plan.apply(model, model_params_before=before, **variants[0]), variants[0])]
-    else:
-        results = compress_many(model, cfg, variants, plan=plan, on_result=finish)
-    if args.json and writer:
-        print(json.dumps(results[0] if len(results) == 1 else {"results": results}, default=str))
-    return 0
+    def _print(self, idx: int, n: int, out: Path, row: dict, report) -> None:
+        args = self.args
+        print(f"[{idx + 1}/{n}] keep={row['keep']:g} → {out}")
+        print("  " + report.summary().replace("\n", "\n  "))
+        if idx > 0:
+            print(f"  marginal cost of this ratio: {row['seconds_this_ratio']:.1f}s")
+        if "eval" in row and self.ppl is not None:
+            print(f"  wikitext2 ppl ({row['eval']['windows']}×{args.seqlen}): {row['eval']['ppl']:.2f} "
+                  f"(dense {self.ppl['ppl']:.2f}; loss increase measured {report.measured['loss_increase']:.3f} "
+                  f"vs predicted {report.predicted_loss:.3f} nats)")
+        elif "eval" in row:
+            print(f"  wikitext2 ppl ({row['eval']['windows']}×{args.seqlen}): {row['eval']['ppl']:.2f} "
+                  f"(predicted loss increase {report.predicted_loss:.3f} nats)")
+        if "zeroshot" in row:
+            from .zeroshot import format_table
+            print("  " + format_table(row["zeroshot"], dense=self.zs).replace("\n", "\n  "))
 
 
 def cmd_eval(args) -> int:

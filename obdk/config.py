@@ -17,6 +17,8 @@ from typing import Any, Optional, Union
 import torch
 
 from .errors import ConfigError
+from .registry import ALLOCATORS, METHODS
+from .registry import CORRECTIONS as REGISTERED_CORRECTIONS
 
 FORMAT_VERSION = 1
 
@@ -28,21 +30,11 @@ WHITENINGS: dict[str, tuple[str, ...]] = {
     "obd": ("cx", "cg"),
 }
 
-#: method -> (whitening used to decompose, default allocation, statistics needed, default correction)
-#: ``obd``'s default (global allocation + the ZS step and the K-FAC step) is the best combination
-#: measured on SmolLM2-135M (benchmarks/results/allocation_smollm2.csv).
-METHODS: dict[str, tuple[str, str, tuple[str, ...], Optional[str]]] = {
-    "svd": ("svd", "uniform", (), None),
-    "svd-llm": ("svd-llm", "uniform", ("cx",), None),
-    "asvd": ("asvd", "uniform", ("cx",), None),
-    "obd": ("obd", "global", ("cx", "cg"), "zs+kfac"),
-    "zs-svd": ("svd-llm", "zero-sum", ("cx", "grad"), None),
-    "bsi": ("svd-llm", "bsi", ("cx", "grad"), None),
-}
 #: BSI's estimators of the Hessian diagonal in σ (:func:`obdk.scores.bsi_scores`)
 BSI_CURVATURES = ("hutchinson", "blocked", "kfac", "fisher")
-CORRECTIONS = ("none", "zs", "kfac", "zs+kfac", "zs-guarded", "seq")
-ALLOCATIONS = ("uniform", "global", "zero-sum", "bsi")
+#: the names of the tables of :mod:`obdk.registry` (methods: presets; allocators; corrections, and ``none``)
+CORRECTIONS = ("none",) + tuple(REGISTERED_CORRECTIONS)
+ALLOCATIONS = tuple(ALLOCATORS)
 
 #: fields :meth:`obdk.pipeline.Plan.apply` may change without recalibrating or redecomposing
 APPLY_FIELDS = ("keep", "alloc", "floor", "rank_multiple", "correct", "probes", "eps", "bsi_order", "bsi_curvature",
@@ -169,17 +161,17 @@ class LowRankConfig:
     @property
     def resolved_whitening(self) -> str:
         """The decomposition whitening actually used (``svd``, ``svd-llm``, ``asvd`` or ``obd``)."""
-        return self.whitening or METHODS[self.method][0]
+        return self.whitening or METHODS[self.method].whitening
 
     @property
     def resolved_alloc(self) -> str:
         """The allocation strategy actually used."""
-        return self.alloc or METHODS[self.method][1]
+        return self.alloc or METHODS[self.method].alloc
 
     @property
     def resolved_correct(self) -> Optional[str]:
         """The correction actually applied after truncation: None, ``zs``, ``kfac``, ``zs+kfac``, ``zs-guarded`` or ``seq``."""
-        c = self.correct if self.correct is not None else METHODS[self.method][3]
+        c = self.correct if self.correct is not None else METHODS[self.method].correct
         return None if c in (None, "none") else c
 
     @property
@@ -195,11 +187,8 @@ class LowRankConfig:
     @property
     def needed_stats(self) -> tuple[str, ...]:
         """Calibration statistics this config needs (subset of ``cx``, ``cg``, ``grad``)."""
-        need = set(METHODS[self.method][2]) | set(self.whitening_stats)
-        if self.resolved_alloc in ("zero-sum", "bsi"):
-            need.update(("cx", "grad"))  # (the ZS correction takes its own gradient at the truncation)
-        if self.resolved_alloc == "bsi" and self.bsi_curvature == "kfac":
-            need.add("cg")
+        need = set(METHODS[self.method].stats) | set(self.whitening_stats)
+        need.update(ALLOCATORS[self.resolved_alloc].stats(self))
         return tuple(s for s in ("cx", "cg", "grad") if s in need)
 
     # ------------------------------------------------------------------ checks
@@ -230,9 +219,10 @@ class LowRankConfig:
             raise bad("fisher", "empirical or true")
         if self.correct is not None and self.correct not in CORRECTIONS:
             raise bad("correct", f"None (the method's default) or one of {', '.join(CORRECTIONS)}")
-        if self.resolved_correct == "seq" and self.resolved_whitening not in ("svd-llm", "obd"):
-            raise ConfigError(f"LowRankConfig.correct='seq' refits under input whitening: use whitening "
-                              f"svd-llm or obd, not {self.resolved_whitening!r}")
+        fix = REGISTERED_CORRECTIONS[self.resolved_correct] if self.resolved_correct is not None else None
+        if fix is not None and fix.whitenings is not None and self.resolved_whitening not in fix.whitenings:
+            raise ConfigError(f"LowRankConfig.correct={fix.name!r} {fix.whitening_why}: use whitening "
+                              f"{' or '.join(fix.whitenings)}, not {self.resolved_whitening!r}")
         if self.bsi_order not in ("importance", "spectral"):
             raise bad("bsi_order", "importance or spectral")
         if self.bsi_terms not in BSI_TERMS:

@@ -73,6 +73,10 @@ class UnsupportedModelError(ObdkError, ValueError):
     """The model has no layers obdk can target (e.g. GPT-2's ``Conv1D``), named in the message."""
 
 
+class StreamingUnsupportedError(UnsupportedModelError):
+    """The layer-streamed passes cannot run this model exactly (the message says why and what to use)."""
+
+
 class NonFiniteLossError(ObdkError, RuntimeError):
     """A forward pass produced a NaN/inf loss (evaluation, calibration or a correction step)."""
 

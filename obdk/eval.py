@@ -25,9 +25,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .calibrate.data import check_token_ids, load_text, sha256_text, tokenize_text
 from .calibrate.head import window_nll
 from .errors import DataError, NonFiniteLossError  # noqa: F401
-from .calibrate.data import check_token_ids, load_text, sha256_text, tokenize_text
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,6 @@ from __future__ import annotations
 import logging
 import re
 
-import torch
-import torch.nn as nn
-
 log = logging.getLogger(__name__)
 _registered = False
 
@@ -32,8 +29,11 @@ def register() -> bool:
     if _registered:
         return True
     try:
-        from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
-                                                  register_quantization_config, register_quantizer)
+        from transformers.quantizers.auto import (
+            AUTO_QUANTIZER_MAPPING,
+            register_quantization_config,
+            register_quantizer,
+        )
         from transformers.quantizers.base import HfQuantizer
         from transformers.utils.quantization_config import QuantizationConfigMixin
     except Exception as exc:  # pragma: no cover - very old/new transformers

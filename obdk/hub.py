@@ -20,9 +20,6 @@ model configurations).
 """
 from __future__ import annotations
 
-from .errors import ConfigError, ModelNotFoundError, UnknownNameError  # noqa: F401
-from .calibrate import fingerprint as _fingerprint
-from .calibrate.fingerprint import config_hash, tokenizer_hash  # noqa: F401  (public here too)
 import glob
 import importlib.util
 import json
@@ -35,6 +32,11 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+
+from .calibrate import fingerprint as _fingerprint
+from .calibrate.data import hub_offline
+from .calibrate.fingerprint import config_hash, tokenizer_hash  # noqa: F401  (public here too)
+from .errors import ConfigError, ModelNotFoundError, UnknownNameError  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +57,6 @@ _DTYPES = {
 # ModelNotFoundError lives in obdk.errors (one base, ObdkError); re-exported here.
 
 
-def _hub_offline() -> bool:
-    """True when the environment forbids hub access (read at call time, not import time)."""
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
-            return True
-    return False
 
 
 def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -252,7 +248,7 @@ def load_tokenizer(spec: str | os.PathLike):
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except OSError:
-        if _hub_offline():
+        if hub_offline():
             raise
         return AutoTokenizer.from_pretrained(path)
 
@@ -305,7 +301,7 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype | str | None = Non
                 model, tok = _load_hf(s, dt, local_files_only=True)
             except (OSError, ValueError) as exc:
                 tried.append(f"hub cache: {type(exc).__name__}: {str(exc).splitlines()[0]}")
-                if _hub_offline():
+                if hub_offline():
                     tried.append("hub: skipped, HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set")
                     raise ModelNotFoundError(f"cannot load model {s!r}; tried " + "; ".join(tried)) from exc
                 try:

@@ -28,8 +28,8 @@ from torch import Tensor
 
 from . import ops
 from .backends import select
-from .models import set_module
 from .errors import DataError, WrongTypeError
+from .models import set_module
 
 log = logging.getLogger(__name__)
 

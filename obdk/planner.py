@@ -101,8 +101,8 @@ def plan_run(cfg: dict[str, Any], *, method: str = "obd", nsamples: int = 32, se
         raise ConfigError(f"dtype {dtype!r} / stats dtype {stats_dtype!r}: model dtype one of "
                           f"{', '.join(_DTYPE_BYTES)}, statistics float32 or float64")
     wb, sb = _DTYPE_BYTES[dtype], _DTYPE_BYTES[stats_dtype]
-    whitening, _, extra, _ = METHODS[method]
-    want = set(WHITENINGS[whitening]) | set(extra)
+    preset = METHODS[method]
+    want = set(WHITENINGS[preset.whitening]) | set(preset.stats)
     targets, z = _shapes(cfg)
     L, d, f, V = z["layers"], z["d"], z["f"], z["vocab"]
     inputs = {key: n for _, _, n, key in targets}

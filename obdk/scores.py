@@ -28,12 +28,13 @@ from torch import Tensor
 
 from .calibrate.head import summed_weight_grads
 from .decompose.whitened import WhitenedSVD, spectrum_as_svd, whitened_svd
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, NotCollectedError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ZSScores", "zero_sum_scores", "zero_sum_grads", "zero_sum_deltas", "hutchinson_diag", "kfac_diag",
-           "fisher_diag", "bsi_importance", "BSIScores", "bsi_scores"]
+           "fisher_diag", "bsi_importance", "BSIScores", "bsi_scores", "plan_zero_sum", "plan_bsi", "layer_zero_sum",
+           "layer_bsi"]
 
 Sigma = Union[Tensor, Mapping[str, Tensor]]
 
@@ -398,3 +399,52 @@ def bsi_scores(model: nn.Module, input_ids: Tensor, decomps: Mapping[str, Whiten
     log.info("bsi_scores [%s]: %d matrices, %d gradient passes over %d windows%s", curvature, len(names), passes,
              input_ids.shape[0], f" ({sum(used.values())} probes, eps {eps:g})" if used else "")
     return out
+
+
+# =========================================================================== a plan's scores (obdk.registry)
+
+
+def plan_zero_sum(plan, model: Optional[nn.Module], config) -> dict[str, Tensor]:
+    """``{name: δ [k]}`` of every target of ``plan`` (:class:`obdk.plan.Plan`) from its calibration's summed weight
+    gradients (the statistics must hold ``grad``; :class:`~obdk.errors.NotCollectedError` naming a target)."""
+    grads = getattr(plan.stats, "grad", None) or {}
+    missing = [t.name for t in plan.targets if t.name not in grads]
+    if missing:
+        raise NotCollectedError(f"alloc 'zero-sum' needs the weight gradient ('grad') of every target, "
+                                f"which this plan's calibration did not collect (e.g. {missing[0]}); "
+                                f"prepare with alloc='zero-sum' or method 'zs-svd'")
+    return zero_sum_deltas({t.name: plan.spectra[t.name] for t in plan.targets}, grads)
+
+
+def plan_bsi(plan, model: Optional[nn.Module], config) -> dict[str, "BSIScores"]:
+    """``{name: BSIScores}`` of every target of ``plan`` by ``config``'s ``bsi_curvature``, ``probes``, ``eps``,
+    ``probe_tol``, ``max_probes`` (:func:`bsi_scores`): ``kfac`` from the statistics' ``C_x``, ``C_g`` and
+    gradients; the others from the loss of ``model`` (the dense model, or a dense copy) on the calibration windows."""
+    if config.bsi_curvature == "kfac":
+        have = set(getattr(plan.stats, "stats", ()) or ())
+        if not {"cx", "cg"} <= have:
+            raise NotCollectedError(f"bsi_curvature 'kfac' reads C_x and C_g, and this plan's statistics "
+                                    f"hold {sorted(have) or 'none'}; prepare with "
+                                    f"bsi_curvature='kfac' (or whitening 'obd'), or choose another "
+                                    f"bsi_curvature")
+    if model is None or plan.data is None:
+        raise ConfigError("alloc 'bsi' scores bases on the model's loss: it needs the dense model and "
+                          "the calibration windows (prepare with calibration=...)")
+    decomps = {t.name: spectrum_as_svd(plan.spectra[t.name]) for t in plan.targets}
+    return bsi_scores(model, plan.data.input_ids, decomps, curvature=config.bsi_curvature,
+                      probes=config.probes, eps=config.eps, probe_tol=config.probe_tol,
+                      max_probes=config.max_probes, stats=plan.stats,
+                      attention_mask=plan.data.attention_mask,
+                      generator=torch.Generator().manual_seed(0), progress=plan.progress)
+
+
+def layer_zero_sum(model: nn.Module, data, spectra: Mapping[str, object], stats) -> dict[str, Tensor]:
+    """``{name: δ [k]}`` of one decoder layer's ``spectra`` from its streamed statistics ``stats`` (their ``grad``)."""
+    return zero_sum_deltas(spectra, stats.grad)
+
+
+def layer_bsi(model: nn.Module, data, spectra: Mapping[str, object], stats) -> dict[str, "BSIScores"]:
+    """``{name: BSIScores}`` of one decoder layer's ``spectra`` by the K-FAC curvature of its streamed ``stats`` (no
+    pass over the model)."""
+    return bsi_scores(model, data.input_ids, {n: spectrum_as_svd(v) for n, v in spectra.items()},
+                      curvature="kfac", stats=stats, attention_mask=data.attention_mask)

@@ -143,6 +143,7 @@ def test_named_dataset_default_splits(data_dir, tok):
 @pytest.mark.slow
 def test_smollm2_gguf_wikitext2(data_dir):
     import time
+
     from obdk.hub import load_model
     t0 = time.perf_counter()
     model, tok = load_model("smollm2-135m")

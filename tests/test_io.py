@@ -1,6 +1,5 @@
 """Checkpoint round trip and every error path of obdk.io."""
 import json
-import os
 
 import pytest
 import torch

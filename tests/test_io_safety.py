@@ -12,8 +12,8 @@ import torch
 
 import obdk
 from obdk import hub, io
-from obdk.io import writer as io_writer
 from obdk.errors import CheckpointError, ObdkError, OutputPathError
+from obdk.io import writer as io_writer
 from obdk.models import set_module
 from obdk.nn import LowRankLinear
 from tests.conftest import make_char_tokenizer, make_tiny_llama

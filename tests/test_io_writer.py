@@ -1,7 +1,6 @@
 """obdk.io.CheckpointWriter: a checkpoint written tensor by tensor is save_pretrained's, shard for shard;
 host memory holds at most one shard of pending tensors; every failure leaves the target as it was."""
 import json
-import os
 
 import pytest
 import torch

@@ -8,8 +8,15 @@ import torch.nn as nn
 from obdk import _ext
 from obdk.backends import BackendUnavailable
 from obdk.models import linear_groups
-from obdk.nn import (LowRankLinear, PackedLowRankLinear, PackedSlice, lowrank_linear_grouped, pack_shared_inputs,
-                     shared_input_groups, unpack_shared_inputs)
+from obdk.nn import (
+    LowRankLinear,
+    PackedLowRankLinear,
+    PackedSlice,
+    lowrank_linear_grouped,
+    pack_shared_inputs,
+    shared_input_groups,
+    unpack_shared_inputs,
+)
 from obdk.ops import lowrank_linear_reference
 
 from .conftest import make_tiny_llama, make_tiny_qwen2

@@ -120,6 +120,7 @@ def calibrated_model(args, stats: tuple[str, ...] = ("cx", "cg", "grad")):
     ``args.windows`` (evaluated windows of WikiText-2 and C4 kept out of a same-corpus calibration) and
     ``args.cache_dir`` (the allocation benchmark's statistics cache, reused when it matches)."""
     from obdk.calibrate.stats import calibrate
+
     from .models import load
     model, tok = load(args.model)
     data, source = calibration_data(args.calib, tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,

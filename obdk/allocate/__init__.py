@@ -8,8 +8,17 @@ out (:class:`Allocation`); nothing here runs a model. The budget is defined once
 :mod:`obdk.scores`, ZS-SVD's correction from :mod:`obdk.correct`.
 """
 from .bsi import allocate_bsi
-from .budget import (Allocation, MatrixSpec, break_even, budget, max_factored_rank, params, round_rank,
-                     total_params, uniform_rank)
+from .budget import (
+    Allocation,
+    MatrixSpec,
+    break_even,
+    budget,
+    max_factored_rank,
+    params,
+    round_rank,
+    total_params,
+    uniform_rank,
+)
 from .knapsack import Choices, allocate_global, solve_choices
 from .uniform import allocate_uniform
 from .zerosum import allocate_zero_sum

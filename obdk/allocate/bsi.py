@@ -14,9 +14,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .budget import Allocation, MatrixSpec, _check_specs, budget, max_factored_rank, total_params
-from .knapsack import DP_LIMIT, rank_choices, floor_rank, solve_choices, suffix_sums
 from ..errors import ConfigError
+from .budget import Allocation, MatrixSpec, _check_specs, budget, max_factored_rank, total_params
+from .knapsack import DP_LIMIT, floor_rank, rank_choices, solve_choices, suffix_sums
 
 log = logging.getLogger(__name__)
 
@@ -79,3 +79,21 @@ def allocate_bsi(specs: Sequence[MatrixSpec], keep: float, multiple: int = 1, *,
                       predicted_loss=meta["loss"], strategy="bsi", meta=meta)
 
 
+
+
+def spec_fields(scores, config, costs: Tensor) -> dict:
+    """A target's :class:`MatrixSpec` fields from its :class:`~obdk.scores.BSIScores` and spectral ``costs`` [k].
+
+    BSI removes bases only until the budget is met (its greedy never removes more); a negative estimate
+    (Hutchinson noise) must not make removing extra bases "profitable": the importance of
+    ``config.bsi_terms`` is clamped at 0 and ties are broken by the spectral cost, so equal scores drop the tail
+    first."""
+    imp = scores.terms(config.bsi_terms).double().cpu().clamp_min(0)
+    return {"importance": imp + 1e-12 * costs[: imp.numel()]}
+
+
+def from_config(specs: Sequence[MatrixSpec], config) -> Allocation:
+    """:func:`allocate_bsi` at ``config``'s ``keep``, ``rank_multiple``, ``floor`` and ``bsi_order`` (its entry in
+    :data:`obdk.registry.ALLOCATORS`)."""
+    return allocate_bsi(specs, config.keep, multiple=config.rank_multiple, floor=config.floor,
+                        order=config.bsi_order)

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
+
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,10 @@ def params(m: int, n: int, rank: Optional[int]) -> int:
 
 
 def break_even(m: int, n: int) -> float:
-    """The break-even rank ``r* = mn/(m+n)`` of an ``m×n`` matrix (a float, ``< min(m, n)``)."""
+    """The break-even rank ``r* = mn/(m+n)`` of an ``m×n`` matrix (a float, ``< min(m, n)``): factors ``[m, r] +
+    [r, n]`` hold as many parameters as ``[m, n]``. The one copy (:func:`obdk.decompose.break_even_rank` is it)."""
     if m <= 0 or n <= 0:
-        raise ConfigError(f"break_even: matrix dims must be positive, got {m}×{n}")
+        raise ConfigError(f"break_even: m and n must be positive, got m={m}, n={n}")
     return m * n / (m + n)
 
 

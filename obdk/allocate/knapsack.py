@@ -18,8 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .budget import (Allocation, MatrixSpec, _check_specs, budget, max_factored_rank,
-                     total_params, uniform_rank)
+from .budget import Allocation, MatrixSpec, _check_specs, budget, max_factored_rank, total_params, uniform_rank
 
 log = logging.getLogger(__name__)
 
@@ -333,3 +332,9 @@ def allocate_global(specs: Sequence[MatrixSpec], keep: float, *, floor: float = 
              meta["gap"], sum(r is None for r in labels))
     return Allocation(ranks=ranks, params=meta["params"], budget=B, total_params=total_params(specs),
                       predicted_loss=meta["loss"], strategy="global", meta=meta)
+
+
+def from_config(specs: Sequence[MatrixSpec], config) -> Allocation:
+    """:func:`allocate_global` at ``config``'s ``keep``, ``floor`` and ``rank_multiple`` (its entry in
+    :data:`obdk.registry.ALLOCATORS`)."""
+    return allocate_global(specs, config.keep, floor=config.floor, multiple=config.rank_multiple)

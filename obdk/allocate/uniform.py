@@ -4,8 +4,8 @@ from __future__ import annotations
 import logging
 from typing import Optional, Sequence
 
-from .budget import Allocation, MatrixSpec, _check_specs, budget, params, round_rank, total_params, uniform_rank
 from ..errors import ConfigError
+from .budget import Allocation, MatrixSpec, _check_specs, budget, params, round_rank, total_params, uniform_rank
 
 log = logging.getLogger(__name__)
 
@@ -43,3 +43,9 @@ def allocate_uniform(specs: Sequence[MatrixSpec], keep: float, multiple: int = 1
              keep, multiple, used, B, sum(r is None for r in ranks.values()))
     return Allocation(ranks=ranks, params=used, budget=B, total_params=total_params(specs),
                       predicted_loss=loss, strategy="uniform", meta={"multiple": multiple})
+
+
+def from_config(specs: Sequence[MatrixSpec], config) -> Allocation:
+    """:func:`allocate_uniform` at ``config.keep`` and ``config.rank_multiple`` (its entry in
+    :data:`obdk.registry.ALLOCATORS`)."""
+    return allocate_uniform(specs, config.keep, multiple=config.rank_multiple)

@@ -17,10 +17,9 @@ import math
 from typing import Any, Optional, Sequence
 
 import torch
-from torch import Tensor
 
-from .budget import Allocation, MatrixSpec, _check_specs, budget, max_factored_rank, total_params
 from ..errors import ConfigError
+from .budget import Allocation, MatrixSpec, _check_specs, budget, max_factored_rank, total_params
 
 log = logging.getLogger(__name__)
 
@@ -135,3 +134,13 @@ def allocate_zero_sum(specs: Sequence[MatrixSpec], keep: float, *, min_rank_rati
                       predicted_loss=loss, strategy="zero_sum", meta=meta)
 
 
+
+
+def spec_fields(deltas, config, costs) -> dict:
+    """A target's :class:`MatrixSpec` fields from its zero-sum scores ``deltas`` [k] (δ per component)."""
+    return {"deltas": deltas}
+
+
+def from_config(specs: Sequence[MatrixSpec], config) -> Allocation:
+    """:func:`allocate_zero_sum` at ``config.keep`` (its entry in :data:`obdk.registry.ALLOCATORS`)."""
+    return allocate_zero_sum(specs, config.keep)

@@ -34,8 +34,8 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor
 
-from .statistics import Statistics
 from .fingerprint import canonical_json, data_fingerprint, model_fingerprint, tensor_digest  # noqa: F401
+from .statistics import Statistics
 
 log = logging.getLogger(__name__)
 

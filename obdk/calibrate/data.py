@@ -151,16 +151,17 @@ def parse_dataset(spec: str) -> tuple[str, str | None] | None:
     return key, s
 
 
-def _hub_offline() -> bool:
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
-            return True
-    return False
+def hub_offline(*, datasets: bool = False) -> bool:
+    """True when the environment forbids hub access (read at call time, not import time): ``HF_HUB_OFFLINE`` or
+    ``TRANSFORMERS_OFFLINE`` set (``1``/``on``/``yes``/``true``), and for ``datasets`` also ``HF_DATASETS_OFFLINE``.
+    The one copy: :mod:`obdk.hub` (models, tokenizers) asks it too."""
+    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") + (("HF_DATASETS_OFFLINE",) if datasets else ())
+    return any(os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE") for var in names)
 
 
 def _hub_texts(name: str, split: str) -> list[str]:
     """Rows of the ``text`` column from the hub (tests monkeypatch this)."""
-    if _hub_offline():
+    if hub_offline(datasets=True):
         raise ConnectionError("hub access disabled (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set)")
     import datasets
     args, kwargs = DATASETS[name].hub[split]
@@ -372,7 +373,7 @@ def _ids_sha256(ids: Tensor) -> str:
 def _tok_hash(tokenizer: Any) -> str | None:
     if tokenizer is None:
         return None
-    from ..hub import tokenizer_hash
+    from .fingerprint import tokenizer_hash
     return tokenizer_hash(tokenizer)
 
 

@@ -35,9 +35,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .. import (
+    _ext,
+    ops,  # noqa: F401  (declares torch.ops.obdk.gram_acc_)
+)
 from ..errors import DataError, SharedInputMismatch  # noqa: F401
-from .. import _ext
-from .. import ops  # noqa: F401  (declares torch.ops.obdk.gram_acc_)
 
 __all__ = ["CalibrationContext", "GroupState", "ModuleSlot", "CalibrationLinear", "SharedInputMismatch", "gram_acc"]
 

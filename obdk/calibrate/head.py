@@ -11,7 +11,7 @@ sums ``∂L/∂W`` over calibration windows (ZS-SVD's scores, the corrections, B
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn

@@ -31,20 +31,20 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from ..errors import ConfigError, DataError, NonFiniteError, WrongTypeError
+from ..models import accepts_position_ids, forward_kwargs, input_device, trunk
 from ..stream import distributed as dist
 from .cache import StatsCache, cache_key, data_fingerprint, model_fingerprint
 from .function import CalibrationContext, CalibrationLinear, GroupState, ModuleSlot
+from .head import head_backward, label_positions, loss_backward, plain_head  # noqa: F401
 from .memory import _resolve_groups, stats_nbytes  # noqa: F401  (public here too)
 from .statistics import _FISHER, STATS, Statistics
-from ..models import accepts_position_ids, forward_kwargs, input_device, trunk
-from .head import head_backward, label_positions, loss_backward, plain_head  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -236,14 +236,18 @@ def calibration_fingerprint(model: nn.Module, linears: dict[str, nn.Linear], ids
 
 
 def accumulators(groups, linears: dict[str, nn.Linear], want: Sequence[str], dtype: torch.dtype,
-                 ctx: CalibrationContext) -> tuple[dict[str, ModuleSlot], dict[str, Tensor], dict[str, str]]:
+                 ctx: CalibrationContext, slots: Optional[dict[str, ModuleSlot]] = None
+                 ) -> tuple[dict[str, ModuleSlot], dict[str, Tensor], dict[str, str]]:
     """Zeroed sums for ``want`` of every group, each on its own Linear's device.
 
     Returns ``(slots, accs, input_key)``: the calibration Function's per-module slots; the raw
     sums in forward order keyed ``"cx/<group key>"`` [n, n], ``"cg/<name>"`` [m, m],
-    ``"grad/<name>"`` [m, n]; and module name → its group key.
+    ``"grad/<name>"`` [m, n]; and module name → its group key. ``slots``: existing slots of (at least)
+    these groups to fill instead of new ones (a streamed pass patches the model once and arms one decoder
+    layer's groups at a time); the returned slots are then those.
     """
-    slots: dict[str, ModuleSlot] = {}
+    fresh = slots is None
+    slots = {} if fresh else slots
     accs: dict[str, Tensor] = {}
     input_key: dict[str, str] = {}
     for g in groups:
@@ -252,7 +256,11 @@ def accumulators(groups, linears: dict[str, nn.Linear], want: Sequence[str], dty
         cx = torch.zeros(first.in_features, first.in_features, dtype=dtype, device=dev) if "cx" in want else None
         if cx is not None:
             accs[f"cx/{g.key}"] = cx
-        gs = GroupState(g.key, g.names, cx, ctx)
+        if fresh:
+            gs = GroupState(g.key, g.names, cx, ctx)
+        else:
+            gs = slots[g.names[0]].group
+            gs.cx = cx
         for name in g.names:
             m = linears[name]
             cg = torch.zeros(m.out_features, m.out_features, dtype=dtype, device=m.weight.device) if "cg" in want else None
@@ -262,7 +270,10 @@ def accumulators(groups, linears: dict[str, nn.Linear], want: Sequence[str], dty
                 accs[f"cg/{name}"] = cg
             if gr is not None:
                 accs[f"grad/{name}"] = gr
-            slots[name] = ModuleSlot(name, gs, cg, gr)
+            if fresh:
+                slots[name] = ModuleSlot(name, gs, cg, gr)
+            else:
+                slots[name].cg, slots[name].grad = cg, gr
             input_key[name] = g.key
     return slots, accs, input_key
 
@@ -331,7 +342,6 @@ def reduce_statistics(accs: dict[str, Tensor], input_key: dict[str, str], *, tok
     ``accs`` (see :func:`accumulators`) is emptied as it goes, one tensor at a time, so the
     result never needs a second copy; ``offload`` moves each to host memory.
     """
-    from tqdm.auto import tqdm
     like = next(iter(accs.values()))
     tokens, loss_tokens = dist.all_reduce_counts([tokens, loss_tokens], like=like)
     if tokens == 0:
@@ -340,19 +350,33 @@ def reduce_statistics(accs: dict[str, Tensor], input_key: dict[str, str], *, tok
         raise DataError("calibrate: no position has a next-token label (windows of length 1?); C_g is undefined")
     out = Statistics(input_key=input_key, tokens=tokens, loss_tokens=loss_tokens if backward else 0,
                      windows=windows, fisher=fisher, dtype=dtype, fingerprint=fingerprint)
-    for k in tqdm(list(accs), desc="obdk calibrate [reduce+normalise" + ("+offload]" if offload else "]"),
-                  disable=not progress, leave=False):
+    move_normalised(out, accs, combine=lambda key, t: dist.all_reduce_sum_([t]), offload=offload, progress=progress,
+                    desc="obdk calibrate [reduce+normalise" + ("+offload]" if offload else "]"))
+    return out
+
+
+def move_normalised(out: Statistics, accs: dict[str, Tensor], *, combine: Callable[[str, Tensor], None],
+                    keep: Callable[[str], bool] = lambda key: True, offload: bool = False, progress: bool = False,
+                    desc: str = "") -> None:
+    """Move every raw sum of ``accs`` (keyed ``"cx/<group key>"``, ``"cg/<name>"``, ``"grad/<name>"``, see
+    :func:`accumulators`) into ``out``, one tensor at a time and in order: combined across ranks first
+    (``combine(key, t)``, in place: every rank calls it for every key), then, where ``keep(key)``, normalised by
+    ``out``'s normalisers (``C_x`` / ``out.tokens``, ``C_g`` / ``out.loss_tokens``, ``∂L/∂W`` summed) and stored
+    (on the host with ``offload``); a sum not kept is dropped. ``accs`` is emptied."""
+    from tqdm.auto import tqdm
+    for k in tqdm(list(accs), desc=desc, disable=not progress, leave=False):
         t = accs.pop(k)
-        dist.all_reduce_sum_([t])
+        combine(k, t)
+        if not keep(k):
+            continue
         kind, name = k.split("/", 1)
         if kind == "cx":
-            t.div_(tokens)
+            t.div_(out.tokens)
         elif kind == "cg":
-            t.div_(loss_tokens)
+            t.div_(out.loss_tokens)
         if offload and t.device.type != "cpu":
             t = t.to("cpu")
         getattr(out, kind)[name] = t
-    return out
 
 
 def _place(st: Statistics, linears: dict[str, nn.Linear], groups) -> Statistics:
@@ -405,7 +429,7 @@ def _check_finite_weights(model: nn.Module) -> None:
     A NaN weight in layer 1 flows back through the backward pass into every earlier layer's
     ``C_g``; checked here (one reduction per tensor), the error names where it first appears.
     """
-    from ..decompose.roots import all_finite
+    from ..finite import all_finite
     for name, p in model.named_parameters():
         if p.is_floating_point() and not all_finite(p.detach()):
             raise NonFiniteError(f"calibrate: parameter {name} {tuple(p.shape)} holds NaN/inf values; "

@@ -15,8 +15,9 @@ from typing import Callable, Iterator, Mapping, Optional
 
 from torch import Tensor
 
-from ..stream.layer_files import HostBudget, LayerFiles
 from ..errors import ConfigError
+from ..stream.budget import HostBudget
+from ..stream.layer_files import LayerFiles
 
 __all__ = ["FactorStore"]
 
@@ -31,7 +32,7 @@ class FactorStore(LayerFiles, Mapping):
     ``files_read``.
     """
 
-    _prefix = "obdk-factors-"
+    prefix = "obdk-factors-"
 
     def __init__(self, *, scratch_dir=None, budget: Optional[HostBudget] = None) -> None:
         super().__init__("FactorStore", None, scratch_dir, budget)

@@ -21,14 +21,15 @@ model at each ``t``); a streamed plan is refused by name.
 from __future__ import annotations
 
 import logging
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..calibrate.head import accepts_position_ids, forward_kwargs, label_positions, next_token_loss
+from ..calibrate.head import label_positions, next_token_loss
 from ..errors import ConfigError, DataError, NonFiniteLossError
+from ..models import accepts_position_ids, forward_kwargs
 from .steps import gradient_correct
 
 log = logging.getLogger(__name__)
@@ -129,3 +130,20 @@ def guarded_correct(model: nn.Module, factors: Mapping[str, tuple], *, data, hol
     info = {"t": best, "loss": losses, "gradient_windows": int(data.input_ids.shape[0]),
             "holdout_windows": int(holdout.input_ids.shape[0]), "damping": used if best else {}}
     return out, info
+
+
+def run(model: nn.Module, plan: Any, config, factors: dict[str, tuple], *,
+        progress: bool = False) -> tuple[dict[str, tuple], dict[str, dict]]:
+    """``correct='zs-guarded'`` (its entry in :data:`obdk.registry.CORRECTIONS`): :func:`guarded_correct` on the
+    plan's windows less the last ``config.guard_windows``, held out; every target's report gets the step size
+    chosen (``guard_t``) and the held-out loss at each size tried (``guard_loss@t``)."""
+    if plan.stream is not None:
+        raise ConfigError("correct='zs-guarded': its line search runs the whole model on the held-out windows "
+                          "at each step size, which does not stream; prepare without stream, or use correct='zs'")
+    fit, held = split_holdout(plan.data, config.guard_windows)
+    factors, info = guarded_correct(model, factors, data=fit, holdout=held, stats=plan.stats,
+                                    spectra=plan.spectra, config=config, progress=progress)
+    log.info("correct='zs-guarded': t=%g (held-out loss %s)", info["t"],
+             ", ".join(f"{t:g}: {v:.4f}" for t, v in info["loss"].items()))
+    shown = {"guard_t": info["t"], **{f"guard_loss@{t:g}": v for t, v in info["loss"].items()}}
+    return factors, {n: dict(shown) for n in factors}

@@ -227,3 +227,13 @@ def sequential_refit(model: nn.Module, plan: Any, ranks: dict[str, int], data: A
             for name, w in originals.items():
                 model.get_submodule(name).weight.copy_(w)
     return out, refit_damping
+
+
+def run(model: nn.Module, plan: Any, config, factors: dict[str, tuple], *,
+        progress: bool = False) -> tuple[dict[str, tuple], dict[str, dict]]:
+    """``correct='seq'`` (its entry in :data:`obdk.registry.CORRECTIONS`): :func:`sequential_refit` of every target
+    of ``factors`` (``{name: (a [r, n], b [m, r], predicted)}``) at its rank; the damping of each refit's solves
+    as ``refit_<key>``."""
+    factors, used = sequential_refit(model, plan, {n: f[0].shape[0] for n, f in factors.items()}, plan.data,
+                                     progress=progress)
+    return factors, {n: {f"refit_{k}": v for k, v in d.items()} for n, d in used.items()}

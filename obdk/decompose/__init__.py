@@ -13,10 +13,19 @@
 The only damped Cholesky and the damping rule live in :mod:`obdk.decompose.roots`;
 :mod:`obdk.decompose.schedule` runs a model's decompositions (batched on GPU, side by side on CPU).
 """
-from .closed_form import (METHODS, SOLVERS, Factorization, Spectrum, break_even_rank, damp_covariance, factorize,
-                          kfac_loss, spectra, spectrum)
-
 from .asvd import asvd_spectrum
+from .closed_form import (
+                          METHODS,
+                          SOLVERS,
+                          Factorization,
+                          Spectrum,
+                          break_even_rank,
+                          damp_covariance,
+                          factorize,
+                          kfac_loss,
+                          spectra,
+                          spectrum,
+)
 from .whitened import WhitenedSVD, spectrum_as_svd, whitened_svd
 
 __all__ = ["asvd_spectrum", "WhitenedSVD", "spectrum_as_svd", "whitened_svd", "METHODS", "SOLVERS", "Factorization", "Spectrum", "break_even_rank", "damp_covariance", "factorize",

@@ -38,9 +38,18 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from ..allocate.budget import break_even as break_even_rank  # (the budget rule's; public here too)
 from ..errors import DataError
-from .roots import (_escalate, add_damping, all_finite, damped_cholesky, damped_eigen_root, eigh_desc, normalize_cov,
-                    try_cholesky)
+from .roots import (
+    _escalate,
+    add_damping,
+    all_finite,
+    damped_cholesky,
+    damped_eigen_root,
+    eigh_desc,
+    normalize_cov,
+    try_cholesky,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -89,13 +98,6 @@ def _phase(name: str, dev: torch.device):
 METHODS = ("svd", "svd-llm", "obd")
 SOLVERS = ("eig", "cholesky")
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
-
-
-def break_even_rank(m: int, n: int) -> float:
-    """The rank ``mn/(m+n)`` at which factors ``[m, r] + [r, n]`` hold as many parameters as ``[m, n]``."""
-    if m <= 0 or n <= 0:
-        raise DataError(f"break_even_rank: m and n must be positive, got m={m}, n={n}")
-    return m * n / (m + n)
 
 
 def damp_covariance(c: Tensor, alpha: float) -> Tensor:

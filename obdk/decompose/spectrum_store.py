@@ -18,11 +18,11 @@ import dataclasses
 import os
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
-import torch
 from torch import Tensor
 
-from ..stream.layer_files import HostBudget, LayerFiles
 from ..errors import ConfigError, DataError, NotCollectedError
+from ..stream.budget import HostBudget
+from ..stream.layer_files import LayerFiles
 from .closed_form import Spectrum
 
 __all__ = ["SpectrumStore"]
@@ -63,7 +63,7 @@ class SpectrumStore(LayerFiles, Mapping):
     and the target.
     """
 
-    _prefix = "obdk-spectra-"
+    prefix = "obdk-spectra-"
 
     def __init__(self, max_host_memory: Optional[int] = None, scratch_dir: Optional[str | os.PathLike] = None, *,
                  budget: Optional[HostBudget] = None, order: Optional[Sequence[str]] = None) -> None:

@@ -52,7 +52,7 @@ def nonfinite(t: torch.Tensor) -> str:
 
 def check_finite(name: str, t: torch.Tensor, file: Any, cast: Optional[torch.dtype] = None) -> None:
     """Raise :class:`CheckpointError` when tensor ``name`` (from ``file``) holds NaN/Inf."""
-    from ..decompose.roots import all_finite
+    from ..finite import all_finite
     if not all_finite(t):
         after = f" after the cast to {_dtype_name(cast)} (the values overflow it)" if cast is not None else ""
         raise CheckpointError(f"{file}: tensor {name!r} holds {nonfinite(t)}{after}; the checkpoint is corrupt"

@@ -23,8 +23,17 @@ from ..errors import CheckpointError
 from ..models import set_module
 from ..nn import LowRankLinear
 from .atomic import recover
-from .format import (REPORT_FILE, TensorInfo, _dtype_name, _read_config_json, check_finite,
-                     check_quantization_config, factor_dtype, is_tombstone, tensor_index)
+from .format import (
+    REPORT_FILE,
+    TensorInfo,
+    _dtype_name,
+    _read_config_json,
+    check_finite,
+    check_quantization_config,
+    factor_dtype,
+    is_tombstone,
+    tensor_index,
+)
 
 
 def install_lowrank(model: nn.Module, ranks: dict[str, int], where: str, **kw) -> nn.Module:

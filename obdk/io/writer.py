@@ -22,14 +22,33 @@ import torch
 import torch.nn as nn
 
 from .. import __version__
-from ..decompose.roots import all_finite as _all_finite
 from ..config import FORMAT_VERSION
 from ..errors import CheckpointError, ConfigError, NonFiniteError, WrongTypeError
+from ..finite import all_finite as _all_finite
 from ..nn import LowRankLinear
-from .atomic import (_files_under, _fsync, _listing, _sources_of, _sources_of_config, check_writable, drop_temporary,
-                     new_temporary, recover, release_swap, swap_in)
-from .format import (INDEX_FILE, MANIFEST_FILE, REPORT_FILE, SHARD_BYTES, SINGLE_FILE, _dtype_name, nonfinite,
-                     quantization_config)
+from .atomic import (
+    _files_under,
+    _fsync,
+    _listing,
+    _sources_of,
+    _sources_of_config,
+    check_writable,
+    drop_temporary,
+    new_temporary,
+    recover,
+    release_swap,
+    swap_in,
+)
+from .format import (
+    INDEX_FILE,
+    MANIFEST_FILE,
+    REPORT_FILE,
+    SHARD_BYTES,
+    SINGLE_FILE,
+    _dtype_name,
+    nonfinite,
+    quantization_config,
+)
 
 log = logging.getLogger(__name__)
 

@@ -44,6 +44,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
+
 from ..errors import ConfigError, DataError, ObdkError
 
 log = logging.getLogger(__name__)

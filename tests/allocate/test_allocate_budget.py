@@ -7,8 +7,16 @@ import math
 import pytest
 import torch
 
-from obdk.allocate import (MatrixSpec, allocate_global, allocate_uniform, break_even, budget, max_factored_rank,
-                           params, round_rank)
+from obdk.allocate import (
+    MatrixSpec,
+    allocate_global,
+    allocate_uniform,
+    break_even,
+    budget,
+    max_factored_rank,
+    params,
+    round_rank,
+)
 from obdk.allocate.knapsack import floor_rank, suffix_sums
 
 

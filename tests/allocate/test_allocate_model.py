@@ -4,8 +4,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from obdk.allocate import (MatrixSpec, allocate_bsi, allocate_zero_sum, bsi_scores, next_token_loss,
-                           summed_weight_grads, whitened_svd, zero_sum_scores)
+from obdk.allocate import (
+    MatrixSpec,
+    allocate_bsi,
+    allocate_zero_sum,
+    bsi_scores,
+    next_token_loss,
+    summed_weight_grads,
+    whitened_svd,
+    zero_sum_scores,
+)
 
 NAMES = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.0.self_attn.k_proj"]
 

@@ -6,11 +6,18 @@ import math
 import pytest
 import torch
 
-from obdk.decompose.roots import cholesky_root
-from obdk.allocate import (MatrixSpec, allocate_zero_sum, max_factored_rank, params,
-                           gradient_step, whitened_svd, zero_sum_scores, zs_correct)
-
+from obdk.allocate import (
+    MatrixSpec,
+    allocate_zero_sum,
+    gradient_step,
+    max_factored_rank,
+    params,
+    whitened_svd,
+    zero_sum_scores,
+    zs_correct,
+)
 from obdk.decompose import kfac_loss
+from obdk.decompose.roots import cholesky_root
 
 F64 = torch.float64
 

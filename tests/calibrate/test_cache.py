@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.conftest import make_tiny_llama
 from obdk.calibrate.cache import StatsCache, data_fingerprint, model_fingerprint
 from obdk.calibrate.stats import calibrate
+from tests.conftest import make_tiny_llama
 
 
 def _ids(n=4, t=12, seed=0):

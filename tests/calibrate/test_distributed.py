@@ -9,9 +9,9 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 
-from tests.conftest import make_tiny_llama
-from obdk.stream.distributed import all_agree, all_reduce_counts, shard, world
 from obdk.calibrate.stats import Statistics, calibrate
+from obdk.stream.distributed import all_agree, all_reduce_counts, shard, world
+from tests.conftest import make_tiny_llama
 
 N_WINDOWS, SEQ = 5, 12  # uneven split: rank 0 gets windows 0, 2, 4; rank 1 gets 1, 3
 

@@ -15,12 +15,12 @@ import pytest
 import torch
 import torch.distributed as tdist
 
-from obdk.stream import distributed as dist
 from obdk.config import LowRankConfig
 from obdk.nn import LowRankLinear
 from obdk.pipeline import prepare
+from obdk.stream import distributed as dist
 
-from .test_distributed_stream import _cli_args, _data, _model, _rel, _start, _torchrun, cli_inputs  # noqa: F401
+from .test_distributed_stream import _cli_args, _data, _model, _rel, _start, _torchrun
 
 CFGS = {"obd": LowRankConfig(method="obd", keep=0.6, rank_multiple=2, compute_dtype="float64"),
         "zs-svd": LowRankConfig(method="zs-svd", correct="zs", keep=0.6, compute_dtype="float64")}
@@ -51,7 +51,7 @@ def _run(out: Path, rank: int, method: str) -> None:
            "lowrank": {n: (m.weight_a.detach(), m.weight_b.detach()) for n, m in model.named_modules()
                        if isinstance(m, LowRankLinear)},
            "logits": model(_data().input_ids).logits.detach(),
-           "traffic": {k: t1[k] - t0[k] for k in t1}, "owners": (plan.stream or {}).get("owners")}
+           "traffic": {k: t1[k] - t0[k] for k in t1}, "owners": plan.stream.owners if plan.stream else None}
     torch.save(res, out / f"r{rank}.pt")
 
 
@@ -108,9 +108,10 @@ def test_corrected_owner_reduce_equals_one_process(method, world_size, single, t
 def test_a_distributed_plan_refuses_a_correction_on_one_rank(tmp_path):
     from obdk.correct.steps import check_world
     from obdk.errors import ConfigError
+    from obdk.stream import HostBudget, Streaming
     with pytest.raises(ConfigError, match="prepared by 2 ranks"):
-        check_world({"owners": {"x": 1}, "world": 2})
-    check_world({"owners": {}, "world": 1})
+        check_world(Streaming(HostBudget(), owners={"x": 1}, world=2))
+    check_world(Streaming(HostBudget(), owners={}, world=1))
 
 
 @pytest.mark.slow

@@ -18,13 +18,13 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 
-from obdk.stream import distributed as dist
 from obdk.calibrate.data import CalibrationData
 from obdk.config import LowRankConfig
 from obdk.models import linear_groups
 from obdk.nn import LowRankLinear
 from obdk.pipeline import prepare
-from obdk.testing import make_char_tokenizer, make_tiny_llama
+from obdk.stream import distributed as dist
+from obdk.testing import make_tiny_llama
 
 N_WINDOWS, SEQ, LAYERS = 7, 12, 3  # 7 windows on 2 ranks: 4 + 3; on 3 ranks: 3 + 2 + 2
 CFG = LowRankConfig(method="obd", correct="none", alloc="global", keep=0.6, rank_multiple=2,
@@ -223,16 +223,6 @@ def _torchrun(nproc: int, target: list[str], args: list[str], timeout: float = 1
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "--monitor-interval=0.2", *target, *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture
-def cli_inputs(tmp_path):
-    d = tmp_path / "tiny"
-    make_tiny_llama(layers=LAYERS).save_pretrained(d)
-    make_char_tokenizer().save_pretrained(d)
-    calib = tmp_path / "calib.txt"
-    calib.write_text(" ".join(f"word{i % 97} and some more text {i * 7 % 13}" for i in range(200)))
-    return d, calib
 
 
 @pytest.mark.slow

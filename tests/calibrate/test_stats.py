@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import make_tiny_llama, make_tiny_qwen2
 from obdk.calibrate.function import SharedInputMismatch
 from obdk.calibrate.stats import Statistics, calibrate, stats_nbytes
 from obdk.models import LinearGroup, linear_groups
+from tests.conftest import make_tiny_llama, make_tiny_qwen2
 
 
 def _ids(n=3, t=24, vocab=128, seed=1):

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import obdk
-from obdk.stream.layer_files import HostBudget
 from obdk.config import LowRankConfig
 from obdk.correct.factor_store import FactorStore, Truncations
 from obdk.errors import ConfigError, MissingFileError
+from obdk.stream.budget import HostBudget
 from obdk.testing import make_tiny_llama
 
 

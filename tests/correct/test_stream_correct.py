@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import obdk
-from obdk.calibrate.head import summed_weight_grads
 from obdk.calibrate.data import CalibrationData
-from obdk.stream.layer_files import LayerStatistics
+from obdk.calibrate.head import summed_weight_grads
+from obdk.calibrate.layer_statistics import LayerStatistics
 from obdk.calibrate.stream import calibrate_streamed
 from obdk.config import LowRankConfig
 from obdk.errors import ConfigError, ObdkError

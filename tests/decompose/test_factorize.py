@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.decompose.decompose_problems import F64, batched_loss, correlated_cov, gen, low_rank_cov, problem
 from obdk.decompose import damp_covariance, factorize, kfac_loss
+from tests.decompose.decompose_problems import F64, batched_loss, correlated_cov, gen, low_rank_cov, problem
 
 SHAPES = [(24, 40), (40, 24)]  # m < n takes the m×m eigen form, m > n the n×n form
 

@@ -10,13 +10,14 @@ import pytest
 import torch
 
 import obdk
-from obdk.stream.layer_files import HostBudget, LayerStatistics
+from obdk.calibrate.layer_statistics import LayerStatistics
 from obdk.calibrate.stream import calibrate_streamed
 from obdk.config import LowRankConfig
 from obdk.decompose import spectra as batched_spectra
 from obdk.decompose import spectrum
 from obdk.decompose.spectrum_store import SpectrumStore
 from obdk.errors import ConfigError, DataError, MissingFileError, NotCollectedError
+from obdk.stream.budget import HostBudget
 from obdk.testing import make_tiny_llama
 
 LAYERS = 3
@@ -243,7 +244,7 @@ def test_one_budget_bounds_the_kept_statistics_and_spectra_together(tmp_path):
     cfg = CFG.replace(correct="kfac")  # keeps every layer's statistics too
     free = obdk.prepare(model, cfg, _ids(), progress=False, stream=True, workers=1)
     st, sp = free.stats.nbytes(), free.spectra.nbytes()
-    assert free.stats.budget is free.spectra.budget is free.stream["budget"]  # the passes' buffers draw on it too
+    assert free.stats.budget is free.spectra.budget is free.stream.budget  # the passes' buffers draw on it too
     assert free.stats.budget.used == st + sp and free.stats.budget.peak > st + sp
     limit = max(st, sp)  # either store alone would fit: only a shared budget must spill
     plan = obdk.prepare(model, cfg, _ids(), progress=False, stream=True, workers=1, scratch_dir=tmp_path,
@@ -279,7 +280,7 @@ def test_a_deleted_spill_file_fails_the_apply_naming_file_and_target(tmp_path):
 def test_boundary_buffers_draw_on_a_shared_budget():
     """calibrate_streamed(budget=): the boundary buffers go to scratch when what others hold leaves no room,
     with the same statistics; the bytes are given back when the pass ends."""
-    from obdk.stream.layer_files import HostBudget
+    from obdk.stream.budget import HostBudget
     model = make_tiny_llama(layers=LAYERS).double()
     ref_info, info = {}, {}
     ref = calibrate_streamed(model, _ids(), stats=("cx", "cg"), dtype=torch.float64, progress=False, info=ref_info)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.decompose.decompose_problems import F64, correlated_cov, gen, problem
 from obdk.decompose import break_even_rank, damp_covariance, factorize, kfac_loss, spectra, spectrum
+from tests.decompose.decompose_problems import F64, correlated_cov, gen, problem
 
 
 def _reference(w, rank, method, cx, cg):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import sys
 
 import pytest
 import torch
@@ -297,7 +296,6 @@ def test_packed_module_through_interpreted_triton(lowrank, monkeypatch, M):
 def test_pack_shared_inputs_on_interpreted_triton(lowrank, monkeypatch):
     from obdk.models import linear_groups
     from obdk.nn import LowRankLinear, pack_shared_inputs
-
     from tests.conftest import make_tiny_llama
     model = make_tiny_llama(layers=1)
     g = torch.Generator().manual_seed(0)
