@@ -9,7 +9,8 @@
 * Every ``obdk.<name>`` the README and docs/ mention resolves.
 * Code blocks: a ```` ```python run ```` block is executed, the blocks of one page in order in one
   temporary directory, with ``obdk.load_model`` returning a tiny Llama and a character tokenizer
-  (``obdk.testing``) whatever spec it is given, so the SmolLM2 examples run in seconds. A
+  (``obdk.testing``) whatever spec it is given, and ``obdk.compress``/``prepare``/``compress_many``
+  calibrating on at most 4 windows of 128 tokens, so the SmolLM2 examples run in seconds. A
   ```` ```python no-run: <reason> ```` block is reported as skipped with its reason; a ``python``
   block with neither marker fails (every example must say which it is).
 """
@@ -319,6 +320,17 @@ def _tiny_load_model(spec, *, dtype=None, device="cpu"):
     return model.to(device), tok
 
 
+EXAMPLE_NSAMPLES, EXAMPLE_SEQLEN = 4, 128
+
+
+def _clamped(fn):
+    """``fn`` with its calibration size cut to 4 windows of 128 tokens: the tiny model needs no more, and the
+    examples then run in seconds whatever size (the defaults, 32 × 512) they ask for on SmolLM2."""
+    def run(*args, nsamples=EXAMPLE_NSAMPLES, seqlen=EXAMPLE_SEQLEN, **kw):
+        return fn(*args, nsamples=min(nsamples, EXAMPLE_NSAMPLES), seqlen=min(seqlen, EXAMPLE_SEQLEN), **kw)
+    return run
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("doc", RUNNABLE, ids=_rel)
 def test_runnable_examples(doc, tmp_path, monkeypatch):
@@ -327,6 +339,8 @@ def test_runnable_examples(doc, tmp_path, monkeypatch):
     import obdk
     monkeypatch.setenv("OBDK_DATA_DIR", str(DATA_DIR))
     monkeypatch.setattr(obdk, "load_model", _tiny_load_model)
+    for name in ("compress", "prepare", "compress_many"):
+        monkeypatch.setattr(obdk, name, _clamped(getattr(obdk, name)))
     monkeypatch.chdir(tmp_path)
     ran = 0
     for start, info, body in _python_blocks(doc):
