@@ -6,7 +6,7 @@ predicted losses; ZS-SVD's zero-sum rule does not. For each keep and allocation,
 
 * ``predicted``: the BSI second-order (K-FAC, ``--curvature``) loss of the dropped set, summed over
   matrices, in nats per calibration token (``Σ ½h_iiσ_i² / N``), and ``first_order`` the part the
-  seed's gradient term would add (``Σ −g_iσ_i / N``);
+  BSI paper's gradient term would add (``Σ −g_iσ_i / N``);
 * ``measured``: the mean next-token loss of the truncated model on the calibration windows the
   scores came from, minus the dense model's (``dense_loss``): in sample, so a measured loss above
   a lower-predicted set's is the additive model failing, not over-fitting;

@@ -54,7 +54,7 @@ def _last(rows: list[dict], key_cols: tuple[str, ...]) -> list[dict]:
 
 def _alloc_label(r: dict) -> str:
     """An allocation row's x-axis label: the allocation, and for BSI its curvature, order and Taylor terms
-    (one bar each; blank cells are the seed's choices: hutchinson, importance order, first+second terms)."""
+    (one bar each; blank cells are the BSI paper's choices: hutchinson, importance order, first+second terms)."""
     if r.get("alloc") != "bsi":
         return r["alloc"]
     curv = r.get("bsi_curvature") or "hutchinson"

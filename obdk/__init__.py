@@ -1,11 +1,13 @@
 """obdk — Optimal Brain Decomposition: low-rank LLM compression and fused low-rank inference.
 
-Public API::
+Public API (every name: docs/python-api.md)::
 
+    model, tok = obdk.load_model("smollm2-135m")                 # HF id/dir, .gguf, obdk dir, alias
+    obdk.compress(model, obdk.LowRankConfig(keep=0.8), "wikitext2:validation", tokenizer=tok)
+    plan = obdk.prepare(model, config, data); plan.apply(copy, keep=0.6); plan.save(model, "out/", keep=0.6)
+    obdk.save_pretrained(model, "out/"); obdk.load_pretrained("out/")
     obdk.factorize(weight, rank, method="obd", cx=..., cg=...)   # one matrix → Factorization
     obdk.calibrate(model, data, stats=("cx", "cg"))              # → Statistics
-    obdk.compress(model, obdk.LowRankConfig(keep=0.8), "wikitext2:validation", tokenizer=tok)
-    obdk.save_pretrained(model, "out/"); obdk.load_pretrained("out/")
 
 ``import obdk`` never fails on a missing or broken native extension (a logged
 warning, then pure-PyTorch fallbacks).
@@ -27,8 +29,8 @@ from .nn import LowRankLinear  # noqa: E402
 __all__ = [
     "__version__", "ObdkError", "ops", "calibrate", "LowRankConfig", "LowRankLinear", "factorize", "spectrum",
     "compress", "compress_many", "prepare", "CompressionReport", "save_pretrained", "load_pretrained",
-    "perplexity", "load_model", "PackedLowRankLinear", "pack_shared_inputs", "load_skeleton", "Plan", "Streaming",
-    "init_distributed",
+    "perplexity", "load_model", "PackedLowRankLinear", "pack_shared_inputs", "Factorization", "Plan", "Streaming",
+    "init_distributed", "get_calibration_windows", "load_skeleton", "zeroshot_accuracy",
 ]
 
 _LAZY = {
@@ -49,6 +51,10 @@ _LAZY = {
     "load_model": ("obdk.hub", "load_model"),
     "PackedLowRankLinear": ("obdk.nn", "PackedLowRankLinear"),
     "pack_shared_inputs": ("obdk.nn", "pack_shared_inputs"),
+    # names users need that live in inner modules (the docs use these, not the inner paths); never the name of
+    # a submodule: importing obdk.zeroshot sets the attribute obdk.zeroshot to the module
+    "get_calibration_windows": ("obdk.calibrate.data", "get_calibration_windows"),
+    "zeroshot_accuracy": ("obdk.zeroshot", "zeroshot"),
 }
 
 

@@ -1,4 +1,4 @@
-"""The ``obdk`` command line: compress, eval, generate, inspect, env.
+"""The ``obdk`` command line: compress, eval, generate, inspect, plan, env (every flag: docs/cli.md).
 
 Library code logs; only this module prints. ``--json`` makes ``compress`` and
 ``eval`` print one JSON object as their last line.
@@ -36,8 +36,9 @@ def _add_compress(sub) -> None:
     c.add_argument("--alloc", default=None, help=f"{' | '.join(ALLOCATORS)} (default: the method's)")
     c.add_argument("--whitening", default=None, help="override the method's whitening: svd | svd-llm | obd")
     c.add_argument("--calib", default="wikitext2:validation", help="NAME[:SPLIT] (wikitext2, c4) or a file path")
-    c.add_argument("--nsamples", type=int, default=32)
-    c.add_argument("--seqlen", type=int, default=512)
+    c.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
+    c.add_argument("--seqlen", type=int, default=512,
+                   help="tokens per calibration window, also of the --eval-windows evaluation (default 512)")
     c.add_argument("--calib-batch-size", type=int, default=1,
                    help="calibration windows per forward/backward pass (more: faster, more memory)")
     c.add_argument("--stream", action="store_true",
@@ -57,12 +58,17 @@ def _add_compress(sub) -> None:
     c.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
                    help="under torchrun: seconds a rank waits for the others in a collective (also while rank 0 "
                         "applies, evaluates and saves) before the job fails")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=int, default=0,
+                   help="seed of the calibration windows' offsets (and of true-Fisher labels) (default 0)")
     c.add_argument("--rank-multiple", type=int, default=None, help="ranks rounded to a multiple of this (default 8)")
-    c.add_argument("--damping", type=float, default=0.01)
+    c.add_argument("--damping", type=float, default=0.01,
+                   help="relative damping α of C_x and C_g (C + α·mean(diag C)·I), escalated where a factorisation "
+                        "fails; the damping used is in the report (default 0.01)")
     c.add_argument("--floor", type=float, default=None,
                    help="global/bsi allocation: per-matrix rank floor as a fraction of the uniform rank (default 0.2)")
-    c.add_argument("--fisher", default="empirical", choices=["empirical", "true"])
+    c.add_argument("--fisher", default="empirical", choices=["empirical", "true"],
+                   help="C_g and gradients from the data's next tokens (empirical, default) or from labels sampled "
+                        "from the model (true)")
     c.add_argument("--correct", default=None, choices=["none", *CORRECTIONS],
                    help="after truncation: none, zs (ZS-SVD's one-step projected gradient), kfac (the same step along the "
                         "K-FAC natural gradient), zs+kfac (both in turn), zs-guarded (zs with its step size chosen in "
@@ -77,19 +83,25 @@ def _add_compress(sub) -> None:
     c.add_argument("--probe-tol", type=float, default=None,
                    help="--probes auto: stop at this relative standard error per matrix (default 0.1)")
     c.add_argument("--max-probes", type=int, default=None, help="--probes auto: at most this many probes (default 64)")
-    c.add_argument("--eps", type=float, default=1e-3)
+    c.add_argument("--eps", type=float, default=1e-3,
+                   help="bsi Hutchinson/blocked curvature: the finite-difference step in σ (default 1e-3)")
     c.add_argument("--bsi-order", default=None, choices=["importance", "spectral"],
                    help="bsi allocation: keep the most important bases (BSI) or only choose ranks (spectral) "
                         "(default: the config's)")
     c.add_argument("--bsi-terms", default=None, choices=["first+second", "second"],
-                   help="bsi allocation: the importance's Taylor terms: first+second (the seed's −g·σ + ½h·σ²) or "
+                   help="bsi allocation: the importance's Taylor terms: first+second (the BSI paper's −g·σ + ½h·σ²) or "
                         "second (½h·σ², the calibration gradient's first-order term left out) (default: the config's)")
     c.add_argument("--targets", nargs="*", default=None, help="fnmatch patterns of module names to compress")
     c.add_argument("--ignore", nargs="*", default=[], help="fnmatch patterns of module names to keep dense")
-    c.add_argument("--compute-dtype", default="float64", choices=["float64", "float32"])
-    c.add_argument("--solver", default="eig", choices=["eig", "cholesky"])
+    c.add_argument("--compute-dtype", default="float64", choices=["float64", "float32"],
+                   help="dtype of the decompositions (default float64; float32 is faster, see benchmarks/RESULTS.md)")
+    c.add_argument("--solver", default="eig", choices=["eig", "cholesky"],
+                   help="eig: the exact eigen form, no root of C_x and no inverse (default); cholesky: the root-"
+                        "and-SVD route")
     c.add_argument("--dtype", default=None, help="model dtype (float32, bfloat16, float16)")
-    c.add_argument("--device", default="cpu")
+    c.add_argument("--device", default="cpu",
+                   help="compute device: cpu, cuda, cuda:1 (default cpu); with --stream the model stays in host "
+                        "memory and one decoder layer at a time is copied here")
     c.add_argument("--out", required=True, help="output directory (with several --keep: DIR-keep0.8, ...)")
     c.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out that is not an obdk checkpoint (never the input model's directory)")
@@ -99,7 +111,8 @@ def _add_compress(sub) -> None:
                    help="after saving, zero-shot accuracy of the dense and compressed model on these lm-eval tasks "
                         "(comma-separated, e.g. arc_easy,piqa; needs obdk[eval]), recorded in the report")
     c.add_argument("--eval-limit", type=int, default=None, help="--eval-tasks: score the first N documents of each task")
-    c.add_argument("--json", action="store_true")
+    c.add_argument("--json", action="store_true", help="print one JSON object as the last line instead of the text summary "
+                   "(with several --keep: {\"results\": [one per ratio]})")
     _add_data_dir(c)
 
 
@@ -111,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compress(sub)
 
     e = sub.add_parser("eval", help="perplexity (and, with --tasks, zero-shot accuracy) of a model or compressed directory")
-    e.add_argument("model")
+    e.add_argument("model", help="an obdk checkpoint directory, an HF id or directory, a .gguf file, or smollm2-135m")
     e.add_argument("--dataset", default=None,
                    help="NAME[:SPLIT] (wikitext2, c4) or a file path (default wikitext2; with --tasks, perplexity "
                         "runs only when --dataset is given)")
@@ -120,40 +133,41 @@ def build_parser() -> argparse.ArgumentParser:
                         "(arc_easy,arc_challenge,piqa,hellaswag,winogrande: local data; any lm-eval task name)")
     e.add_argument("--limit", type=int, default=None, help="--tasks: score the first N documents of each task")
     e.add_argument("--num-fewshot", type=int, default=0, help="--tasks: examples in each prompt (default 0)")
-    e.add_argument("--seqlen", type=int, default=512)
+    e.add_argument("--seqlen", type=int, default=512, help="tokens per perplexity window (default 512)")
     e.add_argument("--windows", type=int, default=None, help="evaluate the first N windows (default all)")
     e.add_argument("--batch-size", type=int, default=None,
                    help="windows per forward for perplexity (default 1), requests per forward for --tasks "
                         "(default 8, the fastest measured with the same accuracies as 1)")
-    e.add_argument("--dtype", default=None)
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--dtype", default=None, help="model dtype (float32, bfloat16, float16; default the checkpoint's)")
+    e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
+    e.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     _add_data_dir(e)
 
     g = sub.add_parser("generate", help="generate text from a model or compressed directory")
-    g.add_argument("model")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=48)
-    g.add_argument("--dtype", default=None)
-    g.add_argument("--device", default="cpu")
+    g.add_argument("model", help="an obdk checkpoint directory, an HF id or directory, a .gguf file, or smollm2-135m")
+    g.add_argument("--prompt", required=True, help="the text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate, greedily (default 48)")
+    g.add_argument("--dtype", default=None, help="model dtype (float32, bfloat16, float16; default the checkpoint's)")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
     g.add_argument("--backend", default=None, help="force the low-rank backend (torch, cpp, triton, cuda)")
 
     i = sub.add_parser("inspect", help="ranks and report of a compressed directory")
-    i.add_argument("dir")
+    i.add_argument("dir", help="an obdk checkpoint directory")
     i.add_argument("--heatmap", default=None, help="write a layers × module-type rank heatmap PNG here")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("--json", action="store_true", help="print the ranks, report and measurements as one JSON object")
 
     pl = sub.add_parser("plan", help="memory and FLOPs a compression will need, from config.json alone")
     pl.add_argument("model", help="a config.json, a directory holding one, or a preset: "
                                   "llama-7b, llama-3-8b, llama-3-70b, qwen2.5-72b")
-    pl.add_argument("--method", default="obd")
-    pl.add_argument("--nsamples", type=int, default=32)
-    pl.add_argument("--seqlen", type=int, default=512)
+    pl.add_argument("--method", default="obd", help="as obdk compress --method: decides the statistics (default obd)")
+    pl.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
+    pl.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
     pl.add_argument("--nproc", type=int, default=1, help="data-parallel ranks (torchrun --nproc-per-node)")
-    pl.add_argument("--calib-batch-size", type=int, default=1)
+    pl.add_argument("--calib-batch-size", type=int, default=1, help="calibration windows per pass (default 1)")
     pl.add_argument("--dtype", default=None, help="model dtype (default the config's torch_dtype)")
-    pl.add_argument("--stats-dtype", default="float32", choices=["float32", "float64"])
-    pl.add_argument("--json", action="store_true")
+    pl.add_argument("--stats-dtype", default="float32", choices=["float32", "float64"],
+                    help="dtype of the statistics (default float32)")
+    pl.add_argument("--json", action="store_true", help="print the plan as one JSON object")
 
     sub.add_parser("env", help="versions, extension status and op backends")
     return ap

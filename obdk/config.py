@@ -93,7 +93,7 @@ class LowRankConfig:
       the gradient then does not use; t = 0 is no correction; :mod:`obdk.correct.guarded`) or ``seq``
       (sequential refit on the compressed model's inputs, :mod:`obdk.correct.refit`).
     * ``guard_windows``: ``zs-guarded``'s held-out calibration windows (the last ones; default 8).
-    * ``bsi_curvature``: BSI's Hessian diagonal in σ: ``hutchinson`` (the seed's: all matrices
+    * ``bsi_curvature``: BSI's Hessian diagonal in σ: ``hutchinson`` (the BSI paper's: all matrices
       perturbed at once), ``blocked`` (Hutchinson one matrix at a time), ``kfac``
       (``N (u_iᵀ C_g u_i)(x_iᵀ C_x x_i)`` from the statistics, no pass; needs ``C_g``) or ``fisher``
       (default: the exact empirical-Fisher diagonal, one pass); :func:`obdk.scores.bsi_scores`.
@@ -104,8 +104,8 @@ class LowRankConfig:
       its top components) or ``importance`` (BSI's rule: keep each matrix's most important bases, in
       any order; measured worse with every curvature, see the field's comment).
     * ``bsi_terms``: ``second`` (default: ``½h_iiσ_i²``, the first-order term of the dense model's
-      calibration gradient left out) or ``first+second`` (the seed's importance ``−g_iσ_i + ½h_iiσ_i²``).
-      The seed's recipe is ``bsi_curvature="hutchinson", bsi_order="importance", bsi_terms="first+second"``.
+      calibration gradient left out) or ``first+second`` (the BSI paper's importance ``−g_iσ_i + ½h_iiσ_i²``).
+      The BSI paper's recipe is ``bsi_curvature="hutchinson", bsi_order="importance", bsi_terms="first+second"``.
     * ``asvd_alpha``: ASVD activation-scaling exponent.
     """
 
@@ -124,17 +124,8 @@ class LowRankConfig:
     correct: Optional[str] = None
     probes: Union[int, str] = 4
     eps: float = 1e-3
-    # BSI's defaults, measured on SmolLM2-135M (benchmarks/results/allocation_smollm2.csv, issue #20; svd-llm
-    # whitening, keep 0.8 / 0.6, WikiText-2 test): the seed's importance order loses to spectral order with every
-    # curvature, also the noise-free K-FAC one (876.0 vs 178.5 at 0.6): for the bases it drops the first-order
-    # term −g_iσ_i predicts a gain (benchmarks/results/bsi_order_smollm2.csv), so BSI chooses ranks only. The
-    # same term also misleads the ranks: without it (bsi_terms "second") K-FAC goes 55.15 / 178.49 → 43.30 /
-    # 140.03 and the exact empirical Fisher 54.65 / 172.46 → 43.04 / 139.89 (C4 106.08 / 429.99 → 70.55 /
-    # 357.14), against the seed's Hutchinson (2 probes) 50.26 / 163.92 and ZS-SVD's zero-sum 45.87 / 126.91. On
-    # OBD's bases the K-FAC second-order term is the spectral cost itself (the global allocation), which the
-    # first-order term makes worse (38.91 → 41.20). The Fisher diagonal costs one gradient pass (182 s here,
-    # K-FAC none) and is the best BSI row at keep 0.8 and 0.6 on both sets (K-FAC's at 0.7), so it is the default;
-    # it beats zero-sum at keep 0.8 (43.04 vs 45.87, C4 70.55 vs 74.67) and 0.7 (72.36 vs 76.71), not at 0.6.
+    # BSI's defaults (spectral order, exact empirical-Fisher curvature, second-order term) were chosen by
+    # measurement on SmolLM2-135M: benchmarks/RESULTS.md, "BSI with an accurate curvature".
     bsi_order: str = "spectral"
     bsi_curvature: str = "fisher"
     bsi_terms: str = "second"

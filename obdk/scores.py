@@ -9,7 +9,7 @@ SVD-LLM and OBD alike:
 * BSI (arXiv 2605.01627): ``−g_i σ_i + ½ h_ii σ_i²`` with ``h_ii`` the Hessian diagonal in σ,
   estimated (``curvature``) by Hutchinson with symmetric differences,
   ``diag(H) ≈ E_z[z ⊙ (∇L(σ+εz) − ∇L(σ−εz))/(2ε)]``, ``z`` Rademacher, all targeted matrices
-  perturbed at once (the seed's) or one matrix at a time (``blocked``); by K-FAC from the
+  perturbed at once (the BSI paper's) or one matrix at a time (``blocked``); by K-FAC from the
   calibration's ``C_x``, ``C_g`` (``kfac``, no pass); or the exact empirical-Fisher diagonal
   collected in one pass (``fisher``).
 
@@ -275,7 +275,7 @@ class BSIScores:
 
     def terms(self, which: str = "first+second") -> Tensor:
         """The predicted loss increase of removing each basis [k] from the Taylor terms ``which``:
-        ``first+second`` (the seed's ``−g_iσ_i + ½h_iiσ_i²``, :attr:`importance`) or ``second``
+        ``first+second`` (the BSI paper's ``−g_iσ_i + ½h_iiσ_i²``, :attr:`importance`) or ``second``
         (``½h_iiσ_i²``: the gradient term left out, see ``LowRankConfig.bsi_terms``)."""
         if which == "first+second":
             return self.importance
@@ -307,7 +307,7 @@ def bsi_scores(model: nn.Module, input_ids: Tensor, decomps: Mapping[str, Whiten
     the modules' weights. ``g = ∇_σ L`` of the summed loss; ``h`` its Hessian diagonal by
     ``curvature``:
 
-    * ``hutchinson`` (the seed's): all matrices' σ perturbed at once by one Rademacher ``z``,
+    * ``hutchinson`` (the BSI paper's): all matrices' σ perturbed at once by one Rademacher ``z``,
       ``2·probes`` passes at ``σ ± εz`` (weights set to ``W(σ') = U diag(σ') Vᵀ S⁻¹``);
     * ``blocked``: the same probes blocked per matrix (:func:`hutchinson_diag` ``blocks``), so
       no other matrix's Hessian entries add noise; ``2·probes`` passes *per matrix*;

@@ -56,10 +56,8 @@ _HARNESS_DIRS = ("arc", "piqa", "hellaswag", "winogrande")
 _OFFLINE_VARS = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
 _REPO = Path(__file__).resolve().parents[1]
 #: lm_eval's evaluator seeds (its defaults), fixed here so every call is reproducible
-#: Requests per forward by default. Measured (benchmarks/bench_zeroshot_batch.py, zeroshot_batch.csv:
-#: SmolLM2-135M, piqa/arc_easy/hellaswag, 200 documents each, 2-core CPU): batch 8 scored 2,001
-#: requests 2.3x faster than batch 1, and faster than 32 and lm-eval's "auto" (which spends minutes
-#: detecting 64 on a CPU), with the same accuracies as batch 1 on every task.
+#: Requests per forward by default: the fastest batch size measured, with batch 1's accuracies
+#: (benchmarks/RESULTS.md, "Zero-shot scoring throughput: batch size").
 DEFAULT_BATCH_SIZE = 8
 
 SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234, "fewshot_random_seed": 1234}
