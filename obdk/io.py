@@ -79,6 +79,7 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.nn as nn
 
+from .arguments import check_model, check_path
 from .errors import CheckpointError, ConfigError, NonFiniteError, OutputPathError, WrongTypeError  # noqa: F401
 from . import __version__
 from .config import FORMAT_VERSION
@@ -285,7 +286,8 @@ def check_writable(out_dir: str | os.PathLike, *, overwrite: bool = False,
                    source_dir: str | os.PathLike | Iterable[str | os.PathLike] | None = None) -> Path:
     """Refuse, before any work, an output directory :func:`save_pretrained` must not write.
 
-    Cheap (a few ``stat`` calls; no write). Raises :class:`OutputPathError` naming the path,
+    Cheap (a few ``stat`` calls, one probe file made and removed in the nearest existing ancestor: a real
+    write). Raises :class:`OutputPathError` naming the path,
     what is there and how to proceed; returns the absolute target path. ``source_dir``: the
     directory (or directories) the model was loaded from; ``out_dir`` may never be it or one of
     its parents, even with ``overwrite``. See the module docstring for the full rule.
@@ -309,8 +311,8 @@ def check_writable(out_dir: str | os.PathLike, *, overwrite: bool = False,
     if not anc.is_dir():
         raise OutputPathError(f"output directory {raw!r} ({p}) is under {anc}, which is a regular file, "
                               "not a directory; choose another path")
-    if not os.access(anc, os.W_OK | os.X_OK):
-        raise OutputPathError(f"output directory {raw!r} ({p}): {anc} is not writable")
+    from .scratch import writable_dir  # a real write: os.access is true for root on /proc
+    writable_dir(anc, f"output directory {raw!r} ({p}) is under", error=OutputPathError)
     srcs: list = []
     if source_dir is not None:
         srcs = [source_dir] if isinstance(source_dir, (str, os.PathLike)) else list(source_dir)
@@ -752,6 +754,8 @@ def save_pretrained(model: nn.Module, save_dir: str | os.PathLike, *, tokenizer=
     ``state_dict`` order (tied duplicates once), so a model on the GPU is copied to the host
     one shard at a time. Returns the directory path.
     """
+    check_model("save_pretrained", model, meta_ok=True)  # (a meta tensor is named by the writer below)
+    check_path("save_pretrained", "save_dir", save_dir)
     report = report if report is not None else getattr(model, "_obdk_report", None)
     config = config if config is not None else getattr(model, "_obdk_config", None)
     from .nn import PackedSlice
@@ -991,6 +995,7 @@ def load_pretrained(path: str | os.PathLike, *, device: str | torch.device = "cp
     reads (on CPU it does not pay). Raises :class:`CheckpointError` naming the file and
     tensor at fault.
     """
+    check_path("load_pretrained", "path", path)
     from accelerate import init_empty_weights
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import shutil
 import tempfile
 import weakref
 from typing import Mapping, Optional
@@ -30,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, DataError, MissingFileError, NotCollectedError
+from ..scratch import new_store, remove_store, use_dir
 from .statistics import STATS, Statistics
 
 __all__ = ["HostBudget", "LayerFiles", "LayerStatistics"]
@@ -98,8 +98,7 @@ class LayerFiles:
     def __init__(self, owner: str, max_host_memory: Optional[int], scratch_dir, budget: Optional[HostBudget]) -> None:
         self._owner = owner
         self.budget = _budget_of(owner, max_host_memory, budget)
-        if scratch_dir is not None and not os.path.isdir(scratch_dir):
-            raise ConfigError(f"{owner}: scratch_dir {scratch_dir} is not a directory")
+        use_dir(scratch_dir, f"{owner}: scratch_dir")  # writable (a real write), stale stores swept (obdk.scratch)
         self.scratch_dir = None if scratch_dir is None else str(scratch_dir)
         self._dir: Optional[str] = None
         self._finalizer = None
@@ -121,22 +120,24 @@ class LayerFiles:
             self.host_bytes += nbytes
             self.peak_host_bytes = max(self.peak_host_bytes, self.host_bytes)
             return True
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
         path = os.path.join(self._scratch(), f"layer-{i}.safetensors")
         try:
             save_file(dict(tensors), path)
-        except OSError as e:
+        except (OSError, SafetensorError) as e:  # (safetensors reports a vanished directory as its own error)
+            gone = "" if os.path.isdir(self._dir) else f"; its store {self._dir} was removed during the run"
             raise ConfigError(f"{self._owner}: cannot write {what} ({nbytes} bytes) to scratch_dir "
-                              f"{self.scratch_dir or tempfile.gettempdir()} ({e.strerror or e}); "
-                              f"free space there or raise max_host_memory") from e
+                              f"{self.scratch_dir or tempfile.gettempdir()} ({getattr(e, 'strerror', None) or e}"
+                              f"{gone}); free space there or raise max_host_memory") from e
         self._files[i] = (path, nbytes)
         self.spilled_bytes += nbytes
         return False
 
     def _scratch(self) -> str:
         if self._dir is None:
-            self._dir = tempfile.mkdtemp(prefix=self._prefix, dir=self.scratch_dir)
-            self._finalizer = weakref.finalize(self, shutil.rmtree, self._dir, True)
+            self._dir = new_store(self._prefix, self.scratch_dir, self._owner)  # removed on SIGTERM/SIGHUP too
+            self._finalizer = weakref.finalize(self, remove_store, self._dir)
         return self._dir
 
     def _held(self, i: int) -> bool:

@@ -71,6 +71,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, DataError, NonFiniteError, UnsupportedModelError
 from ..models import decoder_layers
+from ..scratch import new_file, remove_store, use_dir
 from . import distributed as dist
 from .function import CalibrationContext, GroupState, ModuleSlot
 from .head import accepts_position_ids, forward_kwargs, head_backward, label_positions, plain_head, trunk
@@ -121,8 +122,7 @@ class BoundaryStore:
         from .kept import _budget_of
         self.budget = _budget_of("calibrate_streamed", max_host_memory, budget)
         self.dir = str(scratch_dir) if scratch_dir is not None else None
-        if self.dir is not None and not os.path.isdir(self.dir):
-            raise ConfigError(f"calibrate_streamed: scratch_dir {self.dir} is not a directory")
+        use_dir(self.dir, "calibrate_streamed: scratch_dir")  # writable (a real write), stale stores swept
         self.host_bytes = self.peak_host_bytes = 0
         self.spilled_now = self.spilled_bytes = self.peak_spilled_bytes = 0
         self.files = 0
@@ -138,7 +138,7 @@ class BoundaryStore:
             self.peak_host_bytes = max(self.peak_host_bytes, self.host_bytes)
             return _Buffer(torch.empty(tuple(shape), dtype=dtype), nbytes, False, None)
         where = self.dir or tempfile.gettempdir()
-        fd, path = tempfile.mkstemp(prefix="obdk-stream-", suffix=".bin", dir=where)
+        fd, path = new_file("obdk-stream-", ".bin", where, "calibrate_streamed")  # (removed on SIGTERM/SIGHUP)
         try:
             try:
                 if nbytes:
@@ -150,7 +150,7 @@ class BoundaryStore:
                 os.close(fd)
             t = torch.from_file(path, shared=True, size=max(numel, 1), dtype=dtype)[:numel].view(tuple(shape))
         finally:
-            os.unlink(path)  # the mapping keeps the data; nothing is left on disk
+            remove_store(path)  # the mapping keeps the data; nothing is left on disk
         self.files += 1
         self.spilled_now += nbytes
         self.spilled_bytes += nbytes

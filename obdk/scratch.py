@@ -1,0 +1,260 @@
+"""Scratch stores that no run leaves behind: a registry of live stores, signal clean-up, a stale-store sweep.
+
+A streamed plan spills what does not fit its host budget to private ``obdk-*`` directories under
+``scratch_dir`` (the kept statistics, spectra and corrected factors: hundreds of GB at 70B). Three
+mechanisms, one module, so that neither a kill nor a vanished directory leaves them on disk:
+
+* **Registry and signals.** :func:`new_store` makes each store (``tempfile.mkdtemp``) and registers it;
+  the first store installs handlers for ``SIGTERM`` and ``SIGHUP`` (a cluster's preemption, a closed
+  terminal) that remove every store this process made and then re-raise the signal's previous
+  behaviour (the default: the process dies of the signal, exit status 128 + signum). A signal whose
+  disposition is ``SIG_IGN`` (``nohup``) is left ignored; a Python handler installed before ours is
+  called after the clean-up. ``SIGINT`` needs nothing: ``KeyboardInterrupt`` unwinds and the stores'
+  finalizers run. A forked child never removes its parent's stores.
+* **Owner lock.** Each store holds ``.obdk-owner``: the owner's pid and host (JSON), ``flock``-ed
+  for the owner's lifetime (the kernel drops the lock when the process dies, even of ``SIGKILL``).
+* **Sweep.** The first use of a scratch directory in a process (:func:`use_dir`) removes the
+  ``obdk-*`` stores there whose owner is gone (made on this host, and the lock can be taken; on a
+  file system without ``flock``: the pid no longer exists) and says so in one logged warning line.
+  A store without an owner file (an older obdk's, or one being made) or from another host is never
+  touched.
+
+:func:`writable_dir` checks a directory by creating and removing a file in it (``os.access`` is true
+for root on ``/proc``); every failure here is an :class:`~obdk.errors.ObdkError` naming the directory.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+from typing import Optional, Type
+
+from .errors import ConfigError, ObdkError
+
+__all__ = ["OWNER_FILE", "writable_dir", "use_dir", "sweep", "new_store", "new_file", "remove_store", "live_stores"]
+
+log = logging.getLogger(__name__)
+
+OWNER_FILE = ".obdk-owner"
+_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+_live: dict[str, tuple[int, Optional[int]]] = {}  # path -> (pid that made it, its owner file's fd)
+_previous: dict[int, object] = {}  # signum -> the disposition ours replaced
+_swept: set[str] = set()
+_mutex = threading.RLock()
+
+
+def writable_dir(path, what: str, error: Type[ObdkError] = ConfigError) -> str:
+    """``path`` (str) when it is a directory a file can be created in; else ``error`` naming ``what`` and ``path``.
+
+    Tries the write (a ``.obdk-probe-*`` file, created and removed): permission bits say nothing for root,
+    and ``/proc`` or a read-only mount pass ``os.access``. ``what``: how the caller names it (``--scratch-dir``).
+    """
+    p = os.fspath(path)
+    if not os.path.isdir(p):
+        raise error(f"{what} {p}: not a directory (create it, or choose another)")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".obdk-probe-", dir=p)
+    except OSError as e:
+        raise error(f"{what} {p}: cannot create a file there ({e.strerror or e}); choose a writable "
+                    f"directory") from None
+    os.close(fd)
+    try:
+        os.unlink(probe)
+    except OSError:
+        pass
+    return p
+
+
+def use_dir(path, what: str) -> str:
+    """The scratch directory a store will use (``path``, or the system temporary directory when None), checked
+    writable (:func:`writable_dir`) and swept of stale stores (:func:`sweep`, once per directory and process)."""
+    where = tempfile.gettempdir() if path is None else os.fspath(path)
+    writable_dir(where, what)
+    sweep(where)
+    return where
+
+
+def _owner_gone(store: str) -> bool:
+    """True when the process that made ``store`` is gone: its owner file names this host and its lock can be taken
+    (the kernel released it), or, on a file system without ``flock``, its pid no longer exists."""
+    import fcntl
+    try:
+        fd = os.open(os.path.join(store, OWNER_FILE), os.O_RDONLY)
+    except OSError:
+        return False  # no owner file (an older obdk's store, or one being made): never touched
+    try:
+        try:
+            meta = json.loads(os.read(fd, 4096) or b"{}")
+            pid, host = int(meta["pid"]), meta["host"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        if host != socket.gethostname():
+            return False  # another machine's store (a shared file system): its own runs sweep it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True  # nobody holds it: the owner died (the kernel released its lock)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return False  # held: the owner is alive
+        try:  # no flock on this file system: the pid
+            os.kill(pid, 0)
+            return False
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+    finally:
+        os.close(fd)
+
+
+def _size(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def sweep(where, *, force: bool = False) -> list[str]:
+    """Remove the ``obdk-*`` stores in directory ``where`` whose owner process is gone; returns their paths.
+
+    Once per directory and process unless ``force``. One warning line names the directory, how many stores and
+    bytes were removed. Unreadable directories are left alone (the write check names them)."""
+    key = os.path.realpath(os.fspath(where))
+    with _mutex:
+        if key in _swept and not force:
+            return []
+        _swept.add(key)
+    try:
+        names = os.listdir(key)
+    except OSError:
+        return []
+    removed, nbytes = [], 0
+    for name in sorted(names):
+        path = os.path.join(key, name)
+        if not name.startswith("obdk-") or os.path.islink(path) or not os.path.isdir(path) or path in _live:
+            continue
+        if _owner_gone(path):
+            nbytes += _size(path)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    if removed:
+        log.warning("removed %d stale scratch store(s) (%.3g GB) in %s left by processes that are gone: %s",
+                    len(removed), nbytes / 1e9, key, ", ".join(os.path.basename(p) for p in removed))
+    return removed
+
+
+def _on_signal(signum, frame) -> None:
+    """Remove this process's stores, then do what the signal did before obdk's handler (default: die of it)."""
+    _remove_all()
+    prev = _previous.get(signum, signal.SIG_DFL)
+    if callable(prev):
+        prev(signum, frame)
+        return
+    signal.signal(signum, signal.SIG_DFL if prev is None else prev)
+    os.kill(os.getpid(), signum)
+
+
+def _install_handlers() -> None:
+    """Our handler on SIGTERM/SIGHUP (main thread only; an ignored signal stays ignored)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in _SIGNALS:
+        if sig in _previous:
+            continue
+        cur = signal.getsignal(sig)
+        if cur is signal.SIG_IGN or cur is _on_signal:
+            continue
+        try:
+            signal.signal(sig, _on_signal)
+        except (ValueError, OSError):  # not the main interpreter, or not allowed
+            continue
+        _previous[sig] = cur
+
+
+def _remove_all() -> None:
+    """Remove every store this process registered (not its parent's, after a fork)."""
+    me = os.getpid()
+    for path, (pid, _) in list(_live.items()):
+        if pid == me:
+            remove_store(path)
+
+
+def new_store(prefix: str, where, owner: str) -> str:
+    """A new private directory ``{where}/{prefix}XXXX`` (``where`` None: the system temporary directory), registered
+    for removal on SIGTERM/SIGHUP and holding the locked owner file; :func:`remove_store` removes it.
+
+    ``owner`` names the store in the error raised when ``where`` cannot take a new directory (it vanished, or
+    it is not writable): a :class:`~obdk.errors.ConfigError` naming the directory."""
+    import fcntl
+    where = tempfile.gettempdir() if where is None else os.fspath(where)
+    sweep(where)
+    try:
+        path = tempfile.mkdtemp(prefix=prefix, dir=where)
+    except OSError as e:
+        raise ConfigError(f"{owner}: cannot create a scratch directory in {where} ({e.strerror or e}); was it "
+                          f"removed or made read-only during the run?") from None
+    fd = None
+    try:
+        tmp = os.path.join(path, OWNER_FILE + ".tmp")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pass  # no flock here: the sweep falls back to the pid
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "owner": owner}).encode())
+        os.rename(tmp, os.path.join(path, OWNER_FILE))  # visible to a sweep only once locked
+    except OSError:
+        pass  # a store without an owner file still works; it is removed by its process, never swept
+    with _mutex:
+        _live[path] = (os.getpid(), fd)
+        _install_handlers()
+    return path
+
+
+def new_file(prefix: str, suffix: str, where, owner: str) -> tuple[int, str]:
+    """``(fd, path)`` of a new file in ``where`` (``tempfile.mkstemp``), registered like a store until
+    :func:`remove_store`; a directory that vanished or cannot be written raises a :class:`ConfigError`
+    naming it and ``owner``."""
+    where = tempfile.gettempdir() if where is None else os.fspath(where)
+    try:
+        fd, path = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=where)
+    except OSError as e:
+        raise ConfigError(f"{owner}: cannot create a scratch file in {where} ({e.strerror or e}); was it removed "
+                          f"or made read-only during the run?") from None
+    with _mutex:
+        _live[path] = (os.getpid(), None)
+        _install_handlers()
+    return fd, path
+
+
+def remove_store(path: str) -> None:
+    """Remove store (directory or file) ``path`` and forget it (idempotent)."""
+    with _mutex:
+        entry = _live.pop(path, None)
+    if entry is not None and entry[1] is not None:
+        try:
+            os.close(entry[1])
+        except OSError:
+            pass
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def live_stores() -> list[str]:
+    """The stores this process has registered and not yet removed."""
+    return [p for p, (pid, _) in _live.items() if pid == os.getpid()]
