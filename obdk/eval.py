@@ -26,6 +26,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .calibrate.head import window_nll
+from .arguments import check_ints, check_model
 from .errors import DataError, NonFiniteLossError  # noqa: F401
 from .calibrate.data import check_token_ids, load_text, sha256_text, tokenize_text
 
@@ -92,6 +93,9 @@ def perplexity(model: nn.Module, tokenizer: Any, dataset: Any = "wikitext2", *, 
     (windows × seqlen), ``total_tokens`` the length of the tokenised corpus.
     Raises :class:`NonFiniteLossError` naming the first window with a NaN/inf loss.
     """
+    check_model("perplexity", model)
+    check_ints("perplexity", seqlen=seqlen, batch_size=batch_size)
+    check_ints("perplexity", none_ok=("windows",), windows=windows)
     if seqlen < 2:
         raise DataError(f"seqlen must be at least 2 (one predicted token), got {seqlen}")
     from .models import check_context

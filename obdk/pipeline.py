@@ -19,11 +19,12 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from .arguments import as_config, check_calibration, check_device, check_ints, check_model, check_path
 from .config import APPLY_FIELDS, DEFAULT_FLOOR, DEFAULT_RANK_MULTIPLE, LowRankConfig
 from .calibrate.kept import HostBudget, LayerStatistics
 from .decompose.kept import SpectrumStore
 from .decompose.whitened import spectrum_as_svd
-from .errors import ConfigError, NotCollectedError
+from .errors import ConfigError, NotCollectedError, WrongTypeError
 from .models import Target, check_context, coverage, select_targets, set_module
 from .nn import LowRankLinear
 from .report import CompressionReport, ModuleReport, Stage, StageTimer, count_params
@@ -315,6 +316,7 @@ class Plan:
             raise ConfigError("Plan.apply: this plan's model is a skeleton whose decoder layers live in the "
                               "checkpoint's shards (prepare(source=...)); write the compressed model with "
                               "Plan.save(model, out_dir)")
+        check_model("Plan.apply", model)
         cfg = self.resolve(keep, **overrides)
         timer = StageTimer()
         before = model_params_before if model_params_before is not None else count_params(model)
@@ -360,6 +362,7 @@ class Plan:
         :class:`CompressionReport` (also in the checkpoint's ``obdk_report.json``).
         """
         from .io import SHARD_BYTES, CheckpointWriter, _sources_of, _tensors_for_save
+        check_model("Plan.save", model, meta_ok=True)  # (a skeleton's meta tensors are read from its source)
         cfg = self.resolve(keep, **overrides)
         timer = StageTimer()
         before = model_params_before if model_params_before is not None else count_params(model)
@@ -509,7 +512,15 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
     such a plan is written with :meth:`Plan.save` (it cannot :meth:`Plan.apply` to a model that has no weights).
     """
     from .decompose.schedule import decompose_targets
-    config = config or LowRankConfig()
+    check_model("prepare", model, meta_ok=source is not None)  # (a skeleton's layers are meta: read from source)
+    config = as_config("prepare", config)  # (a dict of LowRankConfig fields is accepted)
+    check_ints("prepare", nsamples=nsamples, seqlen=seqlen, calib_batch_size=calib_batch_size)
+    check_ints("prepare", lo=None, seed=seed)
+    check_ints("prepare", lo=0, none_ok=("max_host_memory",), max_host_memory=max_host_memory)
+    check_calibration("prepare", calibration, tokenizer)
+    check_device("prepare", device)
+    for name, value in (("data_dir", data_dir), ("scratch_dir", scratch_dir)):
+        check_path("prepare", name, value, none_ok=True)
     why = streaming_refusal(config) if stream else None
     if why is not None:
         raise ConfigError(f"prepare(stream=True): method {config.method!r}: {why}; use the "
@@ -656,7 +667,8 @@ def compress(model: nn.Module, config: Optional[LowRankConfig] = None, calibrati
     ``LowRankLinear`` (bias kept) at the rank the allocation gives, or stays dense
     when that rank reaches break-even ``mn/(m+n)``. See :func:`prepare` for the arguments.
     """
-    config = config or LowRankConfig()
+    check_model("compress", model)
+    config = as_config("compress", config)
     before = count_params(model)
     plan = prepare(model, config, calibration, tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
                    data_dir=data_dir, stats=stats, device=device, progress=progress,
@@ -680,6 +692,11 @@ def compress_many(model: nn.Module, config: LowRankConfig, keeps: Sequence[Varia
     ``None`` keeps no copy alive. ``plan``: an already prepared plan of ``model`` (then no
     calibration runs). ``model`` is not modified. Every variant is validated before any work.
     """
+    check_model("compress_many", model)
+    config = as_config("compress_many", config)
+    if isinstance(keeps, (str, bytes, dict)) or not isinstance(keeps, Sequence):
+        raise WrongTypeError(f"compress_many: keeps must be a list of ratios or option dicts, got "
+                             f"{type(keeps).__name__} {keeps!r:.40}")
     variants = [dict(v) if isinstance(v, dict) else {"keep": v} for v in keeps]
     plan = plan or prepare(model, config, calibration, **kw)
     for v in variants:
