@@ -33,11 +33,13 @@ import signal
 import socket
 import tempfile
 import threading
-from typing import Optional, Type
+from contextlib import contextmanager
+from typing import Iterator, Optional, Type
 
 from .errors import ConfigError, ObdkError
 
-__all__ = ["OWNER_FILE", "writable_dir", "use_dir", "sweep", "new_store", "new_file", "remove_store", "live_stores"]
+__all__ = ["OWNER_FILE", "writable_dir", "use_dir", "sweep", "new_store", "store", "new_file", "remove_store",
+           "live_stores"]
 
 log = logging.getLogger(__name__)
 
@@ -52,22 +54,30 @@ _mutex = threading.RLock()
 def writable_dir(path, what: str, error: Type[ObdkError] = ConfigError) -> str:
     """``path`` (str) when it is a directory a file can be created in; else ``error`` naming ``what`` and ``path``.
 
-    Tries the write (a ``.obdk-probe-*`` file, created and removed): permission bits say nothing for root,
+    Tries the write (an unnamed ``O_TMPFILE`` file; where the file system has none, a ``.obdk-probe-*`` file created
+    and removed): permission bits say nothing for root,
     and ``/proc`` or a read-only mount pass ``os.access``. ``what``: how the caller names it (``--scratch-dir``).
     """
     p = os.fspath(path)
     if not os.path.isdir(p):
         raise error(f"{what} {p}: not a directory (create it, or choose another)")
+    probe = None
     try:
-        fd, probe = tempfile.mkstemp(prefix=".obdk-probe-", dir=p)
+        try:  # an unnamed file (O_TMPFILE): nothing to remove, nothing left even by a kill right here
+            fd = os.open(p, os.O_TMPFILE | os.O_WRONLY, 0o600)
+        except (AttributeError, OSError) as e:
+            if getattr(e, "errno", None) not in (None, errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+            fd, probe = tempfile.mkstemp(prefix=".obdk-probe-", dir=p)  # (a file system without O_TMPFILE)
     except OSError as e:
         raise error(f"{what} {p}: cannot create a file there ({e.strerror or e}); choose a writable "
                     f"directory") from None
     os.close(fd)
-    try:
-        os.unlink(probe)
-    except OSError:
-        pass
+    if probe is not None:
+        try:
+            os.unlink(probe)
+        except OSError:
+            pass
     return p
 
 
@@ -219,6 +229,16 @@ def new_store(prefix: str, where, owner: str) -> str:
         _live[path] = (os.getpid(), fd)
         _install_handlers()
     return path
+
+
+@contextmanager
+def store(prefix: str, where, owner: str) -> Iterator[str]:
+    """:func:`new_store` as a context manager (``tempfile.TemporaryDirectory`` that a SIGTERM/SIGHUP removes too)."""
+    path = new_store(prefix, where, owner)
+    try:
+        yield path
+    finally:
+        remove_store(path)
 
 
 def new_file(prefix: str, suffix: str, where, owner: str) -> tuple[int, str]:
