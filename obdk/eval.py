@@ -26,7 +26,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .calibrate.head import window_nll
-from .arguments import check_ints, check_model
+from .arguments import check_ints, check_model, check_type
 from .errors import DataError, NonFiniteLossError  # noqa: F401
 from .calibrate.data import check_token_ids, load_text, sha256_text, tokenize_text
 
@@ -96,6 +96,9 @@ def perplexity(model: nn.Module, tokenizer: Any, dataset: Any = "wikitext2", *, 
     check_model("perplexity", model)
     check_ints("perplexity", seqlen=seqlen, batch_size=batch_size)
     check_ints("perplexity", none_ok=("windows",), windows=windows)
+    if not isinstance(dataset, torch.Tensor):
+        check_type("perplexity", "dataset", dataset, (str, os.PathLike, list, tuple),
+                   "a dataset name, a file path, a list of documents, a (text, info) pair or token ids")
     if seqlen < 2:
         raise DataError(f"seqlen must be at least 2 (one predicted token), got {seqlen}")
     from .models import check_context

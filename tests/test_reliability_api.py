@@ -47,6 +47,10 @@ CASES = [
     ("perplexity", lambda m: obdk.perplexity("dir", make_char_tokenizer()), "model must be"),
     ("perplexity", lambda m: obdk.perplexity(m, make_char_tokenizer(), seqlen=32.0), "seqlen must be an int"),
     ("perplexity", lambda m: obdk.perplexity(m, make_char_tokenizer(), windows=0), "windows must be >= 1"),
+    ("perplexity", lambda m: obdk.perplexity(m, make_char_tokenizer(), dataset=5), "dataset must be"),
+    ("pack_shared_inputs", lambda m: obdk.pack_shared_inputs("dir"), "model must be a torch.nn.Module"),
+    ("LowRankLinear", lambda m: obdk.LowRankLinear(4, 4, 0), "rank must be >= 1"),
+    ("LowRankLinear", lambda m: obdk.LowRankLinear("4", 4, 2), "in_features must be an int"),
 ]
 
 
