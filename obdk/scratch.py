@@ -11,13 +11,15 @@ mechanisms, one module, so that neither a kill nor a vanished directory leaves t
   disposition is ``SIG_IGN`` (``nohup``) is left ignored; a Python handler installed before ours is
   called after the clean-up. ``SIGINT`` needs nothing: ``KeyboardInterrupt`` unwinds and the stores'
   finalizers run. A forked child never removes its parent's stores.
-* **Owner lock.** Each store holds ``.obdk-owner``: the owner's pid and host (JSON), ``flock``-ed
-  for the owner's lifetime (the kernel drops the lock when the process dies, even of ``SIGKILL``).
+* **Owner.** Each store's name carries its owner, ``{prefix}{pid}@{host}.XXXXXXXX``
+  (``obdk-spectra-4242@node17.k2j4h5g6``), and the owner holds an ``flock`` on the store directory
+  for its lifetime (the kernel drops the lock when the process dies, even of ``SIGKILL``). Nothing
+  is added inside the store.
 * **Sweep.** The first use of a scratch directory in a process (:func:`use_dir`) removes the
-  ``obdk-*`` stores there whose owner is gone (made on this host, and the lock can be taken; on a
-  file system without ``flock``: the pid no longer exists) and says so in one logged warning line.
-  A store without an owner file (an older obdk's, or one being made) or from another host is never
-  touched.
+  ``obdk-*`` stores (and spill files) there whose owner is gone: made on this host, the lock free
+  (or no ``flock`` on this file system) and the pid no longer running; it says so in one logged
+  warning line. A name without ``pid@host`` (an older obdk's store), another host's store (a shared
+  file system) and a store whose pid runs (even a reused pid) are never touched.
 
 :func:`writable_dir` checks a directory by creating and removing a file in it (``os.access`` is true
 for root on ``/proc``); every failure here is an :class:`~obdk.errors.ObdkError` naming the directory.
@@ -25,9 +27,9 @@ for root on ``/proc``); every failure here is an :class:`~obdk.errors.ObdkError`
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -38,14 +40,15 @@ from typing import Iterator, Optional, Type
 
 from .errors import ConfigError, ObdkError
 
-__all__ = ["OWNER_FILE", "writable_dir", "use_dir", "sweep", "new_store", "store", "new_file", "remove_store",
+__all__ = ["writable_dir", "use_dir", "sweep", "new_store", "store", "new_file", "remove_store",
            "live_stores"]
 
 log = logging.getLogger(__name__)
 
-OWNER_FILE = ".obdk-owner"
+# a store's or spill file's name: {prefix}{pid}@{host}.{8 random characters of mkdtemp/mkstemp}[.suffix]
+_NAME = re.compile(r"obdk-.*?(\d+)@([A-Za-z0-9-]*)\.[a-z0-9_]{8}(\.\w+)?")
 _SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
-_live: dict[str, tuple[int, Optional[int]]] = {}  # path -> (pid that made it, its owner file's fd)
+_live: dict[str, tuple[int, Optional[int]]] = {}  # path -> (pid that made it, the fd holding its lock)
 _previous: dict[int, object] = {}  # signum -> the disposition ours replaced
 _swept: set[str] = set()
 _mutex = threading.RLock()
@@ -90,35 +93,38 @@ def use_dir(path, what: str) -> str:
     return where
 
 
-def _owner_gone(store: str) -> bool:
-    """True when the process that made ``store`` is gone: its owner file names this host and its lock can be taken
-    (the kernel released it), or, on a file system without ``flock``, its pid no longer exists."""
+def _host() -> str:
+    """This machine's name as it goes into a store's name (letters, digits and ``-``, at most 40)."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40]
+
+
+def _tagged(prefix: str) -> str:
+    return f"{prefix}{os.getpid()}@{_host()}."
+
+
+def _owner_gone(path: str) -> bool:
+    """True when the process that made store (or spill file) ``path`` is gone: its name says this host and a pid
+    that no longer runs, and its lock can be taken (or this file system has no ``flock``)."""
     import fcntl
+    m = _NAME.fullmatch(os.path.basename(path))
+    if m is None or m.group(2) != _host():
+        return False  # an older obdk's store, or another machine's (a shared file system): never touched
     try:
-        fd = os.open(os.path.join(store, OWNER_FILE), os.O_RDONLY)
+        os.kill(int(m.group(1)), 0)
+        return False  # the pid runs (its owner, or a process that reused the pid: left alone either way)
+    except ProcessLookupError:
+        pass
+    except OSError:  # (EPERM: a process of another user runs under that pid)
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
-        return False  # no owner file (an older obdk's store, or one being made): never touched
+        return False
     try:
-        try:
-            meta = json.loads(os.read(fd, 4096) or b"{}")
-            pid, host = int(meta["pid"]), meta["host"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return False
-        if host != socket.gethostname():
-            return False  # another machine's store (a shared file system): its own runs sweep it
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True  # nobody holds it: the owner died (the kernel released its lock)
-        except OSError as e:
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return False  # held: the owner is alive
-        try:  # no flock on this file system: the pid
-            os.kill(pid, 0)
-            return False
-        except ProcessLookupError:
-            return True
-        except OSError:
-            return False
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True  # free: nobody holds it
+    except OSError as e:
+        return e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)  # held (another pid namespace)
     finally:
         os.close(fd)
 
@@ -151,11 +157,11 @@ def sweep(where, *, force: bool = False) -> list[str]:
     removed, nbytes = [], 0
     for name in sorted(names):
         path = os.path.join(key, name)
-        if not name.startswith("obdk-") or os.path.islink(path) or not os.path.isdir(path) or path in _live:
+        if not name.startswith("obdk-") or os.path.islink(path) or path in _live:
             continue
         if _owner_gone(path):
-            nbytes += _size(path)
-            shutil.rmtree(path, ignore_errors=True)
+            nbytes += _size(path) if os.path.isdir(path) else os.lstat(path).st_size
+            remove_store(path)
             removed.append(path)
     if removed:
         log.warning("removed %d stale scratch store(s) (%.3g GB) in %s left by processes that are gone: %s",
@@ -200,8 +206,9 @@ def _remove_all() -> None:
 
 
 def new_store(prefix: str, where, owner: str) -> str:
-    """A new private directory ``{where}/{prefix}XXXX`` (``where`` None: the system temporary directory), registered
-    for removal on SIGTERM/SIGHUP and holding the locked owner file; :func:`remove_store` removes it.
+    """A new private directory ``{where}/{prefix}{pid}@{host}.XXXXXXXX`` (``where`` None: the system temporary
+    directory), registered for removal on SIGTERM/SIGHUP and ``flock``-ed while this process lives;
+    :func:`remove_store` removes it.
 
     ``owner`` names the store in the error raised when ``where`` cannot take a new directory (it vanished, or
     it is not writable): a :class:`~obdk.errors.ConfigError` naming the directory."""
@@ -209,22 +216,16 @@ def new_store(prefix: str, where, owner: str) -> str:
     where = tempfile.gettempdir() if where is None else os.fspath(where)
     sweep(where)
     try:
-        path = tempfile.mkdtemp(prefix=prefix, dir=where)
+        path = tempfile.mkdtemp(prefix=_tagged(prefix), dir=where)
     except OSError as e:
         raise ConfigError(f"{owner}: cannot create a scratch directory in {where} ({e.strerror or e}); was it "
                           f"removed or made read-only during the run?") from None
     fd = None
     try:
-        tmp = os.path.join(path, OWNER_FILE + ".tmp")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            pass  # no flock here: the sweep falls back to the pid
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "owner": owner}).encode())
-        os.rename(tmp, os.path.join(path, OWNER_FILE))  # visible to a sweep only once locked
+        fd = os.open(path, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        pass  # a store without an owner file still works; it is removed by its process, never swept
+        pass  # no flock on this file system: the sweep goes by the pid alone
     with _mutex:
         _live[path] = (os.getpid(), fd)
         _install_handlers()
@@ -247,7 +248,7 @@ def new_file(prefix: str, suffix: str, where, owner: str) -> tuple[int, str]:
     naming it and ``owner``."""
     where = tempfile.gettempdir() if where is None else os.fspath(where)
     try:
-        fd, path = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=where)
+        fd, path = tempfile.mkstemp(prefix=_tagged(prefix), suffix=suffix, dir=where)
     except OSError as e:
         raise ConfigError(f"{owner}: cannot create a scratch file in {where} ({e.strerror or e}); was it removed "
                           f"or made read-only during the run?") from None

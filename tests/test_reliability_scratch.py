@@ -104,18 +104,21 @@ def test_stores_of_killed_processes_are_swept_with_one_line(tmp_path, caplog):
     dead = _make_store_and("kill", tmp_path)
     dead_path = dead.stdout.readline().strip()
     assert dead.wait() == -signal.SIGKILL and os.path.isdir(dead_path)  # SIGKILL: no handler can run
-    foreign = tmp_path / "obdk-kept-olderversion"  # no owner file: never touched
+    foreign = tmp_path / "obdk-kept-olderversion"  # no pid@host in its name: never touched
     foreign.mkdir()
-    other_host = tmp_path / "obdk-factors-otherhost"  # another machine's store on a shared file system: never touched
+    gone_pid = dead.pid
+    other_host = tmp_path / f"obdk-factors-{gone_pid}@not-this-host.abcd1234"  # another machine's (shared fs)
     other_host.mkdir()
-    (other_host / scratch.OWNER_FILE).write_text('{"pid": 1, "host": "not-this-host", "owner": "x"}')
+    spill = tmp_path / f"obdk-stream-{gone_pid}@{scratch._host()}.abcd1234.bin"  # a dead run's spill file
+    spill.write_bytes(b"x" * 100)
     try:
         with caplog.at_level("WARNING", logger="obdk.scratch"):
             removed = scratch.sweep(tmp_path, force=True)
-        assert removed == [os.path.realpath(dead_path)]
-        assert not os.path.exists(dead_path) and os.path.isdir(alive_path) and foreign.is_dir() and other_host.is_dir()
+        assert sorted(removed) == sorted([os.path.realpath(dead_path), os.path.realpath(spill)])
+        assert not os.path.exists(dead_path) and not spill.exists()
+        assert os.path.isdir(alive_path) and foreign.is_dir() and other_host.is_dir()
         lines = [r.getMessage() for r in caplog.records if r.name == "obdk.scratch"]
-        assert len(lines) == 1 and "1 stale scratch store" in lines[0] and os.path.basename(dead_path) in lines[0]
+        assert len(lines) == 1 and "2 stale scratch store" in lines[0] and os.path.basename(dead_path) in lines[0]
     finally:
         alive.stdin.close()
         alive.wait()

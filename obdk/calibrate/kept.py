@@ -98,6 +98,8 @@ class LayerFiles:
     def __init__(self, owner: str, max_host_memory: Optional[int], scratch_dir, budget: Optional[HostBudget]) -> None:
         self._owner = owner
         self.budget = _budget_of(owner, max_host_memory, budget)
+        if scratch_dir is not None and not os.path.isdir(scratch_dir):
+            raise ConfigError(f"{owner}: scratch_dir {scratch_dir} is not a directory")
         use_dir(scratch_dir, f"{owner}: scratch_dir")  # writable (a real write), stale stores swept (obdk.scratch)
         self.scratch_dir = None if scratch_dir is None else str(scratch_dir)
         self._dir: Optional[str] = None

@@ -122,6 +122,8 @@ class BoundaryStore:
         from .kept import _budget_of
         self.budget = _budget_of("calibrate_streamed", max_host_memory, budget)
         self.dir = str(scratch_dir) if scratch_dir is not None else None
+        if self.dir is not None and not os.path.isdir(self.dir):
+            raise ConfigError(f"calibrate_streamed: scratch_dir {self.dir} is not a directory")
         use_dir(self.dir, "calibrate_streamed: scratch_dir")  # writable (a real write), stale stores swept
         self.host_bytes = self.peak_host_bytes = 0
         self.spilled_now = self.spilled_bytes = self.peak_spilled_bytes = 0
