@@ -25,21 +25,82 @@ def _add_data_dir(p: argparse.ArgumentParser) -> None:
                    help="local data directory laid out like shared/data (default: $OBDK_DATA_DIR, else the HF hub)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors (an unknown flag, a bad value) are one line and exit status 2, like every
+    other refusal of the CLI (the usage is left to ``--help``); subcommand parsers are of this class too."""
+
+    def error(self, message: str):
+        # "argument --keep: 1.5: must be ..." -> "--keep 1.5: must be ...", as the CLI's other errors read
+        message = re.sub(r"^argument ([^\s:/]+)(?:/\S+)?: ", r"\1 ", message)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _count(lo: int):
+    """An argparse ``type=``: an integer ≥ ``lo`` (counts, sizes, byte limits), refused where it enters."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be an integer >= {lo}") from None
+        if n < lo:
+            raise argparse.ArgumentTypeError(f"{n}: must be an integer >= {lo}")
+        return n
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+def _number(ok, what: str):
+    """An argparse ``type=``: a float for which ``ok`` holds (``what`` says which, in the error)."""
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {what}") from None
+        if not ok(x):  # (NaN fails every comparison)
+            raise argparse.ArgumentTypeError(f"{text}: must be {what}")
+        return x
+    parse.__name__ = what
+    return parse
+
+
+_ratio = _number(lambda x: 0.0 < x <= 1.0, "a number in (0, 1] (the fraction of the targeted parameters kept)")
+_seconds = _number(lambda x: 0.0 < x < float("inf"), "a finite number of seconds > 0")
+
+
+def _text(what: str):
+    """An argparse ``type=``: text that is not empty (``what`` says what it names)."""
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"{text!r}: empty; give {what}")
+        return text
+    parse.__name__ = what
+    return parse
+
+
+def _tasks(text: str) -> str:
+    """An argparse ``type=``: comma-separated task names, at least one (``""`` or ``","`` would silently mean none)."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names no task; give comma-separated lm-eval task names, "
+                                         f"e.g. arc_easy,piqa")
+    return ",".join(names)
+
+
 def _add_compress(sub) -> None:
     """The ``compress`` verb's arguments (the method, allocation and correction names from :mod:`obdk.registry`)."""
     from .registry import ALLOCATORS, CORRECTIONS, METHODS
     c = sub.add_parser("compress", help="compress a causal LM and save it")
     c.add_argument("model", help="HF id or directory, a .gguf file, or the alias smollm2-135m")
     c.add_argument("--method", default="obd", help=f"{' | '.join(METHODS)} (default obd)")
-    c.add_argument("--keep", type=float, nargs="+", default=[0.8],
+    c.add_argument("--keep", type=_ratio, nargs="+", default=[0.8],
                    help="fraction(s) of targeted Linear parameters kept; several write one model each")
     c.add_argument("--alloc", default=None, help=f"{' | '.join(ALLOCATORS)} (default: the method's)")
     c.add_argument("--whitening", default=None, help="override the method's whitening: svd | svd-llm | obd")
-    c.add_argument("--calib", default="wikitext2:validation", help="NAME[:SPLIT] (wikitext2, c4) or a file path")
-    c.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
-    c.add_argument("--seqlen", type=int, default=512,
+    c.add_argument("--calib", type=_text("a dataset NAME[:SPLIT] or a file"), default="wikitext2:validation", help="NAME[:SPLIT] (wikitext2, c4) or a file path")
+    c.add_argument("--nsamples", type=_count(1), default=32, help="calibration windows (default 32)")
+    c.add_argument("--seqlen", type=_count(1), default=512,
                    help="tokens per calibration window, also of the --eval-windows evaluation (default 512)")
-    c.add_argument("--calib-batch-size", type=int, default=1,
+    c.add_argument("--calib-batch-size", type=_count(1), default=1,
                    help="calibration windows per forward/backward pass (more: faster, more memory)")
     c.add_argument("--stream", action="store_true",
                    help="run every pass one decoder layer at a time (the same statistics and model, one layer's "
@@ -52,10 +113,10 @@ def _add_compress(sub) -> None:
     c.add_argument("--scratch-dir", default=None,
                    help="--stream: directory for the boundary activations and for each layer's kept spectra and "
                         "statistics beyond --max-host-memory")
-    c.add_argument("--max-host-memory", type=int, default=None, metavar="BYTES",
+    c.add_argument("--max-host-memory", type=_count(0), default=None, metavar="BYTES",
                    help="--stream: host bytes for the boundary activations, and for the kept spectra and (with a "
                         "correction) statistics, before they spill to --scratch-dir")
-    c.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+    c.add_argument("--dist-timeout", type=_seconds, default=1800.0, metavar="SECONDS",
                    help="under torchrun: seconds a rank waits for the others in a collective (also while rank 0 "
                         "applies, evaluates and saves) before the job fails")
     c.add_argument("--seed", type=int, default=0,
@@ -105,19 +166,19 @@ def _add_compress(sub) -> None:
     c.add_argument("--out", required=True, help="output directory (with several --keep: DIR-keep0.8, ...)")
     c.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out that is not an obdk checkpoint (never the input model's directory)")
-    c.add_argument("--eval-windows", type=int, default=0,
+    c.add_argument("--eval-windows", type=_count(0), default=0,
                    help="after saving, evaluate WikiText-2 perplexity on this many windows of --seqlen")
-    c.add_argument("--eval-tasks", default=None,
+    c.add_argument("--eval-tasks", type=_tasks, default=None,
                    help="after saving, zero-shot accuracy of the dense and compressed model on these lm-eval tasks "
                         "(comma-separated, e.g. arc_easy,piqa; needs obdk[eval]), recorded in the report")
-    c.add_argument("--eval-limit", type=int, default=None, help="--eval-tasks: score the first N documents of each task")
+    c.add_argument("--eval-limit", type=_count(1), default=None, help="--eval-tasks: score the first N documents of each task")
     c.add_argument("--json", action="store_true", help="print one JSON object as the last line instead of the text summary "
                    "(with several --keep: {\"results\": [one per ratio]})")
     _add_data_dir(c)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="obdk", description="Low-rank LLM compression (Optimal Brain Decomposition)")
+    ap = _Parser(prog="obdk", description="Low-rank LLM compression (Optimal Brain Decomposition)")
     ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = ap.add_subparsers(dest="verb", required=True)
 
@@ -125,17 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity (and, with --tasks, zero-shot accuracy) of a model or compressed directory")
     e.add_argument("model", help="an obdk checkpoint directory, an HF id or directory, a .gguf file, or smollm2-135m")
-    e.add_argument("--dataset", default=None,
+    e.add_argument("--dataset", type=_text("a dataset NAME[:SPLIT] or a file"), default=None,
                    help="NAME[:SPLIT] (wikitext2, c4) or a file path (default wikitext2; with --tasks, perplexity "
                         "runs only when --dataset is given)")
-    e.add_argument("--tasks", default=None,
+    e.add_argument("--tasks", type=_tasks, default=None,
                    help="zero-shot accuracy through lm-evaluation-harness on these tasks, comma-separated "
                         "(arc_easy,arc_challenge,piqa,hellaswag,winogrande: local data; any lm-eval task name)")
-    e.add_argument("--limit", type=int, default=None, help="--tasks: score the first N documents of each task")
-    e.add_argument("--num-fewshot", type=int, default=0, help="--tasks: examples in each prompt (default 0)")
-    e.add_argument("--seqlen", type=int, default=512, help="tokens per perplexity window (default 512)")
-    e.add_argument("--windows", type=int, default=None, help="evaluate the first N windows (default all)")
-    e.add_argument("--batch-size", type=int, default=None,
+    e.add_argument("--limit", type=_count(1), default=None, help="--tasks: score the first N documents of each task")
+    e.add_argument("--num-fewshot", type=_count(0), default=0, help="--tasks: examples in each prompt (default 0)")
+    e.add_argument("--seqlen", type=_count(1), default=512, help="tokens per perplexity window (default 512)")
+    e.add_argument("--windows", type=_count(1), default=None, help="evaluate the first N windows (default all)")
+    e.add_argument("--batch-size", type=_count(1), default=None,
                    help="windows per forward for perplexity (default 1), requests per forward for --tasks "
                         "(default 8, the fastest measured with the same accuracies as 1)")
     e.add_argument("--dtype", default=None, help="model dtype (float32, bfloat16, float16; default the checkpoint's)")
@@ -145,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text from a model or compressed directory")
     g.add_argument("model", help="an obdk checkpoint directory, an HF id or directory, a .gguf file, or smollm2-135m")
-    g.add_argument("--prompt", required=True, help="the text to continue")
-    g.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate, greedily (default 48)")
+    g.add_argument("--prompt", type=_text("a prompt"), required=True, help="the text to continue")
+    g.add_argument("--max-new-tokens", type=_count(1), default=48, help="tokens to generate, greedily (default 48)")
     g.add_argument("--dtype", default=None, help="model dtype (float32, bfloat16, float16; default the checkpoint's)")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
     g.add_argument("--backend", default=None, help="force the low-rank backend (torch, cpp, triton, cuda)")
@@ -160,10 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("model", help="a config.json, a directory holding one, or a preset: "
                                   "llama-7b, llama-3-8b, llama-3-70b, qwen2.5-72b")
     pl.add_argument("--method", default="obd", help="as obdk compress --method: decides the statistics (default obd)")
-    pl.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
-    pl.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
-    pl.add_argument("--nproc", type=int, default=1, help="data-parallel ranks (torchrun --nproc-per-node)")
-    pl.add_argument("--calib-batch-size", type=int, default=1, help="calibration windows per pass (default 1)")
+    pl.add_argument("--nsamples", type=_count(1), default=32, help="calibration windows (default 32)")
+    pl.add_argument("--seqlen", type=_count(1), default=512, help="tokens per calibration window (default 512)")
+    pl.add_argument("--nproc", type=_count(1), default=1, help="data-parallel ranks (torchrun --nproc-per-node)")
+    pl.add_argument("--calib-batch-size", type=_count(1), default=1, help="calibration windows per pass (default 1)")
     pl.add_argument("--dtype", default=None, help="model dtype (default the config's torch_dtype)")
     pl.add_argument("--stats-dtype", default="float32", choices=["float32", "float64"],
                     help="dtype of the statistics (default float32)")
@@ -299,9 +360,9 @@ def _check_compress_args(args) -> tuple[list[dict], list[Path], list[str]]:
         raise ConfigError("--weights-on-disk: only the streamed passes read one decoder layer at a time; add --stream")
     if args.max_host_memory is not None and args.max_host_memory < 0:
         raise ConfigError(f"--max-host-memory {args.max_host_memory}: must be a byte count ≥ 0")
-    if args.scratch_dir is not None and not os.path.isdir(args.scratch_dir):
-        raise ConfigError(f"--scratch-dir {args.scratch_dir}: not a directory (create it, or leave the flag out "
-                          f"for the system temporary directory)")
+    if args.scratch_dir is not None:  # a real write, and stale stores of killed runs swept (obdk.scratch)
+        from .scratch import use_dir
+        use_dir(args.scratch_dir, "--scratch-dir")
     if len(set(args.keep)) != len(args.keep):
         raise ConfigError(f"--keep {' '.join(f'{k:g}' for k in args.keep)}: a ratio is repeated (each writes one "
                           f"DIR-keepK directory)")
@@ -505,7 +566,10 @@ VERBS = {"compress": cmd_compress, "eval": cmd_eval, "generate": cmd_generate, "
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``obdk`` console script. Returns the exit status."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a refused flag (one line, status 2) or --help (0)
+        return exc.code if isinstance(exc.code, int) else 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

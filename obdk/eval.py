@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .arguments import check_ints, check_model, check_type
 from .calibrate.data import check_token_ids, load_text, sha256_text, tokenize_text
 from .calibrate.head import window_nll
 from .errors import DataError, NonFiniteLossError  # noqa: F401
@@ -92,6 +93,12 @@ def perplexity(model: nn.Module, tokenizer: Any, dataset: Any = "wikitext2", *, 
     (windows × seqlen), ``total_tokens`` the length of the tokenised corpus.
     Raises :class:`NonFiniteLossError` naming the first window with a NaN/inf loss.
     """
+    check_model("perplexity", model)
+    check_ints("perplexity", seqlen=seqlen, batch_size=batch_size)
+    check_ints("perplexity", none_ok=("windows",), windows=windows)
+    if not isinstance(dataset, torch.Tensor):
+        check_type("perplexity", "dataset", dataset, (str, os.PathLike, list, tuple),
+                   "a dataset name, a file path, a list of documents, a (text, info) pair or token ids")
     if seqlen < 2:
         raise DataError(f"seqlen must be at least 2 (one predicted token), got {seqlen}")
     from .models import check_context

@@ -263,6 +263,9 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype | str | None = Non
     dequantised). Returns ``(model, tokenizer)``. Raises ``ModelNotFoundError``
     listing every resolution step that was tried when nothing matched.
     """
+    from .arguments import check_device, check_path
+    check_path("load_model", "spec", spec)
+    check_device("load_model", device)
     s = os.fspath(spec)
     dt = _parse_dtype(dtype)
     tried: list[str] = []

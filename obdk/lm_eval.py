@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import atexit
 import os
-import shutil
 import sys
-import tempfile
 
 import obdk  # noqa: F401  (registers the "obdk" quantizer with transformers)
 
@@ -93,8 +91,9 @@ def with_local_tasks(argv: list[str]) -> list[str]:
         except Exception:  # unknown names: the harness reports them itself
             continue
         leaves += sorted(e.tags) if _kind(e) == "TAG" else [n]
-    tmp = tempfile.mkdtemp(prefix="obdk-lm-eval-tasks-")
-    atexit.register(shutil.rmtree, tmp, True)
+    from .scratch import new_store, remove_store
+    tmp = new_store("obdk-lm-eval-tasks-", None, "obdk.lm_eval")  # removed at exit, and on SIGTERM/SIGHUP
+    atexit.register(remove_store, tmp)
     written = local_task_yamls(leaves, None, tmp)
     if not written:
         return argv

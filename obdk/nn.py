@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
+from .arguments import check_ints, check_model
 from .backends import select
 from .errors import DataError, WrongTypeError
 from .models import set_module
@@ -48,8 +49,7 @@ class LowRankLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
                  device=None, dtype=None):
         super().__init__()
-        if rank <= 0:
-            raise DataError(f"LowRankLinear: rank must be positive, got {rank}")
+        check_ints("LowRankLinear", in_features=in_features, out_features=out_features, rank=rank)
         kw = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.weight_a = nn.Parameter(torch.empty(rank, in_features, **kw))
@@ -306,6 +306,7 @@ def pack_shared_inputs(model: nn.Module, groups: Optional[Iterable] = None) -> l
     A group with fewer than two low-rank members is left alone, as is one whose
     members differ in dtype or device. Returns the packed modules created.
     """
+    check_model("pack_shared_inputs", model)
     if groups is None:
         groups = shared_input_groups(model)
     created: list[PackedLowRankLinear] = []

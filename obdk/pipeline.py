@@ -19,12 +19,13 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from .arguments import as_config, check_calibration, check_device, check_ints, check_model, check_path
 from .calibrate.layer_statistics import LayerStatistics
 from .config import LowRankConfig
 from .decompose import schedule
 from .decompose.spectrum_store import SpectrumStore
 from .decompose.whitened import spectrum_as_svd  # noqa: F401  (importable here, as before)
-from .errors import ConfigError, NotCollectedError
+from .errors import ConfigError, NotCollectedError, WrongTypeError
 from .models import check_context, coverage, select_targets
 from .plan import Plan
 from .registry import ALLOCATORS, load, streaming_refusal
@@ -69,7 +70,15 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
     layers every streamed pass (calibration, corrections) reads from the checkpoint's shards one at a time;
     such a plan is written with :meth:`Plan.save` (it cannot :meth:`Plan.apply` to a model that has no weights).
     """
-    config = config or LowRankConfig()
+    check_model("prepare", model, meta_ok=source is not None)  # (a skeleton's layers are meta: read from source)
+    config = as_config("prepare", config)  # (a dict of LowRankConfig fields is accepted)
+    check_ints("prepare", nsamples=nsamples, seqlen=seqlen, calib_batch_size=calib_batch_size)
+    check_ints("prepare", lo=None, seed=seed)
+    check_ints("prepare", lo=0, none_ok=("max_host_memory",), max_host_memory=max_host_memory)
+    check_calibration("prepare", calibration, tokenizer)
+    check_device("prepare", device)
+    for name, value in (("data_dir", data_dir), ("scratch_dir", scratch_dir)):
+        check_path("prepare", name, value, none_ok=True)
     _check_streaming(config, stream, source)
     timer = timer or StageTimer()
     targets = select_targets(model, config)
@@ -259,7 +268,8 @@ def compress(model: nn.Module, config: Optional[LowRankConfig] = None, calibrati
     ``LowRankLinear`` (bias kept) at the rank the allocation gives, or stays dense
     when that rank reaches break-even ``mn/(m+n)``. See :func:`prepare` for the arguments.
     """
-    config = config or LowRankConfig()
+    check_model("compress", model)
+    config = as_config("compress", config)
     before = count_params(model)
     plan = prepare(model, config, calibration, tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
                    data_dir=data_dir, stats=stats, device=device, progress=progress,
@@ -283,6 +293,11 @@ def compress_many(model: nn.Module, config: LowRankConfig, keeps: Sequence[Varia
     ``None`` keeps no copy alive. ``plan``: an already prepared plan of ``model`` (then no
     calibration runs). ``model`` is not modified. Every variant is validated before any work.
     """
+    check_model("compress_many", model)
+    config = as_config("compress_many", config)
+    if isinstance(keeps, (str, bytes, dict)) or not isinstance(keeps, Sequence):
+        raise WrongTypeError(f"compress_many: keeps must be a list of ratios or option dicts, got "
+                             f"{type(keeps).__name__} {keeps!r:.40}")
     variants = [dict(v) if isinstance(v, dict) else {"keep": v} for v in keeps]
     plan = plan or prepare(model, config, calibration, **kw)
     for v in variants:

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 import torch.nn as nn
 
+from .arguments import check_model
 from .calibrate.layer_statistics import LayerStatistics
 from .config import APPLY_FIELDS, DEFAULT_FLOOR, DEFAULT_RANK_MULTIPLE, LowRankConfig
 from .decompose.spectrum_store import SpectrumStore
@@ -321,6 +322,7 @@ class Plan:
             raise ConfigError("Plan.apply: this plan's model is a skeleton whose decoder layers live in the "
                               "checkpoint's shards (prepare(source=...)); write the compressed model with "
                               "Plan.save(model, out_dir)")
+        check_model("Plan.apply", model)
         cfg = self.resolve(keep, **overrides)
         timer = StageTimer()
         before = model_params_before if model_params_before is not None else count_params(model)
@@ -377,6 +379,7 @@ class Plan:
         streamed plan runs on every rank together; everything else runs on rank 0 as in one process. Every rank
         returns rank 0's report; an error on rank 0 is raised on every rank.
         """
+        check_model("Plan.save", model, meta_ok=True)  # (a skeleton's meta tensors are read from its source)
         cfg = self.resolve(keep, **overrides)
         timer = StageTimer()
         before = model_params_before if model_params_before is not None else count_params(model)

@@ -30,7 +30,7 @@ from typing import Any, Optional
 from .config import METHODS, WHITENINGS
 from .errors import ConfigError, MissingFileError
 
-__all__ = ["PRESETS", "read_model_config", "plan_run", "format_plan"]
+__all__ = ["PRESETS", "read_model_config", "check_model_config", "plan_run", "format_plan"]
 
 GiB = float(1 << 30)
 
@@ -63,15 +63,44 @@ def read_model_config(spec: str | os.PathLike) -> dict[str, Any]:
         cfg = json.loads(p.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{p}: not a JSON model config ({exc})") from None
-    return cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
+    cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{p}: not a model config (a JSON object with hidden_size, num_hidden_layers, ...)")
+    check_model_config(cfg, str(p))
+    return cfg
+
+
+_NEED = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
+
+
+def check_model_config(cfg: dict[str, Any], source: str = "model config") -> None:
+    """Every field :func:`plan_run` reads, checked; a :class:`ConfigError` naming the field and ``source`` (the file).
+
+    :data:`_NEED` fields: positive integers (a bool, a float or a string is refused); ``num_key_value_heads`` and
+    ``head_dim`` (optional, null = absent): positive integers, the KV heads dividing ``num_attention_heads`` (GQA
+    groups); without ``head_dim``, ``num_attention_heads`` must divide ``hidden_size``."""
+    def bad(field: str, why: str) -> ConfigError:
+        return ConfigError(f"{source}: {field} {cfg.get(field)!r}: {why}")
+
+    for k in _NEED + ("num_key_value_heads", "head_dim"):
+        v = cfg.get(k)
+        if v is None and k not in _NEED:
+            continue
+        if v is None:
+            raise ConfigError(f"{source}: {k} missing (a Llama-family decoder config is needed)")
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise bad(k, "must be a positive integer")
+    h, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads")
+    if kv is not None and h % kv:
+        raise bad("num_key_value_heads", f"must divide num_attention_heads {h} (each KV head serves a group of "
+                                         f"query heads)")
+    if cfg.get("head_dim") is None and cfg["hidden_size"] % h:
+        raise bad("num_attention_heads", f"must divide hidden_size {cfg['hidden_size']} (or give head_dim)")
 
 
 def _shapes(cfg: dict[str, Any]) -> tuple[list[tuple[str, int, int, str]], dict[str, int]]:
     """Targets of one decoder layer ``[(name, m, n, input key)]`` and the sizes used elsewhere."""
-    need = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
-    missing = [k for k in need if not isinstance(cfg.get(k), int)]
-    if missing:
-        raise ConfigError(f"model config: {', '.join(missing)} missing (a Llama-family decoder config is needed)")
+    check_model_config(cfg)
     d, f, h = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"]
     kv = cfg.get("num_key_value_heads") or h
     hd = cfg.get("head_dim") or d // h
@@ -91,11 +120,16 @@ def plan_run(cfg: dict[str, Any], *, method: str = "obd", nsamples: int = 32, se
     pass; ``stats_dtype`` of the statistics; ``dtype`` of the model (default its ``torch_dtype``).
     Returns a JSON-able dict; bytes are integers, FLOPs floats.
     """
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"plan_run: cfg must be a model config dict (read_model_config), got {type(cfg).__name__}")
     if method not in METHODS:
         raise ConfigError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     for name, v in (("nsamples", nsamples), ("seqlen", seqlen), ("nproc", nproc), ("batch_size", batch_size)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {v!r}: must be a positive integer")
+    if dtype is None and cfg.get("torch_dtype") is not None and cfg["torch_dtype"] not in _DTYPE_BYTES:
+        raise ConfigError(f"model config: torch_dtype {cfg['torch_dtype']!r}: one of {', '.join(_DTYPE_BYTES)} "
+                          f"(or pass --dtype)")
     dtype = dtype or str(cfg.get("torch_dtype") or "float32")
     if dtype not in _DTYPE_BYTES or stats_dtype not in ("float32", "float64"):
         raise ConfigError(f"dtype {dtype!r} / stats dtype {stats_dtype!r}: model dtype one of "

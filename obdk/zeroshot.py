@@ -33,13 +33,13 @@ import functools
 import logging
 import math
 import os
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .errors import ConfigError, DatasetNotFoundError, ObdkError
+from .scratch import store
 
 log = logging.getLogger(__name__)
 
@@ -366,7 +366,7 @@ def zeroshot(model, tokenizer, tasks: str | Iterable[str], *, limit: int | None 
     root = resolve_root(data_dir)
     with _quiet(progress):
         names = _expand(names)  # unknown names fail here, before any work
-        with tempfile.TemporaryDirectory(prefix="obdk-zeroshot-") as tmp:
+        with store("obdk-zeroshot-", None, "zeroshot") as tmp:  # (removed on SIGTERM/SIGHUP too)
             built = []  # every task's data first: a missing one fails before the model is touched
             for name in names:
                 t0 = time.perf_counter()

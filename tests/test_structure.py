@@ -17,8 +17,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "obdk"
 MAX_FUNCTION_LINES = 120
 MAX_PIPELINE_LINES = 400
 #: what the streamed runtime may import: the leaves, the architecture records and the checkpoint format (its
-#: shard index)
-STREAM_DEPENDS_ON = {"errors", "models", "finite", "io"}
+#: shard index) and the process-wide clean-up of scratch stores (obdk.scratch: signals, stale stores)
+STREAM_DEPENDS_ON = {"errors", "models", "finite", "io", "scratch"}
 
 
 def _modules() -> dict[str, Path]:

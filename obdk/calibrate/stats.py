@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..arguments import check_model
 from ..errors import ConfigError, DataError, NonFiniteError, WrongTypeError
 from ..models import accepts_position_ids, forward_kwargs, input_device, trunk
 from ..stream import distributed as dist
@@ -151,6 +152,7 @@ def calibrate(model: nn.Module, data: Any, *, stats: Sequence[str] = ("cx", "cg"
     ``torch.distributed`` each rank takes windows ``i % world == rank`` and the sums are
     all-reduced before normalising. Returns :class:`Statistics`.
     """
+    check_model("calibrate", model)  # an nn.Module, no meta-device tensor (the first one named)
     want = _check_options(stats, fisher, dtype, batch_size, checkpoint_every, cache_dir)
     backward = "cg" in want or "grad" in want
 

@@ -201,7 +201,8 @@ def check_writable(out_dir: str | os.PathLike, *, overwrite: bool = False,
                    source_dir: str | os.PathLike | Iterable[str | os.PathLike] | None = None) -> Path:
     """Refuse, before any work, an output directory :func:`save_pretrained` must not write.
 
-    Cheap (a few ``stat`` calls; no write). Raises :class:`OutputPathError` naming the path,
+    Cheap (a few ``stat`` calls and one unnamed probe file in the nearest existing ancestor: a real write,
+    since ``os.access`` is true for root on ``/proc``). Raises :class:`OutputPathError` naming the path,
     what is there and how to proceed; returns the absolute target path. ``source_dir``: the
     directory (or directories) the model was loaded from; ``out_dir`` may never be it or one of
     its parents, even with ``overwrite``. See the module docstring for the full rule.
@@ -225,8 +226,8 @@ def check_writable(out_dir: str | os.PathLike, *, overwrite: bool = False,
     if not anc.is_dir():
         raise OutputPathError(f"output directory {raw!r} ({p}) is under {anc}, which is a regular file, "
                               "not a directory; choose another path")
-    if not os.access(anc, os.W_OK | os.X_OK):
-        raise OutputPathError(f"output directory {raw!r} ({p}): {anc} is not writable")
+    from ..scratch import writable_dir  # a real write: os.access is true for root on /proc
+    writable_dir(anc, f"output directory {raw!r} ({p}) is under", error=OutputPathError)
     srcs: list = []
     if source_dir is not None:
         srcs = [source_dir] if isinstance(source_dir, (str, os.PathLike)) else list(source_dir)

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from ..arguments import check_path
 from ..errors import CheckpointError
 from ..models import set_module
 from ..nn import LowRankLinear
@@ -107,6 +108,7 @@ def load_pretrained(path: str | os.PathLike, *, device: str | torch.device = "cp
     reads (on CPU it does not pay). Raises :class:`CheckpointError` naming the file and
     tensor at fault.
     """
+    check_path("load_pretrained", "path", path)
     from accelerate import init_empty_weights
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM

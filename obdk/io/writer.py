@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from .. import __version__
+from ..arguments import check_model, check_path
 from ..config import FORMAT_VERSION
 from ..errors import CheckpointError, ConfigError, NonFiniteError, WrongTypeError
 from ..finite import all_finite as _all_finite
@@ -470,6 +471,8 @@ def save_pretrained(model: nn.Module, save_dir: str | os.PathLike, *, tokenizer=
     Under ``torch.distributed`` every rank that calls it writes: call it on one rank (rank 0), or use
     :meth:`~obdk.plan.Plan.save`, which does. Returns the directory path.
     """
+    check_model("save_pretrained", model, meta_ok=True)  # (a meta tensor is named by the writer below)
+    check_path("save_pretrained", "save_dir", save_dir)
     from ..nn import PackedSlice
     if any(isinstance(m, PackedSlice) for m in model.modules()):
         raise ValueError("save_pretrained: the model has packed shared-input factors; call "

@@ -53,13 +53,15 @@ class LayerFiles(ScratchStore):
             self.host_bytes += nbytes
             self.peak_host_bytes = max(self.peak_host_bytes, self.host_bytes)
             return True
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
         path = os.path.join(self.scratch(), f"layer-{i}.safetensors")
         try:
             save_file(dict(tensors), path)
-        except OSError as e:
+        except (OSError, SafetensorError) as e:  # (safetensors reports a vanished directory as its own error)
+            gone = "" if os.path.isdir(self.scratch_path) else f"; its store {self.scratch_path} was removed during the run"
             raise ConfigError(f"{self._owner}: cannot write {what} ({nbytes} bytes) to scratch_dir "
-                              f"{self.where} ({e.strerror or e}); "
+                              f"{self.where} ({getattr(e, 'strerror', None) or e}{gone}); "
                               f"free space there or raise max_host_memory") from e
         self._files[i] = (path, nbytes)
         self.spilled_bytes += nbytes

@@ -9,19 +9,19 @@ temporary directory), made when it first spills (:meth:`ScratchStore.scratch`) a
 :meth:`ScratchStore.release_scratch` or when the store is garbage-collected. A killed process leaves that
 directory behind.
 
-:func:`live_stores` lists the stores alive in this process. Clean-up that must see every store (signal-safe
-removal on SIGTERM/SIGHUP, a pid/lock file per directory, removal of stale directories at start-up) belongs here,
-in this one place.
+:func:`live_stores` lists the stores alive in this process. Each private directory is made and removed through
+:mod:`obdk.scratch`, which names it ``<prefix><pid>@<host>.<random>``, locks it while the process lives, removes it on
+SIGTERM/SIGHUP and sweeps the stale ones of dead processes when a directory is first used.
 """
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import weakref
 from typing import Optional
 
 from ..errors import ConfigError
+from ..scratch import new_store, remove_store, use_dir
 from .budget import HostBudget
 
 __all__ = ["ScratchStore", "live_stores"]
@@ -49,6 +49,7 @@ class ScratchStore:
         self.budget = budget
         if scratch_dir is not None and not os.path.isdir(scratch_dir):
             raise ConfigError(f"{owner}: scratch_dir {scratch_dir} is not a directory")
+        use_dir(scratch_dir, f"{owner}: scratch_dir")  # writable (a real write), stale stores swept (obdk.scratch)
         self.scratch_dir: Optional[str] = None if scratch_dir is None else str(scratch_dir)
         self.scratch_path: Optional[str] = None  #: the private directory, once made
         self._finalizer: Optional[weakref.finalize] = None
@@ -67,8 +68,10 @@ class ScratchStore:
     def scratch(self) -> str:
         """The store's private directory, made on first call; removed by :meth:`release_scratch` or with the store."""
         if self.scratch_path is None:
-            self.scratch_path = tempfile.mkdtemp(prefix=self.prefix, dir=self.scratch_dir)
-            self._finalizer = weakref.finalize(self, shutil.rmtree, self.scratch_path, True)
+            # named with pid@host and locked while this process lives: removed on SIGTERM/SIGHUP, and swept by a
+            # later run once this process is gone (obdk.scratch)
+            self.scratch_path = new_store(self.prefix, self.scratch_dir, self._owner)
+            self._finalizer = weakref.finalize(self, remove_store, self.scratch_path)
         return self.scratch_path
 
     def release_scratch(self) -> None:
