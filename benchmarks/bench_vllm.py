@@ -83,6 +83,10 @@ def ensure_checkpoints(runs: Path) -> dict[str, Path]:
         from obdk.hub import load_model
         model, tok = load_model("smollm2-135m")
         model.config.architectures = [type(model).__name__]
+        # transformers dequantised the GGUF to fp32 on load; save it as the plain dense checkpoint it now is
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         model.save_pretrained(out["dense"])
         tok.save_pretrained(out["dense"])
     missing = [k for k in KEEPS if not (runs / f"smollm2-keep{k}" / "config.json").exists()]
