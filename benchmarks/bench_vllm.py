@@ -160,24 +160,27 @@ def main(argv=None) -> int:
     set_threads(args.threads)
     ckpts = ensure_checkpoints(args.runs)
     py = vllm_python() if "vllm" in args.engines else None
-    rows = []
+    rows, by = [], {}
     for engine in args.engines:
         for variant in args.variants:
             got = run_vllm(py, ckpts[variant], args) if engine == "vllm" else run_transformers(ckpts[variant], variant,
                                                                                                   args)
             keep = 1.0 if variant == "dense" else float(variant.removeprefix("keep"))
-            rows += [{"engine": engine, "variant": variant, "keep": keep, "model": "smollm2-135m", "dtype": "float32",
+            group = [{"engine": engine, "variant": variant, "keep": keep, "model": "smollm2-135m", "dtype": "float32",
                       "prompt": args.prompt, "new_tokens": args.new_tokens, "reps": args.reps,
                       "compress": "obd global " + " ".join(COMPRESS) if keep < 1 else "", **r} for r in got]
-    by = {(r["engine"], r["variant"], r["batch"]): r for r in rows}
-    for r in rows:
-        d = by.get((r["engine"], "dense", r["batch"]))
-        r["vs_dense"] = r["tok_s"] / d["tok_s"] if d else float("nan")
-        h = by.get(("transformers", r["variant"], r["batch"]))
-        r["vllm_vs_hf"] = r["tok_s"] / h["tok_s"] if h and r["engine"] == "vllm" else float("nan")
+            for r in group:  # ratios against rows of this run only (same engine's dense; the other engine)
+                by[(engine, variant, r["batch"])] = r
+                d = by.get((engine, "dense", r["batch"]))
+                r["vs_dense"] = r["tok_s"] / d["tok_s"] if d else float("nan")
+                v, h = by.get(("vllm", variant, r["batch"])), by.get(("transformers", variant, r["batch"]))
+                r["vllm_vs_hf"] = v["tok_s"] / h["tok_s"] if v and h else float("nan")
+            rows += group
+            if args.out:  # each group as it completes: a run cut short keeps its rows
+                write_csv(group, args.out)
     print_table(rows, COLS)
     if args.out:
-        print(f"# wrote {len(rows)} rows to {write_csv(rows, args.out)}")
+        print(f"# wrote {len(rows)} rows to {args.out}")
     return 0
 
 
