@@ -105,6 +105,9 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="batches 1 4, prompt 64, 16 new tokens, 2 reps")
     p.add_argument("--compile", action="store_true", help="torch.compile(mode='reduce-overhead') + static cache")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend with --compile (inductor: CUDA graphs through mode='reduce-overhead'; "
+                        "eager: graph capture only, for CPU dry runs)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (1 is steadier on a shared, oversubscribed machine)")
     p.add_argument("--out", help="append rows to this CSV")
@@ -130,7 +133,8 @@ def main(argv=None) -> int:
 
     model = random_llama(**shape, device=device, dtype=dtype)
     if args.compile:
-        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
+        kw = {"mode": "reduce-overhead"} if args.compile_backend == "inductor" else {"backend": args.compile_backend}
+        model.forward = torch.compile(model.forward, fullgraph=False, **kw)
     groups = linear_groups(model)
     variants = [("dense", None, False)]
     for keep in args.keeps:
@@ -148,6 +152,7 @@ def main(argv=None) -> int:
         for batch in batches:
             res = measure(model, device, batch, prompt, new, reps, shape["vocab"], args.compile)
             row = {"variant": name, "keep": keep if keep is not None else 1.0, "packed": packed, "size": size,
+                   "compile": args.compile_backend if args.compile else "",
                    **{f"cfg_{k}": v for k, v in shape.items()}, "dtype": str(dtype).split(".")[-1],
                    "params_M": n_params / 1e6, "batch": batch, "prompt": prompt, "new_tokens": new, **res}
             if name == "dense":

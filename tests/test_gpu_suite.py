@@ -1,8 +1,9 @@
 """benchmarks/gpu_suite.sh --dry-run: the prepared H200 run, every step on CPU with tiny sizes.
 
 The dry run executes the suite's own step list (setup, the build step's check, both pytest steps,
-the four benchmarks through ``python -m benchmarks.<name>``) with the CPU flags, so a renamed
-flag, a broken import or a step that writes no CSV fails here rather than on the device.
+the benchmarks through ``python -m benchmarks.<name>``, obdk's compiled decode among them) with the
+CPU flags, so a renamed flag, a broken import or a step that writes no CSV fails here rather than
+on the device.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def test_gpu_suite_dry_run(tmp_path):
     steps = {row["step"]: row for row in csv.DictReader(open(out / "suite_steps.csv"))}
     assert r.returncode == 0, f"dry run failed: {steps}\n{log[-4000:]}"
     want = ["setup", "build", "pytest-triton", "pytest-cuda", "lowrank-decode", "lowrank-prefill", "calibration",
-            "generate", "decompose"]
+            "generate", "generate-compiled", "decompose"]
     assert sorted(steps) == sorted(want), steps
     data = Path(env.get("OBDK_DATA_DIR", REPO.parent / "shared" / "data")) / "wikitext-2-raw" / "wiki.test.raw"
     for name, row in steps.items():
@@ -60,6 +61,8 @@ def test_gpu_suite_dry_run(tmp_path):
     assert all(float(r["median_us"]) > 0 for r in op)
     gen = rows("generate_cpu-dry.csv")
     assert {r["variant"] for r in gen} == {"dense", "keep0.6", "keep0.6+packed"}
+    # obdk's own decode path compiled (static cache + torch.compile; CUDA graphs on the GPU): dense vs keep 0.6
+    assert {(r["variant"], r["compile"]) for r in gen if r["compile"]} == {("dense", "eager"), ("keep0.6", "eager")}
     cal = rows("calibration_cpu-dry.csv")
     assert len(cal) == 1 and cal[0]["model"] == "tiny" and float(cal[0]["obdk_s"]) > 0
     if data.exists():

@@ -385,6 +385,8 @@ class CheckpointWriter:
             self._write_shards()
             cfg.pop("quantization_config", None)
             cfg.pop("_name_or_path", None)
+            if not cfg.get("architectures"):
+                cfg["architectures"] = _causal_lm_architectures(cfg.get("model_type"))
             cfg["quantization_config"] = quantization_config(self._ranks, config, fingerprint)
             dtype = self._factor_dtype[0] if self._factor_dtype is not None else self._first_float
             cfg["torch_dtype"] = _dtype_name(dtype) if dtype is not None else None
@@ -403,6 +405,17 @@ class CheckpointWriter:
 #: ``factors[module](entries) -> (a [r, n], b [m, r], bias [m] or None)``: a compressed module's tensors to write,
 #: given its ``state_dict`` entries ``{leaf: tensor}`` (e.g. ``{"weight": W, "bias": c}``)
 Factors = Mapping[str, Callable[[dict], tuple]]
+
+
+def _causal_lm_architectures(model_type: Any) -> Optional[list[str]]:
+    """``["<X>ForCausalLM"]`` for a config that names no architecture (built in code, or read from a
+    GGUF file): loaders that pick the model class by it (vLLM) would otherwise take the bare backbone."""
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    except Exception:  # noqa: BLE001  (a transformers without the table: leave it unset)
+        name = None
+    return [name] if isinstance(name, str) else None
 
 
 def write_model(model: nn.Module, save_dir: str | os.PathLike, *, factors: Factors,
