@@ -52,7 +52,8 @@ def vllm_worker(args) -> int:
     """One engine on one checkpoint; rows as JSON to ``--worker-out``."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{max(0, (args.threads or os.cpu_count() or 1) - 1)}")
-    from vllm import LLM, SamplingParams, __version__ as vllm_version
+    from vllm import LLM, SamplingParams
+    from vllm import __version__ as vllm_version
     llm = LLM(model=args.worker, dtype="float32", enforce_eager=not args.vllm_compile, skip_tokenizer_init=True,
               max_model_len=args.prompt + args.new_tokens + 8, max_num_seqs=max(args.batches), seed=0)
     vocab = llm.llm_engine.model_config.get_vocab_size()
@@ -133,7 +134,6 @@ def run_transformers(path: Path, variant: str, args) -> list[dict]:
             t = median_seconds(lambda: model.generate(ids, **kw), "cpu", args.reps)
         rows.append({"batch": batch, "seconds": t, "tok_s": batch * args.new_tokens / t, **env_fields("cpu")})
         print(f"# transformers {variant} batch {batch}: {t:.2f} s, {rows[-1]['tok_s']:.1f} tok/s", flush=True)
-    del model
     return rows
 
 

@@ -15,8 +15,7 @@ import torch
 
 import obdk
 from obdk.errors import CheckpointError
-from obdk.vllm_plugin.layout import (LinearLayout, check_factor_headers, column_segments, full_segments,
-                                     members_for)
+from obdk.vllm_plugin.layout import LinearLayout, check_factor_headers, column_segments, full_segments, members_for
 
 
 def test_entry_point_and_no_vllm_on_import():
@@ -85,6 +84,7 @@ def test_saved_config_names_the_causal_lm_class(tmp_path):
     """A model built from a config (or read from GGUF) has no ``architectures``; vLLM picks the model
     class by it and would serve the bare backbone, so obdk's writer records ``<X>ForCausalLM``."""
     import json
+
     from obdk.testing import make_tiny_qwen2
     m = make_tiny_qwen2()
     assert not m.config.architectures

@@ -35,10 +35,15 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch.nn import Parameter
-
 from vllm.model_executor.layers.linear import (
-    ColumnParallelLinear, LinearBase, LinearMethodBase, MergedColumnParallelLinear, QKVParallelLinear,
-    ReplicatedLinear, RowParallelLinear, UnquantizedLinearMethod,
+    ColumnParallelLinear,
+    LinearBase,
+    LinearMethodBase,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+    UnquantizedLinearMethod,
 )
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
@@ -47,7 +52,7 @@ from .. import ops  # noqa: F401  (declares obdk::lowrank_linear)
 from ..errors import CheckpointError, UnsupportedModelError
 from ..io import QUANT_METHOD, check_quantization_config, tensor_index
 from ..nn import _grouped_meta  # also declares obdk::lowrank_linear_grouped
-from .layout import LinearLayout, column_segments, full_segments, members_for, check_factor_headers
+from .layout import LinearLayout, check_factor_headers, column_segments, full_segments, members_for
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ def make_tiny(arch: str):
     """A tiny random fp32 causal LM of ``arch`` (2 layers; GQA; Mistral with one KV head, so TP 2
     replicates it; Qwen2 with q/k/v biases; Phi-3 with q/k/v and gate/up fused on disk)."""
     import torch
+
     from obdk.testing import make_tiny_llama, make_tiny_qwen2
     common = dict(hidden=HIDDEN, inter=INTER, heads=HEADS, vocab=VOCAB)
     if arch == "llama":
@@ -60,6 +61,7 @@ def checkpoints(tmp_path_factory):
     """``{arch: directory}``: each tiny model compressed by ``obdk.compress`` (OBD, keep 0.6, global
     allocation) and saved by ``obdk.save_pretrained``; the Llama one with a character tokenizer."""
     import torch
+
     import obdk
     from obdk.config import LowRankConfig
     from obdk.testing import make_char_tokenizer

@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 import vllm.model_executor.layers.linear as vlin
 import vllm.model_executor.parameter as vparam
-from vllm.model_executor.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear,
-                                               ReplicatedLinear, RowParallelLinear, UnquantizedLinearMethod)
+from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+    UnquantizedLinearMethod,
+)
 
 from obdk import backends
 from obdk.errors import CheckpointError, UnsupportedModelError
@@ -384,6 +389,7 @@ def test_config_refuses_bad_ranks():
 
 def test_register_is_idempotent():
     from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
+
     from obdk.vllm_plugin import register
     register()
     register()
