@@ -571,6 +571,11 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
                 # a layer fetched onto another device, or read from the shards, is released after its sweep: its
                 # spectra must refer to the model's own (host or meta) weight, never to the fetched copy
                 rehome = source is not None or device is not None
+                # the kept factors are cut to the largest rank that saves parameters (a rank at or above break-even
+                # stays dense) in the weight's dtype (truncations are cast to it): Llama-7B in fp32, 0.81 GB per
+                # layer instead of 2.6 GB. BSI keeps bases by importance, any index: its spectra stay whole
+                compact = config.resolved_alloc != "bsi"
+                from .allocate.budget import max_factored_rank
 
                 def decompose_layer(i, part):
                     nonlocal score_s
@@ -593,6 +598,9 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
                             mine = bsi_scores(model, data.input_ids, {n: spectrum_as_svd(v) for n, v in sp.items()},
                                               curvature="kfac", stats=part, attention_mask=data.attention_mask)
                         score_s += time.perf_counter() - t0
+                        if compact:  # kept until the allocation: only ranks below break-even, in the weight's dtype
+                            sp = {n: v.compact(max_factored_rank(*v.shape), dtype=weights[n].dtype)
+                                  for n, v in sp.items()}
                     if owned:  # collectives: every rank calls them, whether it owns any of this layer's targets or not
                         sp = dist.share_spectra({t.name: sp[t.name] for t in sub}, weights)
                         if config.resolved_alloc in ("zero-sum", "bsi") and dist.world()[1] > 1:
