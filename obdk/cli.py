@@ -417,9 +417,10 @@ def _compress(args, solo) -> int:
         return row
 
     if by_save:
+        # the last ratio releases each layer's kept factors once written: the scratch shrinks as the checkpoint grows
         results = [finish(None, plan.save(model, outs[i], tokenizer=tok, overwrite=args.overwrite,
                                           source_dir=sources[0] if sources else None, model_params_before=before,
-                                          **v), v) for i, v in enumerate(variants)]
+                                          release=i == len(variants) - 1, **v), v) for i, v in enumerate(variants)]
         plan.close()
     elif len(variants) == 1:  # one ratio: compress the loaded model itself, no copy
         results = [finish(model, plan.apply(model, model_params_before=before, **variants[0]), variants[0])]

@@ -272,6 +272,66 @@ def test_an_fp32_model_keeps_fp32_factors_and_compresses_as_the_dict_plan(tmp_pa
     plan.close()
 
 
+@pytest.mark.parametrize("spill", [True, False])
+def test_a_releasing_save_frees_each_layer_once_written_and_writes_the_same_checkpoint(spill, tmp_path):
+    """``Plan.save(release=True)``: each layer's kept factors (host bytes or scratch file) go as soon as its targets
+    are written, in layer order; the checkpoint is the non-releasing save's, byte for byte; afterwards the plan
+    still allocates and reports, and a truncation says why it cannot."""
+    from safetensors.torch import load_file
+    model = make_tiny_llama(layers=LAYERS).double()
+    (tmp_path / "s").mkdir()
+    plan = obdk.prepare(model, CFG, _ids(), progress=False, stream=True, workers=1, scratch_dir=tmp_path / "s",
+                        max_host_memory=0 if spill else None)
+    store = plan.spectra
+    plan.save(model, tmp_path / "ref", keep=0.6)
+
+    def held():
+        if not spill:
+            return sorted(store._host_layers)
+        return sorted(int(p.name[6:-12]) for p in next((tmp_path / "s").iterdir()).iterdir())
+    assert held() == list(range(LAYERS)) and (store.spilled_bytes if spill else store.budget.used) > 0
+    seen = []
+    real = store.release_layer
+
+    def spy(i):
+        seen.append((i, held()))
+        return real(i)
+    store.release_layer = spy
+    rep = plan.save(model, tmp_path / "out", keep=0.6, release=True)
+    # in layer order, each once, each held until then
+    assert seen == [(i, list(range(i, LAYERS))) for i in range(LAYERS)]
+    assert held() == [] and store.spilled_bytes == store.host_bytes == store.budget.used == 0
+    ref = {f.name: load_file(f) for f in (tmp_path / "ref").glob("*.safetensors")}
+    got = {f.name: load_file(f) for f in (tmp_path / "out").glob("*.safetensors")}
+    assert ref.keys() == got.keys() and all(ref[f].keys() == got[f].keys() and
+                                            all(torch.equal(ref[f][k], got[f][k]) for k in ref[f]) for f in ref)
+    assert plan.allocate(keep=0.6).ranks == {m.name: m.rank for m in rep.modules}
+    name = plan.targets[0].name
+    assert plan.eigenvalues(name).numel() > 0 and plan.damping(name)
+    with pytest.raises(ConfigError, match="released once written .Plan.save"):
+        plan.factors(name, 2)
+    plan.close()
+
+
+def test_a_streamed_save_writes_shards_of_stream_shard_bytes(tmp_path, monkeypatch):
+    """A streamed plan's save holds at most STREAM_SHARD_BYTES of pending tensors (not save_pretrained's 4 GiB):
+    its shards are that size; a resident plan's keep the 4 GiB default; an explicit size wins."""
+    from obdk import pipeline
+    model = make_tiny_llama(layers=2).double()
+    monkeypatch.setattr(pipeline, "STREAM_SHARD_BYTES", 100_000)
+    streamed = obdk.prepare(model, CFG, _ids(), progress=False, stream=True, workers=1)
+    resident = obdk.prepare(model, CFG, _ids(), progress=False, workers=1)
+    sizes = {}
+    for name, plan, kw in (("s", streamed, {}), ("r", resident, {}), ("x", streamed, {"max_shard_bytes": 300_000})):
+        plan.save(model, tmp_path / name, keep=0.6, **kw)
+        sizes[name] = sorted(f.stat().st_size for f in (tmp_path / name).glob("*.safetensors"))
+    total = sum(sizes["r"])
+    assert len(sizes["r"]) == 1 and total > 400_000  # 4 GiB: one file
+    assert len(sizes["s"]) >= total // 100_000 and max(sizes["s"]) <= 100_000 + 4096  # (+ its header)
+    assert len(sizes["x"]) < len(sizes["s"]) and max(sizes["x"]) <= 300_000 + 4096
+    streamed.close()
+
+
 def test_one_budget_bounds_the_kept_statistics_and_spectra_together(tmp_path):
     model = make_tiny_llama(layers=LAYERS).double()
     cfg = CFG.replace(correct="kfac")  # keeps every layer's statistics too
