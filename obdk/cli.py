@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--num-fewshot", type=int, default=0, help="--tasks: examples in each prompt (default 0)")
     e.add_argument("--seqlen", type=int, default=512)
     e.add_argument("--windows", type=int, default=None, help="evaluate the first N windows (default all)")
-    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--batch-size", type=int, default=None,
+                   help="windows per forward for perplexity (default 1), requests per forward for --tasks "
+                        "(default 8, the fastest measured with the same accuracies as 1)")
     e.add_argument("--dtype", default=None)
     e.add_argument("--device", default="cpu")
     e.add_argument("--json", action="store_true")
@@ -445,7 +447,7 @@ def cmd_eval(args) -> int:
             print(json.dumps(res, default=str))
         return 0
     res = perplexity(model, tok, args.dataset or "wikitext2", seqlen=args.seqlen, windows=args.windows,
-                     batch_size=args.batch_size, data_dir=args.data_dir, device=args.device)
+                     batch_size=1 if args.batch_size is None else args.batch_size, data_dir=args.data_dir, device=args.device)
     res["model"] = args.model
     if args.json:
         print(json.dumps(res, default=str))

@@ -7,6 +7,7 @@ Needs the extra ``obdk[eval]`` and the local task data (``$OBDK_DATA_DIR/zerosho
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import subprocess
@@ -21,7 +22,7 @@ pytest.importorskip("lm_eval")
 import obdk  # noqa: E402
 from obdk.cli import main  # noqa: E402
 from obdk.errors import ConfigError, DatasetNotFoundError, ObdkError  # noqa: E402
-from obdk.zeroshot import LOCAL_TASKS, zeroshot  # noqa: E402
+from obdk.zeroshot import DEFAULT_BATCH_SIZE, LOCAL_TASKS, zeroshot  # noqa: E402
 
 try:
     from obdk.testing import make_char_tokenizer, make_tiny_llama
@@ -96,6 +97,39 @@ def test_local_tasks_dense_and_compressed(dense, compressed, tok, offline):
     again = zeroshot(dense, tok, ["arc_easy", "winogrande"], limit=4, data_dir=DATA_DIR, progress=False)
     for t in again:
         assert {k: again[t][k] for k in KEYS if k != "seconds"} == {k: res[t][k] for k in KEYS if k != "seconds"}
+
+
+@needs_data
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_default_batch_size_scores_like_batch_one(compressed, tok, dtype, offline):
+    """The default batch (DEFAULT_BATCH_SIZE requests per forward, shorter ones padded) gives the
+    accuracies of batch size 1 on every task, document counts equal; fp64 leaves no rounding to
+    break a tie, fp32 is what users run."""
+    assert DEFAULT_BATCH_SIZE > 1
+    assert inspect.signature(zeroshot).parameters["batch_size"].default == DEFAULT_BATCH_SIZE
+    m = copy.deepcopy(compressed).to(dtype)
+    tasks = ["piqa", "arc_easy", "hellaswag", "winogrande"]
+    one = zeroshot(m, tok, tasks, limit=12, batch_size=1, data_dir=DATA_DIR, progress=False)
+    batched = zeroshot(m, tok, tasks, limit=12, data_dir=DATA_DIR, progress=False)
+    for t in tasks:
+        assert batched[t]["n"] == one[t]["n"] == 12
+        assert (batched[t]["acc"], batched[t]["acc_norm"]) == (one[t]["acc"], one[t]["acc_norm"]), t
+
+
+def test_cli_batch_size_defaults(tiny_model_dir, monkeypatch, capsys):
+    """obdk eval: --tasks without --batch-size scores DEFAULT_BATCH_SIZE requests per forward;
+    perplexity keeps one window per forward; an explicit --batch-size reaches both."""
+    import obdk.eval
+    import obdk.zeroshot as zs
+    seen = {}
+    monkeypatch.setattr(zs, "check_tasks", lambda *a, **k: None)
+    monkeypatch.setattr(zs, "zeroshot", lambda *a, **k: seen.setdefault("zs", []).append(k["batch_size"]) or {})
+    monkeypatch.setattr(obdk.eval, "perplexity", lambda *a, **k: seen.setdefault("ppl", []).append(
+        k["batch_size"]) or {"ppl": 1.0, "dataset": "x", "windows": 1, "seqlen": 8, "tokens": 8, "seconds": 0.0})
+    assert main(["eval", str(tiny_model_dir), "--tasks", "piqa", "--dataset", "wikitext2"]) == 0
+    assert main(["eval", str(tiny_model_dir), "--tasks", "piqa", "--dataset", "wikitext2", "--batch-size", "3"]) == 0
+    assert main(["eval", str(tiny_model_dir), "--dataset", "wikitext2"]) == 0
+    assert seen == {"zs": [DEFAULT_BATCH_SIZE, 3], "ppl": [1, 3, 1]}
 
 
 @needs_data
