@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--calib-batch-size", type=int, default=1)
     pl.add_argument("--dtype", default=None, help="model dtype (default the config's torch_dtype)")
     pl.add_argument("--stats-dtype", default="float32", choices=["float32", "float64"])
+    pl.add_argument("--correct", default=None, choices=["none", "zs", "kfac", "zs+kfac", "zs-guarded", "seq"],
+                    help="the corrections of the run (default the method's): they keep every layer's statistics")
+    pl.add_argument("--max-host-memory", type=int, default=None, metavar="BYTES",
+                    help="the streamed run's --max-host-memory: how much of the kept bytes goes to scratch disk")
     pl.add_argument("--json", action="store_true")
 
     sub.add_parser("env", help="versions, extension status and op backends")
@@ -494,7 +498,8 @@ def cmd_inspect(args) -> int:
 def cmd_plan(args) -> int:
     from .planner import format_plan, plan_run, read_model_config
     res = plan_run(read_model_config(args.model), method=args.method, nsamples=args.nsamples, seqlen=args.seqlen,
-                   nproc=args.nproc, batch_size=args.calib_batch_size, stats_dtype=args.stats_dtype, dtype=args.dtype)
+                   nproc=args.nproc, batch_size=args.calib_batch_size, stats_dtype=args.stats_dtype, dtype=args.dtype,
+                   correct=args.correct, max_host_memory=args.max_host_memory)
     print(json.dumps(res) if args.json else format_plan(res))
     return 0
 
