@@ -599,6 +599,12 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
                 compact = config.resolved_alloc != "bsi"
                 from .allocate.budget import max_factored_rank
 
+                def cut(n, v):  # a Spectrum cut to the largest factored rank, in the weight's dtype
+                    return v.compact(max_factored_rank(*v.shape), dtype=weights[n].dtype)
+                # as each decomposition finishes (zero-sum's scores read the whole spectra first): a layer's
+                # full-rank fp64 spectra are never held together (Llama-7B: 2.6 GB, on top of the solver's work)
+                early = compact and config.resolved_alloc != "zero-sum"
+
                 def decompose_layer(i, part):
                     nonlocal score_s
                     sub = [by_name[n] for n in part.modules if n in by_name]
@@ -606,7 +612,7 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
                     sp: dict = {}
                     if sub:
                         sp, ph = decompose_targets(model, sub, part, config, device=device, batch=batch,
-                                                   workers=workers, progress=False)
+                                                   workers=workers, progress=False, finish=cut if early else None)
                         for k, v in ph.items():
                             phases[k] = phases.get(k, 0.0) + v
                         if rehome:
@@ -620,9 +626,8 @@ def prepare(model: nn.Module, config: Optional[LowRankConfig] = None, calibratio
                             mine = bsi_scores(model, data.input_ids, {n: spectrum_as_svd(v) for n, v in sp.items()},
                                               curvature="kfac", stats=part, attention_mask=data.attention_mask)
                         score_s += time.perf_counter() - t0
-                        if compact:  # kept until the allocation: only ranks below break-even, in the weight's dtype
-                            sp = {n: v.compact(max_factored_rank(*v.shape), dtype=weights[n].dtype)
-                                  for n, v in sp.items()}
+                        if compact and not early:  # kept until the allocation: ranks below break-even
+                            sp = {n: cut(n, v) for n, v in sp.items()}
                     if owned:  # collectives: every rank calls them, whether it owns any of this layer's targets or not
                         sp = dist.share_spectra({t.name: sp[t.name] for t in sub}, weights)
                         if config.resolved_alloc in ("zero-sum", "bsi") and dist.world()[1] > 1:

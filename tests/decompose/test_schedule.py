@@ -37,3 +37,31 @@ def test_largest_first_on_workers_and_same_spectra_in_target_order(monkeypatch):
         torch.testing.assert_close(one[n].eigenvalues, two[n].eigenvalues, rtol=1e-9, atol=0)
         a, b = one[n].truncate(8, keep_dense_at_break_even=False), two[n].truncate(8, keep_dense_at_break_even=False)
         torch.testing.assert_close(a.to_dense(), b.to_dense(), rtol=1e-9, atol=1e-12)
+
+
+def test_finish_is_applied_in_the_worker_as_each_decomposition_ends(monkeypatch):
+    """``finish(name, spectrum)`` runs right after each decomposition (before the next one starts on that worker),
+    and what it returns is the result: the full-rank spectra are never all held at once."""
+    model = make_tiny_llama(layers=1).double()
+    cfg = LowRankConfig(method="obd", compute_dtype="float64")
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    stats = calibrate(model, ids, stats=cfg.needed_stats, progress=False)
+    targets = select_targets(model, cfg)
+    events = []
+    real = schedule.spectrum
+
+    def spy(w, **kw):
+        events.append("decompose")
+        return real(w, **kw)
+    monkeypatch.setattr(schedule, "spectrum", spy)
+
+    def finish(name, sp):
+        events.append(name)
+        return sp.compact(3)
+    full, _ = schedule.decompose_targets(model, targets, stats, cfg, workers=1, progress=False)
+    events.clear()
+    cut, _ = schedule.decompose_targets(model, targets, stats, cfg, workers=1, progress=False, finish=finish)
+    assert events[0::2] == ["decompose"] * len(targets) and sorted(events[1::2]) == sorted(t.name for t in targets)
+    assert list(cut) == [t.name for t in targets]
+    for n, sp in cut.items():
+        assert sp.factor_b.shape[-1] == 3 and torch.equal(sp.factor_b, full[n].factor_b[:, :3]), n
