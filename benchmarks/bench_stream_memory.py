@@ -312,15 +312,20 @@ def disk_suite(args, base: list[str], log_path: Path, env: dict) -> None:
 # =========================================================================== parent
 
 
-def _spawn(argv: list[str], log_path: Path, *, env: dict | None = None, launch: bool = False) -> tuple[str, dict]:
+def _spawn(argv: list[str], log_path: Path, *, env: dict | None = None, launch: bool = False,
+           on_start=None) -> tuple[str, dict]:
     """Run ``argv`` (stderr to ``log_path``); ``(its stdout, its rusage)`` — ``maxrss_mib`` from ``os.wait4``,
-    and with ``launch`` (through ``_LAUNCH``) also ``wall_s``, ``user_s``, ``sys_s`` and the sampled peaks."""
+    and with ``launch`` (through ``_LAUNCH``) also ``wall_s``, ``user_s``, ``sys_s`` and the sampled peaks.
+    ``on_start(pid)``: called once the process is started (with ``launch``, ``pid`` is the launcher's: the
+    command is its one child), e.g. to start a thread that samples it while this call waits."""
     cmd = [sys.executable, "-c", _LAUNCH, *argv] if launch else argv
     with log_path.open("a") as log:
         log.write(f"\n$ {' '.join(argv)}\n")
         log.flush()
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+        if on_start is not None:
+            on_start(p.pid)
         out = p.stdout.read()
         _, status, ru = os.wait4(p.pid, 0)
         p.returncode = os.waitstatus_to_exitcode(status)

@@ -178,6 +178,7 @@ def _add_compress(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .registry import CORRECTIONS
     ap = _Parser(prog="obdk", description="Low-rank LLM compression (Optimal Brain Decomposition)")
     ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = ap.add_subparsers(dest="verb", required=True)
@@ -228,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--dtype", default=None, help="model dtype (default the config's torch_dtype)")
     pl.add_argument("--stats-dtype", default="float32", choices=["float32", "float64"],
                     help="dtype of the statistics (default float32)")
+    pl.add_argument("--correct", default=None, choices=["none", *CORRECTIONS],
+                    help="the corrections of the run (default the method's): they keep every layer's statistics")
+    pl.add_argument("--max-host-memory", type=_count(0), default=None, metavar="BYTES",
+                    help="the streamed run's --max-host-memory: how much of the kept bytes goes to scratch disk")
     pl.add_argument("--json", action="store_true", help="print the plan as one JSON object")
 
     sub.add_parser("env", help="versions, extension status and op backends")
@@ -404,8 +409,10 @@ def _compress(args) -> int:
               "one is, loaded from its checkpoint")
     rows = []
     for i, v in enumerate(variants):  # each ratio's checkpoint written tensor by tensor; the model stays dense
+        # the last ratio releases each layer's kept factors once written: the scratch shrinks as the checkpoint grows
         report = plan.save(model, outs[i], tokenizer=tok, overwrite=args.overwrite,
-                           source_dir=sources[0] if sources else None, model_params_before=before, **v)
+                           source_dir=sources[0] if sources else None, model_params_before=before,
+                           release=i == len(variants) - 1, **v)
         counters = _rank_counters() if many else None  # (a collective: every rank)
         if writer:
             rows.append(dense.finish(i, outs[i], v, report, counters, len(variants)))
@@ -549,7 +556,8 @@ def cmd_inspect(args) -> int:
 def cmd_plan(args) -> int:
     from .planner import format_plan, plan_run, read_model_config
     res = plan_run(read_model_config(args.model), method=args.method, nsamples=args.nsamples, seqlen=args.seqlen,
-                   nproc=args.nproc, batch_size=args.calib_batch_size, stats_dtype=args.stats_dtype, dtype=args.dtype)
+                   nproc=args.nproc, batch_size=args.calib_batch_size, stats_dtype=args.stats_dtype, dtype=args.dtype,
+                   correct=args.correct, max_host_memory=args.max_host_memory)
     print(json.dumps(res) if args.json else format_plan(res))
     return 0
 

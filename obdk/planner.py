@@ -13,8 +13,11 @@ of ``nsamples × seqlen`` tokens split over ``nproc`` data-parallel ranks:
   estimate: the layer's inputs and outputs kept for the backward, attention probabilities, the
   MLP's intermediates, and one window's LM-head logits);
 * host memory (or scratch disk) for the boundary activations (the input of every decoder layer
-  for every window and the one gradient buffer of the backward sweep, model dtype) and for the kept factors (every target's ordered factors at
-  full rank, so any ratio is a slice);
+  for every window and the one gradient buffer of the backward sweep, model dtype), for the kept factors (every
+  target's ordered factors up to the largest rank that saves parameters, in the model dtype, so any ratio is a
+  slice: about the decoder's own bytes; BSI allocations keep them whole, in the float64 compute dtype) and, when
+  the method corrects, for every layer's statistics; with ``max_host_memory`` how much of that goes to the
+  scratch disk (a layer's factors are kept on host or written to scratch whole, the top layers first);
 * FLOPs of calibration (forward, backward, the streamed pass's recomputed forward, the Grams)
   and of the decompositions (eigen-problems on the smaller side of each matrix).
 
@@ -27,8 +30,10 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import METHODS, WHITENINGS
+from .allocate.budget import max_factored_rank
+from .config import WHITENINGS
 from .errors import ConfigError, MissingFileError
+from .registry import ALLOCATORS, CORRECTIONS, METHODS
 
 __all__ = ["PRESETS", "read_model_config", "check_model_config", "plan_run", "format_plan"]
 
@@ -112,12 +117,15 @@ def _shapes(cfg: dict[str, Any]) -> tuple[list[tuple[str, int, int, str]], dict[
 
 
 def plan_run(cfg: dict[str, Any], *, method: str = "obd", nsamples: int = 32, seqlen: int = 512, nproc: int = 1,
-             batch_size: int = 1, stats_dtype: str = "float32", dtype: Optional[str] = None) -> dict[str, Any]:
+             batch_size: int = 1, stats_dtype: str = "float32", dtype: Optional[str] = None,
+             correct: Optional[str] = None, max_host_memory: Optional[int] = None) -> dict[str, Any]:
     """The memory and FLOPs of compressing the model ``cfg`` with ``method`` (see the module docstring).
 
     ``cfg``: a config dict (:func:`read_model_config`); ``nsamples`` windows of ``seqlen`` tokens,
     split over ``nproc`` ranks (each takes ``ceil(nsamples / nproc)``), ``batch_size`` windows per
-    pass; ``stats_dtype`` of the statistics; ``dtype`` of the model (default its ``torch_dtype``).
+    pass; ``stats_dtype`` of the statistics; ``dtype`` of the model (default its ``torch_dtype``);
+    ``correct`` the corrections (``obdk compress --correct``; None: the method's, ``"none"``: none);
+    ``max_host_memory`` the streamed run's ``--max-host-memory`` (None: unbounded, nothing on scratch).
     Returns a JSON-able dict; bytes are integers, FLOPs floats.
     """
     if not isinstance(cfg, dict):
@@ -134,9 +142,16 @@ def plan_run(cfg: dict[str, Any], *, method: str = "obd", nsamples: int = 32, se
     if dtype not in _DTYPE_BYTES or stats_dtype not in ("float32", "float64"):
         raise ConfigError(f"dtype {dtype!r} / stats dtype {stats_dtype!r}: model dtype one of "
                           f"{', '.join(_DTYPE_BYTES)}, statistics float32 or float64")
+    if max_host_memory is not None and (not isinstance(max_host_memory, int) or isinstance(max_host_memory, bool)
+                                        or max_host_memory < 0):
+        raise ConfigError(f"--max-host-memory {max_host_memory!r}: must be a byte count >= 0")
     wb, sb = _DTYPE_BYTES[dtype], _DTYPE_BYTES[stats_dtype]
     preset = METHODS[method]
-    want = set(WHITENINGS[preset.whitening]) | set(preset.stats)
+    whitening, alloc = preset.whitening, preset.alloc
+    correct = preset.correct if correct is None else (None if correct == "none" else correct)
+    if correct is not None and correct not in CORRECTIONS:
+        raise ConfigError(f"--correct {correct!r}: choose none or one of {', '.join(CORRECTIONS)}")
+    want = set(WHITENINGS[whitening]) | set(preset.stats)
     targets, z = _shapes(cfg)
     L, d, f, V = z["layers"], z["d"], z["f"], z["vocab"]
     inputs = {key: n for _, _, n, key in targets}
@@ -164,8 +179,29 @@ def plan_run(cfg: dict[str, Any], *, method: str = "obd", nsamples: int = 32, se
     # the calibrate_streamed peak (BoundaryStore.peak_host_bytes, stream_memory.csv: SmolLM2 32×512 fp32
     # 1.0898 GiB = 31 buffers; the 7B shape with 2 layers, 2×64 bf16: 3 buffers)
     boundary = (L + 1) * windows * seqlen * d * wb if backward else 2 * windows * seqlen * d * wb
-    factors = sum((m + n) * min(m, n) for _, m, n, _ in targets) * L * wb
-
+    # the kept factors (a streamed plan's SpectrumStore, Spectrum.compact): the leading max_factored_rank(m, n)
+    # components in the model dtype, r·(m+n) < m·n, so about the decoder's own bytes (Llama-7B fp32: 0.81 GB per
+    # layer); an allocator that keeps any component (BSI) keeps whole spectra in the compute dtype, float64
+    if ALLOCATORS[alloc].any_component:
+        layer_factors = sum((m + n) * min(m, n) for _, m, n, _ in targets) * 8
+    else:
+        layer_factors = sum((m + n) * max_factored_rank(m, n) for _, m, n, _ in targets) * wb
+    factors = layer_factors * L
+    # the corrections solve with each layer's C_x and C_g again (a LayerStatistics; the gradients are dropped)
+    layer_kept_stats = (cx + cg) * sb if correct is not None else 0
+    # one HostBudget of max_host_memory bounds the boundary buffers, the kept factors and statistics together: from
+    # the top layer down (the backward sweep) while the boundary buffers are held, each layer's factors, then its
+    # statistics, are kept on host when they fit in what is left, else written whole to the scratch disk
+    scratch = 0
+    if max_host_memory is not None:
+        left = max_host_memory - boundary
+        scratch = max(0, -left)
+        for _ in range(L):
+            for nbytes in (layer_factors, layer_kept_stats):
+                if 0 < nbytes <= left:
+                    left -= nbytes
+                else:
+                    scratch += nbytes
     params = layer_params * L
     # forward: the Linears (2 FLOPs per weight and token), attention scores and mixing
     # (4·T·(heads·head_dim) per token and layer) and the LM head (2·d·V per token)
@@ -190,6 +226,9 @@ def plan_run(cfg: dict[str, Any], *, method: str = "obd", nsamples: int = 32, se
         "layer_grad_bytes": int(grad * sb), "total_stats_bytes": int(layer_stats * L),
         "peak_device_bytes_per_rank": int(peak_device),
         "host_boundary_bytes_per_rank": int(boundary), "host_factor_bytes": int(factors),
+        "layer_factor_bytes": int(layer_factors), "host_kept_stats_bytes": int(layer_kept_stats * L),
+        "correct": correct or "none", "max_host_memory": max_host_memory,
+        "scratch_bytes_per_rank": int(scratch),
         "calibration_flops": calib, "decomposition_flops": dec,
         "tokens_per_rank": int(tokens),
     }
@@ -214,7 +253,9 @@ def format_plan(p: dict[str, Any]) -> str:
         f"peak device memory per rank, streamed: {g(p['peak_device_bytes_per_rank'])} (one layer's weights, "
         f"statistics and a batch's activations)",
         f"host memory or scratch disk per rank: boundary activations {g(p['host_boundary_bytes_per_rank'])}, "
-        f"kept factors {g(p['host_factor_bytes'])}",
+        f"kept factors {g(p['host_factor_bytes'])}, kept statistics (--correct {p['correct']}) "
+        f"{g(p['host_kept_stats_bytes'])}; scratch disk with --max-host-memory "
+        f"{'unbounded' if p['max_host_memory'] is None else g(p['max_host_memory'])}: {g(p['scratch_bytes_per_rank'])}",
         f"FLOPs: calibration {p['calibration_flops']:.3g}, decomposition {p['decomposition_flops']:.3g}",
     ]
     return "\n".join(lines)

@@ -79,7 +79,9 @@ class Allocator:
       of one decoder layer during a streamed sweep; ``spec``: ``"module:function"`` of ``(scores of one target,
       config, costs) -> {MatrixSpec field: value}``;
     * ``windows``: its scores run the model on the calibration windows (``prepare`` keeps them);
-    * ``stream_refusal(config)``: why it cannot run layer-streamed with ``config``, or None.
+    * ``stream_refusal(config)``: why it cannot run layer-streamed with ``config``, or None;
+    * ``any_component``: it may keep any subset of a spectrum's components (BSI), not a leading rank: a streamed
+      plan then keeps its spectra whole instead of cut to break-even (:meth:`~obdk.decompose.closed_form.Spectrum.compact`).
     """
     name: str
     run: str
@@ -93,6 +95,7 @@ class Allocator:
     score_key: Optional[Callable[[Any], Hashable]] = None
     windows: bool = False
     stream_refusal: Callable[[Any], Optional[str]] = _nothing
+    any_component: bool = False
 
     def key(self, config: Any) -> Hashable:
         """The cache key of this allocation's scores under ``config``."""
@@ -134,7 +137,8 @@ ALLOCATORS: dict[str, Allocator] = {a.name: a for a in (
               honours=("floor", "rank_multiple", "bsi_order", "bsi_terms", "bsi_curvature", "probes", "eps",
                        "probe_tol", "max_probes"),
               stats=_bsi_stats, scores="obdk.scores:plan_bsi", layer_scores="obdk.scores:layer_bsi",
-              spec="obdk.allocate.bsi:spec_fields", score_key=_bsi_key, windows=True, stream_refusal=_bsi_refusal),
+              spec="obdk.allocate.bsi:spec_fields", score_key=_bsi_key, windows=True, stream_refusal=_bsi_refusal,
+              any_component=True),
 )}
 
 

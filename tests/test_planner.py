@@ -5,6 +5,7 @@ import pytest
 
 from obdk.calibrate.memory import stats_nbytes
 from obdk.cli import main
+from obdk.errors import ConfigError
 from obdk.planner import PRESETS, plan_run, read_model_config
 from obdk.testing import make_tiny_llama
 
@@ -57,3 +58,40 @@ def test_streamed_figures_equal_what_the_streamed_pass_used(stats, method):
     p = plan_run(model.config.to_dict(), method=method, nsamples=5, seqlen=16, dtype="float32")
     assert info["peak_stats_bytes"] == p["layer_stats_bytes"]  # one layer's statistics at a time
     assert info["peak_host_bytes"] == p["host_boundary_bytes_per_rank"]
+
+
+@pytest.mark.parametrize("correct", ["none", "kfac"])
+def test_kept_and_scratch_bytes_equal_what_a_streamed_plan_keeps(correct, tmp_path):
+    """The planner's kept factors (compacted to break-even, model dtype), kept statistics (corrections) and
+    scratch bytes under ``max_host_memory`` against a streamed plan's SpectrumStore and LayerStatistics."""
+    import torch
+
+    import obdk
+    from obdk.config import LowRankConfig
+    model = make_tiny_llama(layers=3)
+    ids = torch.randint(0, 128, (5, 16), generator=torch.Generator().manual_seed(0))
+    cfg = model.config.to_dict()
+    p0 = plan_run(cfg, method="obd", nsamples=5, seqlen=16, dtype="float32", correct=correct)
+    assert p0["scratch_bytes_per_rank"] == 0 and p0["correct"] == correct
+    # room for the boundary buffers and one layer and a half of what is kept: the top layer on host; of the next
+    # two, the factors of one (kept first, smaller than its statistics) on host and the rest on scratch
+    limit = p0["host_boundary_bytes_per_rank"] + int(1.5 * (p0["layer_factor_bytes"] + p0["host_kept_stats_bytes"] // 3))
+    p = plan_run(cfg, method="obd", nsamples=5, seqlen=16, dtype="float32", correct=correct, max_host_memory=limit)
+    plan = obdk.prepare(model, LowRankConfig(method="obd", correct=correct), ids, progress=False, stream=True,
+                        workers=1, scratch_dir=tmp_path, max_host_memory=limit)
+    store = plan.spectra
+    assert store.host_bytes + store.spilled_bytes == p["host_factor_bytes"] == 3 * p["layer_factor_bytes"]
+    spilled = store.spilled_bytes
+    if correct == "none":
+        assert p["host_kept_stats_bytes"] == 0
+    else:
+        kept = plan.stats
+        assert kept.host_bytes + kept.spilled_bytes == p["host_kept_stats_bytes"] > 0
+        spilled += kept.spilled_bytes
+    per_layer = p["layer_factor_bytes"] + p["host_kept_stats_bytes"] // 3
+    assert spilled == p["scratch_bytes_per_rank"] == 2 * per_layer - (p["layer_factor_bytes"] if correct != "none" else 0)
+    plan.close()
+    with pytest.raises(ConfigError, match="--max-host-memory -1"):
+        plan_run(cfg, max_host_memory=-1)
+    with pytest.raises(ConfigError, match="--correct 'bogus'"):
+        plan_run(cfg, correct="bogus")

@@ -72,6 +72,7 @@ class SpectrumStore(LayerFiles, Mapping):
         self._entries: dict[str, dict[str, Any]] = {}  # name -> {"layer", "cls", "fields", "eigenvalues", ...}
         self.eigen_bytes = 0
         self._closed = False
+        self._released: set[int] = set()
 
     # ------------------------------------------------------------------ write
     def put_layer(self, i: int, spectra: Mapping[str, Spectrum]) -> None:
@@ -153,6 +154,9 @@ class SpectrumStore(LayerFiles, Mapping):
         if name not in self._entries:
             raise KeyError(name)  # (Mapping's contract: ``in`` and ``get`` rely on it)
         e = self._entries[name]
+        if e["layer"] in self._released:
+            raise ConfigError(f"SpectrumStore: {name}'s factors (decoder layer {e['layer']}) were released once "
+                              f"written (Plan.save(..., release=True)); prepare the plan again to cut another rank")
         kw = {k: dict(v) if isinstance(v, dict) else v for k, v in e["fields"].items()}  # (damping: a copy)
         kw.update(eigenvalues=e["eigenvalues"], **e["meta_shaped"])
         if e["stored"]:
@@ -176,6 +180,17 @@ class SpectrumStore(LayerFiles, Mapping):
     def __repr__(self) -> str:
         return (f"SpectrumStore({len(self)} targets in {len(self.layers)} layers, host_bytes={self.host_bytes}, "
                 f"spilled_bytes={self.spilled_bytes}, files_read={self.files_read})")
+
+    def release_layer(self, i: int) -> int:
+        """Release decoder layer ``i``'s factors (host bytes back to the budget, its scratch file removed) while the
+        eigenvalues and metadata stay: the allocation and the report still read them, a truncation of the layer
+        raises :class:`ConfigError`. For a last walk that is done with each layer as it goes
+        (:meth:`~obdk.pipeline.Plan.save` with ``release=True``: the scratch shrinks as the checkpoint grows).
+        Returns the bytes released."""
+        i = int(i)
+        self._check_open()
+        self._released.add(i)
+        return self._release(i)
 
     def close(self) -> None:
         """Release every layer's factors (host bytes back to the budget) and remove the scratch directory; the

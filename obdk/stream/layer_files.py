@@ -102,6 +102,27 @@ class LayerFiles(ScratchStore):
         """Forget the last layer read back from its file (its host memory is released when no one holds it)."""
         self._cached = None
 
+    def _release(self, i: int) -> int:
+        """Release layer ``i``'s tensors alone: its host bytes back to the budget, its scratch file removed (the
+        others stay). Returns the bytes released (0 if the layer is not held). Reading it afterwards is the
+        caller's to refuse."""
+        if i in self._host_layers:
+            nbytes = sum(t.numel() * t.element_size() for t in self._host_layers.pop(i).values())
+            self.host_bytes -= nbytes
+            self.budget.give(nbytes)
+            return nbytes
+        if i in self._files:
+            path, nbytes = self._files.pop(i)
+            if self._cached is not None and self._cached[0] == i:
+                self._cached = None
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+            self.spilled_bytes -= nbytes
+            return nbytes
+        return 0
+
     def nbytes(self) -> int:
         """Bytes held, host and scratch together."""
         return self.host_bytes + self.spilled_bytes

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import obdk
+from obdk.allocate.budget import max_factored_rank
 from obdk.calibrate.layer_statistics import LayerStatistics
 from obdk.calibrate.stream import calibrate_streamed
 from obdk.config import LowRankConfig
@@ -208,7 +209,11 @@ def test_streamed_plan_on_the_store_equals_the_dict_plan_bit_for_bit(spill, resi
     store = plan.spectra
     assert isinstance(store, SpectrumStore) and set(store) == set(ref.spectra)
     assert list(store) == [t.name for t in plan.targets]  # forward order, as the streamed plan's dict had them
-    total = _factor_bytes(ref.spectra)
+    # kept compacted: the leading max_factored_rank(m, n) components (no allocation factors a rank at or above
+    # break-even), in the weight's dtype (fp64 here)
+    total = sum(8 * R * (m + n) for m, n, R in ((*sp.shape, max_factored_rank(*sp.shape))
+                                                   for sp in ref.spectra.values()))
+    assert total < _factor_bytes(ref.spectra)
     assert (store.host_bytes, store.spilled_bytes) == ((0, total) if spill else (total, 0))
     dirs = list(tmp_path.iterdir())
     if spill:
@@ -230,13 +235,102 @@ def test_streamed_plan_on_the_store_equals_the_dict_plan_bit_for_bit(spill, resi
         assert torch.equal(logits, logits0)
     for n, sp in ref.spectra.items():
         got = plan.spectra[n]
-        assert all(torch.equal(getattr(got, f), getattr(sp, f)) for f in ("eigenvalues", "factor_b", "factor_a")), n
+        R = max_factored_rank(*sp.shape)
+        assert torch.equal(got.eigenvalues, sp.eigenvalues) and got.kept == min(sp.kept, R), n
+        assert torch.equal(got.factor_b, sp.factor_b[:, :R]) and torch.equal(got.factor_a, sp.factor_a[:R]), n
+        with pytest.raises(DataError, match=f"rank {R + 1} needs {R + 1} components .* carry {R}"):
+            got.truncate(R + 1, keep_dense_at_break_even=False)
         w = model.get_submodule(n).weight  # the model's own tensor (detached, as decompositions see it), not a copy
         assert got.weight.data_ptr() == w.data_ptr() and got.weight.shape == w.shape and got.damping == sp.damping
     plan.close()
     assert not list(tmp_path.iterdir()) and store.host_bytes == 0 and store.budget.used == 0
     with pytest.raises(ConfigError, match="SpectrumStore: closed .Plan.close"):
         plan.allocate(keep=0.5)
+
+
+def test_an_fp32_model_keeps_fp32_factors_and_compresses_as_the_dict_plan(tmp_path):
+    """fp32 weights, fp64 decompositions: the store keeps the factors in fp32, to break-even (a quarter to a
+    half of the fp64 full-rank bytes), and every truncation, hence the compressed model, is the dict plan's."""
+    model = make_tiny_llama(layers=2)
+    assert model.model.embed_tokens.weight.dtype == torch.float32 and CFG.compute_dtype == "float64"
+    stats = calibrate_streamed(model, _ids(), stats=CFG.needed_stats, dtype=torch.float32, progress=False)
+    ref = obdk.prepare(model, CFG, _ids(), stats=stats, progress=False, workers=1)
+    plan = obdk.prepare(model, CFG, _ids(), progress=False, stream=True, workers=1, scratch_dir=tmp_path,
+                        max_host_memory=0)
+    store = plan.spectra
+    assert all(sp.factor_b.dtype == torch.float64 for sp in ref.spectra.values())
+    want = sum(4 * max_factored_rank(*sp.shape) * sum(sp.shape) for sp in ref.spectra.values())
+    assert store.spilled_bytes == want <= _factor_bytes(ref.spectra) / 2
+    for n in ref.spectra:
+        got = store[n]
+        assert got.factor_b.dtype == got.factor_a.dtype == torch.float32, n
+    for keep in (0.5, 0.8):
+        ranks, facs, logits = _compressed(plan, model, keep)
+        ranks0, facs0, logits0 = _compressed(ref, model, keep)
+        assert ranks == ranks0 and facs.keys() == facs0.keys() and facs
+        assert all(torch.equal(a, b) for n in facs for a, b in zip(facs[n], facs0[n]))
+        assert torch.equal(logits, logits0)
+    plan.close()
+
+
+@pytest.mark.parametrize("spill", [True, False])
+def test_a_releasing_save_frees_each_layer_once_written_and_writes_the_same_checkpoint(spill, tmp_path):
+    """``Plan.save(release=True)``: each layer's kept factors (host bytes or scratch file) go as soon as its targets
+    are written, in layer order; the checkpoint is the non-releasing save's, byte for byte; afterwards the plan
+    still allocates and reports, and a truncation says why it cannot."""
+    from safetensors.torch import load_file
+    model = make_tiny_llama(layers=LAYERS).double()
+    (tmp_path / "s").mkdir()
+    plan = obdk.prepare(model, CFG, _ids(), progress=False, stream=True, workers=1, scratch_dir=tmp_path / "s",
+                        max_host_memory=0 if spill else None)
+    store = plan.spectra
+    plan.save(model, tmp_path / "ref", keep=0.6)
+
+    def held():
+        if not spill:
+            return sorted(store._host_layers)
+        return sorted(int(p.name[6:-12]) for p in next((tmp_path / "s").iterdir()).iterdir())
+    assert held() == list(range(LAYERS)) and (store.spilled_bytes if spill else store.budget.used) > 0
+    seen = []
+    real = store.release_layer
+
+    def spy(i):
+        seen.append((i, held()))
+        return real(i)
+    store.release_layer = spy
+    rep = plan.save(model, tmp_path / "out", keep=0.6, release=True)
+    # in layer order, each once, each held until then
+    assert seen == [(i, list(range(i, LAYERS))) for i in range(LAYERS)]
+    assert held() == [] and store.spilled_bytes == store.host_bytes == store.budget.used == 0
+    ref = {f.name: load_file(f) for f in (tmp_path / "ref").glob("*.safetensors")}
+    got = {f.name: load_file(f) for f in (tmp_path / "out").glob("*.safetensors")}
+    assert ref.keys() == got.keys() and all(ref[f].keys() == got[f].keys() and
+                                            all(torch.equal(ref[f][k], got[f][k]) for k in ref[f]) for f in ref)
+    assert plan.allocate(keep=0.6).ranks == {m.name: m.rank for m in rep.modules}
+    name = plan.targets[0].name
+    assert plan.eigenvalues(name).numel() > 0 and plan.damping(name)
+    with pytest.raises(ConfigError, match="released once written .Plan.save"):
+        plan.factors(name, 2)
+    plan.close()
+
+
+def test_a_streamed_save_writes_shards_of_stream_shard_bytes(tmp_path, monkeypatch):
+    """A streamed plan's save holds at most STREAM_SHARD_BYTES of pending tensors (not save_pretrained's 4 GiB):
+    its shards are that size; a resident plan's keep the 4 GiB default; an explicit size wins."""
+    from obdk import plan as plan_module
+    model = make_tiny_llama(layers=2).double()
+    monkeypatch.setattr(plan_module, "STREAM_SHARD_BYTES", 100_000)
+    streamed = obdk.prepare(model, CFG, _ids(), progress=False, stream=True, workers=1)
+    resident = obdk.prepare(model, CFG, _ids(), progress=False, workers=1)
+    sizes = {}
+    for name, plan, kw in (("s", streamed, {}), ("r", resident, {}), ("x", streamed, {"max_shard_bytes": 300_000})):
+        plan.save(model, tmp_path / name, keep=0.6, **kw)
+        sizes[name] = sorted(f.stat().st_size for f in (tmp_path / name).glob("*.safetensors"))
+    total = sum(sizes["r"])
+    assert len(sizes["r"]) == 1 and total > 400_000  # 4 GiB: one file
+    assert len(sizes["s"]) >= total // 100_000 and max(sizes["s"]) <= 100_000 + 4096  # (+ its header)
+    assert len(sizes["x"]) < len(sizes["s"]) and max(sizes["x"]) <= 300_000 + 4096
+    streamed.close()
 
 
 def test_one_budget_bounds_the_kept_statistics_and_spectra_together(tmp_path):

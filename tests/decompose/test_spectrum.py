@@ -127,6 +127,33 @@ def test_break_even_returns_dense_unchanged():
     assert f.dense
 
 
+def test_compact_keeps_every_factored_rank_and_refuses_beyond():
+    """``Spectrum.compact``: the leading components in the weight's dtype; every truncation up to the cut is the
+    full spectrum's, bit for bit; the eigenvalues (allocation costs, tail losses) stay whole; beyond: an error."""
+    from obdk.allocate.budget import max_factored_rank
+    from obdk.errors import DataError
+    w, cx, cg = problem(24, 40, seed=14)  # break-even 15: the largest factored rank is 14
+    w32 = w.float()
+    full = spectrum(w32, cx=cx, cg=cg, compute_dtype=F64)
+    R = max_factored_rank(24, 40)
+    small = full.compact(R, dtype=w32.dtype)
+    assert R == 14 and small.factor_b.shape == (24, R) and small.factor_a.shape == (R, 40)
+    assert small.factor_b.dtype == small.factor_a.dtype == torch.float32 and full.factor_b.dtype == F64
+    assert small.factor_b.is_contiguous() and small.factor_b.untyped_storage().nbytes() == 24 * R * 4
+    assert small.eigenvalues is full.eigenvalues and small.kept == R and small.weight is w32
+    for rank in (1, 7, R):
+        t, f = small.truncate(rank, keep_dense_at_break_even=False), full.truncate(rank, keep_dense_at_break_even=False)
+        assert torch.equal(t.b, f.b) and torch.equal(t.a, f.a) and t.predicted_loss == f.predicted_loss
+    assert small.truncate(15).dense and small.truncate(100).dense  # at or above break-even: dense, as before
+    with pytest.raises(DataError, match="rank 15 needs 15 components .* carry 14"):
+        small.truncate(15, keep_dense_at_break_even=False)
+    assert full.compact(100).factor_b.shape == (24, 24)  # never more than carried
+    assert full.compact(R, dtype=torch.float64).factor_b.dtype == F64  # never widened
+    assert full.compact(R).factor_b.dtype == F64
+    with pytest.raises(DataError, match="max_rank must be a positive int"):
+        full.compact(0)
+
+
 @pytest.mark.parametrize("rank,multiple,expected", [(13, 8, 16), (11, 8, 8), (12, 8, 16), (3, 8, 8), (1, 8, 8),
                                                     (20, 8, 24), (27, 8, 24), (7, 1, 7), (30, 4, 32)])
 def test_rank_multiple_rounding(rank, multiple, expected):
