@@ -11,12 +11,18 @@ from obdk.models import select_targets
 from obdk.testing import make_tiny_llama
 
 
-def test_largest_first_on_workers_and_same_spectra_in_target_order(monkeypatch):
-    model = make_tiny_llama(layers=1).double()  # q 64², k/v 32×64, o 64², gate/up 160×64, down 64×160
+def _tiny_problem():
+    """A one-layer tiny Llama in fp64 (q 64², k/v 32×64, o 64², gate/up 160×64, down 64×160), its obd config,
+    statistics on two random windows and its targets."""
+    model = make_tiny_llama(layers=1).double()
     cfg = LowRankConfig(method="obd", compute_dtype="float64")
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
     stats = calibrate(model, ids, stats=cfg.needed_stats, progress=False)
-    targets = select_targets(model, cfg)
+    return model, cfg, stats, select_targets(model, cfg)
+
+
+def test_largest_first_on_workers_and_same_spectra_in_target_order(monkeypatch):
+    model, cfg, stats, targets = _tiny_problem()
     seen = []
     real = schedule._run_chunks
 
@@ -42,11 +48,7 @@ def test_largest_first_on_workers_and_same_spectra_in_target_order(monkeypatch):
 def test_finish_is_applied_in_the_worker_as_each_decomposition_ends(monkeypatch):
     """``finish(name, spectrum)`` runs right after each decomposition (before the next one starts on that worker),
     and what it returns is the result: the full-rank spectra are never all held at once."""
-    model = make_tiny_llama(layers=1).double()
-    cfg = LowRankConfig(method="obd", compute_dtype="float64")
-    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
-    stats = calibrate(model, ids, stats=cfg.needed_stats, progress=False)
-    targets = select_targets(model, cfg)
+    model, cfg, stats, targets = _tiny_problem()
     events = []
     real = schedule.spectrum
 
