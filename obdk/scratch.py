@@ -40,7 +40,7 @@ from typing import Iterator, Optional, Type
 
 from .errors import ConfigError, ObdkError
 
-__all__ = ["writable_dir", "use_dir", "sweep", "new_store", "store", "new_file", "remove_store",
+__all__ = ["writable_dir", "use_dir", "sweep", "new_store", "store", "remove_store",
            "live_stores"]
 
 log = logging.getLogger(__name__)
@@ -240,22 +240,6 @@ def store(prefix: str, where, owner: str) -> Iterator[str]:
         yield path
     finally:
         remove_store(path)
-
-
-def new_file(prefix: str, suffix: str, where, owner: str) -> tuple[int, str]:
-    """``(fd, path)`` of a new file in ``where`` (``tempfile.mkstemp``), registered like a store until
-    :func:`remove_store`; a directory that vanished or cannot be written raises a :class:`ConfigError`
-    naming it and ``owner``."""
-    where = tempfile.gettempdir() if where is None else os.fspath(where)
-    try:
-        fd, path = tempfile.mkstemp(prefix=_tagged(prefix), suffix=suffix, dir=where)
-    except OSError as e:
-        raise ConfigError(f"{owner}: cannot create a scratch file in {where} ({e.strerror or e}); was it removed "
-                          f"or made read-only during the run?") from None
-    with _mutex:
-        _live[path] = (os.getpid(), None)
-        _install_handlers()
-    return fd, path
 
 
 def remove_store(path: str) -> None:

@@ -1,17 +1,14 @@
-"""The one base of every store that spills to scratch files, and the registry of the live ones.
+"""The one base of every store that spills to scratch files.
 
 A streamed plan keeps bytes on host memory within its :class:`~obdk.stream.budget.HostBudget` and spills what
 does not fit to scratch: each layer's kept spectra, statistics and corrected factors
 (:class:`~obdk.stream.layer_files.LayerFiles`: one safetensors file per layer) and each pass's boundary activations
 (:class:`~obdk.stream.boundary.BoundaryStore`: memory-mapped files, unlinked at once). Every such store is a
-:class:`ScratchStore`: it owns one private directory ``<prefix><random>`` under ``scratch_dir`` (default the system
-temporary directory), made when it first spills (:meth:`ScratchStore.scratch`) and removed by
-:meth:`ScratchStore.release_scratch` or when the store is garbage-collected. A killed process leaves that
-directory behind.
-
-:func:`live_stores` lists the stores alive in this process. Each private directory is made and removed through
-:mod:`obdk.scratch`, which names it ``<prefix><pid>@<host>.<random>``, locks it while the process lives, removes it on
-SIGTERM/SIGHUP and sweeps the stale ones of dead processes when a directory is first used.
+:class:`ScratchStore`: it owns one private directory under ``scratch_dir`` (default the system temporary
+directory), made when it first spills (:meth:`ScratchStore.scratch`) and removed by
+:meth:`ScratchStore.release_scratch` or when the store is garbage-collected. The directory is made and removed
+through :mod:`obdk.scratch`, which names it ``<prefix><pid>@<host>.<random>``, locks it while the process lives,
+removes it on SIGTERM/SIGHUP and sweeps the stale ones of dead processes when a directory is first used.
 """
 from __future__ import annotations
 
@@ -24,14 +21,7 @@ from ..errors import ConfigError
 from ..scratch import new_store, remove_store, use_dir
 from .budget import HostBudget
 
-__all__ = ["ScratchStore", "live_stores"]
-
-_LIVE: "weakref.WeakValueDictionary[int, ScratchStore]" = weakref.WeakValueDictionary()  # id -> store
-
-
-def live_stores() -> list["ScratchStore"]:
-    """Every :class:`ScratchStore` alive in this process (those with a scratch directory first)."""
-    return sorted(_LIVE.values(), key=lambda s: s.scratch_path is None)
+__all__ = ["ScratchStore"]
 
 
 class ScratchStore:
@@ -53,7 +43,6 @@ class ScratchStore:
         self.scratch_dir: Optional[str] = None if scratch_dir is None else str(scratch_dir)
         self.scratch_path: Optional[str] = None  #: the private directory, once made
         self._finalizer: Optional[weakref.finalize] = None
-        _LIVE[id(self)] = self  # (stores may be unhashable mappings: keyed by identity)
 
     @property
     def limit(self) -> Optional[int]:
