@@ -88,7 +88,7 @@ def _tasks(text: str) -> str:
 
 def _add_compress(sub) -> None:
     """The ``compress`` verb's arguments (the method, allocation and correction names from :mod:`obdk.registry`)."""
-    from .registry import ALLOCATORS, CORRECTIONS, METHODS
+    from .registry import ALLOCATORS, CORRECTIONS, HEALINGS, METHODS
     c = sub.add_parser("compress", help="compress a causal LM and save it")
     c.add_argument("model", help="HF id or directory, a .gguf file, or the alias smollm2-135m")
     c.add_argument("--method", default="obd", help=f"{' | '.join(METHODS)} (default obd)")
@@ -135,6 +135,25 @@ def _add_compress(sub) -> None:
                         "K-FAC natural gradient), zs+kfac (both in turn), zs-guarded (zs with its step size chosen in "
                         "{0, .25, .5, .75, 1} on the last 8 calibration windows, held out from its gradient; 0 = no "
                         "correction; not with --stream) or seq (refit); default: the method's (obd: zs+kfac)")
+    c.add_argument("--heal", default=None, choices=["none", *HEALINGS],
+                   help="after the correction, train the factors at the same ranks to match the dense model: layer "
+                        "(each decoder layer on the compressed model's input to it, MSE to the dense layer's output; "
+                        "streams) or e2e (all factors on the KL divergence from the dense model's next-token "
+                        "distribution; not with --stream) (default none)")
+    c.add_argument("--heal-data", type=_text("a dataset NAME[:SPLIT] or a file"), default=None,
+                   help="--heal: the healing text, NAME[:SPLIT] (wikitext2, c4) or a file (default: the calibration "
+                        "windows; never wikitext2:test, which the evaluation reads)")
+    c.add_argument("--heal-tokens", type=_count(1), default=None,
+                   help="--heal: tokens of healing windows of --seqlen drawn from --heal-data (or from --calib) "
+                        "(default: the calibration's --nsamples x --seqlen)")
+    c.add_argument("--heal-steps", type=_count(0), default=None,
+                   help="--heal: the most steps (per decoder layer for layer), each on 4 windows; it stops earlier "
+                        "when the held-out loss stops improving (default: layer 16, e2e 32)")
+    c.add_argument("--heal-lr", type=float, default=None,
+                   help="--heal: Adam's step relative to each factor's RMS (default: layer 1e-2, e2e 1e-3)")
+    c.add_argument("--heal-ce", type=float, default=None,
+                   help="--heal e2e: the weight w of the healing text's next-token cross-entropy in the loss "
+                        "(1 - w)·KL + w·CE (0: pure distillation from the dense model; default 0.5)")
     c.add_argument("--bsi-curvature", default=None, choices=["hutchinson", "blocked", "kfac", "fisher"],
                    help="bsi allocation: the Hessian diagonal in σ: hutchinson (all matrices probed at once), blocked "
                         "(Hutchinson per matrix), kfac (from C_x, C_g: no pass) or fisher (exact empirical-Fisher "
@@ -315,7 +334,9 @@ def _config_from_args(args):
                         rank_multiple=DEFAULT_RANK_MULTIPLE if args.rank_multiple is None else args.rank_multiple,
                         damping=args.damping, floor=DEFAULT_FLOOR if args.floor is None else args.floor,
                         compute_dtype=args.compute_dtype, solver=args.solver, fisher=args.fisher,
-                        correct=args.correct, probes=args.probes, eps=args.eps,
+                        correct=args.correct, probes=args.probes, eps=args.eps, heal=args.heal,
+                        heal_steps=args.heal_steps, heal_lr=args.heal_lr,
+                        **({} if args.heal_ce is None else {"heal_ce": args.heal_ce}),
                         **{k: v for k, v in (("bsi_order", args.bsi_order), ("bsi_curvature", args.bsi_curvature),
                                              ("bsi_terms", args.bsi_terms), ("probe_tol", args.probe_tol),
                                              ("max_probes", args.max_probes)) if v is not None})
@@ -368,6 +389,7 @@ def _check_compress_args(args) -> tuple[list[dict], list[Path], list[str]]:
     if args.scratch_dir is not None:  # a real write, and stale stores of killed runs swept (obdk.scratch)
         from .scratch import use_dir
         use_dir(args.scratch_dir, "--scratch-dir")
+    _check_heal_args(args)
     if len(set(args.keep)) != len(args.keep):
         raise ConfigError(f"--keep {' '.join(f'{k:g}' for k in args.keep)}: a ratio is repeated (each writes one "
                           f"DIR-keepK directory)")
@@ -380,6 +402,43 @@ def _check_compress_args(args) -> tuple[list[dict], list[Path], list[str]]:
         from .zeroshot import check_tasks
         check_tasks(args.eval_tasks, data_dir=args.data_dir)
     return [{"keep": k} for k in args.keep], outs, sources
+
+
+def _check_heal_args(args) -> None:
+    """The ``--heal-*`` flags: only with ``--heal``; a healing file that exists; never the evaluated split."""
+    from .calibrate.data import parse_dataset
+    from .errors import ConfigError
+    given = [f for f in ("heal_data", "heal_tokens", "heal_steps", "heal_lr", "heal_ce") if getattr(args, f) is not None]
+    if given and args.heal in (None, "none"):
+        raise ConfigError(f"{', '.join('--' + f.replace('_', '-') for f in given)}: they set the healing; add "
+                          f"--heal layer or --heal e2e")
+    if args.heal_ce is not None and args.heal == "layer":
+        raise ConfigError("--heal-ce: it weighs end-to-end healing's loss; --heal layer trains each layer on the "
+                          "dense layer's output; drop it or use --heal e2e")
+    if args.stream and args.heal not in (None, "none"):
+        from .registry import HEALINGS
+        why = HEALINGS[args.heal].stream_refusal
+        if why is not None:
+            raise ConfigError(f"--heal {args.heal} with --stream: {why}")
+    if args.heal_data is None:
+        return
+    named = parse_dataset(args.heal_data)
+    if named is None and not Path(args.heal_data).is_file():
+        raise ConfigError(f"--heal-data {args.heal_data}: no such file (and not a dataset NAME[:SPLIT] such as "
+                          f"wikitext2:validation or c4)")
+    if named is not None and named[0] == "wikitext2" and named[1] == "test":
+        raise ConfigError(f"--heal-data {args.heal_data}: WikiText-2 test is what --eval-windows and obdk eval "
+                          f"score; heal on wikitext2:validation, c4 or a file")
+
+
+def _heal_windows(args, tok):
+    """The healing windows of ``--heal-data``/``--heal-tokens`` (None: the calibration windows)."""
+    if args.heal_data is None and args.heal_tokens is None:
+        return None
+    from .calibrate.data import get_calibration_windows
+    tokens = args.heal_tokens or args.nsamples * args.seqlen
+    return get_calibration_windows(args.heal_data or args.calib, tok, nsamples=-(-tokens // args.seqlen),
+                                   seqlen=args.seqlen, seed=args.seed + 1, data_dir=args.data_dir)
 
 
 def _compress(args) -> int:
@@ -402,6 +461,7 @@ def _compress(args) -> int:
                    device=args.device if args.stream else None, source=source)
     for v in variants:
         plan.resolve(**v)  # every --keep validated before the first is written
+    heal_data = _heal_windows(args, tok)
     writer, many = world()[0] == 0, world()[1] > 1
     dense = _Evaluation(args, tok, sources, dense=model if writer and source is None else None)
     if source is not None and (args.eval_windows or args.eval_tasks) and not args.json:
@@ -412,7 +472,7 @@ def _compress(args) -> int:
         # the last ratio releases each layer's kept factors once written: the scratch shrinks as the checkpoint grows
         report = plan.save(model, outs[i], tokenizer=tok, overwrite=args.overwrite,
                            source_dir=sources[0] if sources else None, model_params_before=before,
-                           release=i == len(variants) - 1, **v)
+                           release=i == len(variants) - 1, heal_data=heal_data, **v)
         counters = _rank_counters() if many else None  # (a collective: every rank)
         if writer:
             rows.append(dense.finish(i, outs[i], v, report, counters, len(variants)))

@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 import torch
 
 from .errors import ConfigError
-from .registry import ALLOCATORS, METHODS
+from .registry import ALLOCATORS, HEALINGS, METHODS
 from .registry import CORRECTIONS as REGISTERED_CORRECTIONS
 
 FORMAT_VERSION = 1
@@ -38,7 +38,10 @@ ALLOCATIONS = tuple(ALLOCATORS)
 
 #: fields :meth:`obdk.pipeline.Plan.apply` may change without recalibrating or redecomposing
 APPLY_FIELDS = ("keep", "alloc", "floor", "rank_multiple", "correct", "probes", "eps", "bsi_order", "bsi_curvature",
-                "bsi_terms", "probe_tol", "max_probes", "guard_windows")
+                "bsi_terms", "probe_tol", "max_probes", "guard_windows", "heal", "heal_steps", "heal_lr", "heal_batch",
+                "heal_holdout", "heal_seed", "heal_ce")
+#: ``LowRankConfig.heal``'s values: none, and the tables of :data:`obdk.registry.HEALINGS`
+HEAL_MODES = ("none",) + tuple(HEALINGS)
 #: the Taylor terms BSI's importance may use (``LowRankConfig.bsi_terms``)
 BSI_TERMS = ("first+second", "second")
 DEFAULT_FLOOR = 0.2
@@ -107,6 +110,14 @@ class LowRankConfig:
       calibration gradient left out) or ``first+second`` (the BSI paper's importance ``−g_iσ_i + ½h_iiσ_i²``).
       The BSI paper's recipe is ``bsi_curvature="hutchinson", bsi_order="importance", bsi_terms="first+second"``.
     * ``asvd_alpha``: ASVD activation-scaling exponent.
+    * ``heal``: None/``none`` (no healing), ``layer`` (each decoder layer's factors trained on the compressed model's
+      input to reproduce the dense layer's output; streams) or ``e2e`` (all factors on the KL divergence from the
+      dense model's next-token distribution); :mod:`obdk.heal`. ``heal_steps`` (None: the mode's default; per
+      decoder layer for ``layer``), ``heal_lr`` (Adam's step relative to each factor's RMS; None: the mode's
+      default), ``heal_batch`` (windows a step), ``heal_holdout`` (the fraction of the healing windows held out for
+      the early stop, the last ones), ``heal_seed`` (the window order), ``heal_ce`` (``e2e``: the weight of the
+      data's next-token cross-entropy in its loss, ``(1 − w)·KL + w·CE``; 0 is pure distillation from the dense
+      model, 1 plain fine-tuning on the healing text).
     """
 
     method: str = "obd"
@@ -133,6 +144,13 @@ class LowRankConfig:
     max_probes: int = 64
     guard_windows: int = 8
     asvd_alpha: float = 0.5
+    heal: Optional[str] = None
+    heal_steps: Optional[int] = None
+    heal_lr: Optional[float] = None
+    heal_batch: int = 4
+    heal_holdout: float = 0.125
+    heal_seed: int = 0
+    heal_ce: float = 0.5
     version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -164,6 +182,11 @@ class LowRankConfig:
         """The correction actually applied after truncation: None, ``zs``, ``kfac``, ``zs+kfac``, ``zs-guarded`` or ``seq``."""
         c = self.correct if self.correct is not None else METHODS[self.method].correct
         return None if c in (None, "none") else c
+
+    @property
+    def resolved_heal(self) -> Optional[str]:
+        """The healing applied after the correction: None, ``layer`` or ``e2e``."""
+        return None if self.heal in (None, "none") else self.heal
 
     @property
     def whitening_stats(self) -> tuple[str, ...]:
@@ -232,6 +255,20 @@ class LowRankConfig:
             raise bad("eps", "must be a number > 0")
         if not (_is_number(self.asvd_alpha) and self.asvd_alpha >= 0):
             raise bad("asvd_alpha", "must be a number ≥ 0")
+        if self.heal is not None and self.heal not in HEAL_MODES:
+            raise bad("heal", f"None or one of {', '.join(HEAL_MODES)}")
+        if self.heal_steps is not None and not (_is_int(self.heal_steps) and self.heal_steps >= 0):
+            raise bad("heal_steps", "must be an integer ≥ 0 (None: the mode's default)")
+        if self.heal_lr is not None and not (_is_number(self.heal_lr) and 0 < self.heal_lr < 1):
+            raise bad("heal_lr", "must be a number in (0, 1): Adam's step relative to each factor's RMS")
+        if not (_is_int(self.heal_batch) and self.heal_batch >= 1):
+            raise bad("heal_batch", "must be an integer ≥ 1 (windows a healing step)")
+        if not (_is_number(self.heal_holdout) and 0 <= self.heal_holdout < 1):
+            raise bad("heal_holdout", "must be a number in [0, 1) (the fraction of the healing windows held out)")
+        if not (_is_number(self.heal_ce) and 0 <= self.heal_ce <= 1):
+            raise bad("heal_ce", "must be a number in [0, 1] (e2e: the cross-entropy's weight against the KL's)")
+        if not _is_int(self.heal_seed):
+            raise bad("heal_seed", "must be an integer")
         if not _is_int(self.version) or self.version > FORMAT_VERSION:
             raise bad("version", f"this obdk reads versions ≤ {FORMAT_VERSION}; upgrade obdk")
 

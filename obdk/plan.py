@@ -203,22 +203,29 @@ class Plan:
 
     # ------------------------------------------------------------------ apply
     def _truncate_and_correct(self, model: nn.Module, cfg: LowRankConfig, timer: StageTimer, allocation, *,
-                              lazy: bool = False, home: bool = True):
-        """Every target's truncated (and, with ``cfg``'s correction, corrected) factors at ``allocation``'s ranks.
+                              lazy: bool = False, home: bool = True, heal_data: Any = None):
+        """Every target's truncated (and, with ``cfg``'s correction, corrected; with its healing, healed) factors at
+        ``allocation``'s ranks.
 
         Returns ``(kept_map, factors {name: (a [r, n], b [m, r], predicted)}, extra_damping)``.
-        ``lazy`` (no correction only): no factors are made here (:meth:`save` truncates each target as it
+        ``lazy`` (no correction or healing only): no factors are made here (:meth:`save` truncates each target as it
         writes it, so that one target's factors are in memory at a time). ``home``: the factors on the device
-        of the model's weight (else where the plan keeps them: CPU for a streamed plan)."""
+        of the model's weight (else where the plan keeps them: CPU for a streamed plan). ``heal_data``: the healing
+        windows (None: the calibration windows)."""
         from .correct import correct
         kept_map = (allocation.meta or {}).get("kept_indices", {})  # (an allocation that keeps index sets: BSI's)
         factors: Mapping[str, tuple] = {}
         extra_damping: dict = {}
-        if lazy and not cfg.resolved_correct:
+        self._healing = {}
+        if lazy and not cfg.resolved_correct and not cfg.resolved_heal:
             return kept_map, factors, extra_damping
+        if cfg.resolved_heal and heal_data is None and self.data is None:
+            raise ConfigError(f"Plan.apply: heal={cfg.resolved_heal!r} trains on windows, and this plan kept no "
+                              f"calibration windows; pass heal_data=... or prepare it with calibration=...")
         # streamed in one process: the first step truncates each target as its layer comes up, and the steps keep
         # their results layer by layer (FactorStore): the compressed model is never held whole
-        if cfg.resolved_correct and self.stream is not None and not self.stream.owner_reduced:
+        if ((cfg.resolved_correct or cfg.resolved_heal) and self.stream is not None
+                and not self.stream.owner_reduced):
             from .correct import Truncations
             ranked = [t.name for t in self.targets if allocation.ranks.get(t.name) is not None]
             factors = Truncations(ranked, lambda n: self.factors(n, allocation.ranks[n], kept_map.get(n)))
@@ -227,6 +234,16 @@ class Plan:
         if factors and cfg.resolved_correct:
             with timer("correction"):
                 factors, extra_damping = correct(model, self, cfg, factors, progress=self.progress)
+            self._drop_cached()
+        if cfg.resolved_heal:
+            from .heal import heal
+            with timer("healing"):
+                healed, self._healing = heal(model, self, cfg, factors,
+                                             data=heal_data if heal_data is not None else self.data,
+                                             progress=self.progress)
+            if healed is not factors:
+                _free(factors)
+            factors = healed
             self._drop_cached()
         if isinstance(factors, dict) and any(f[0].is_meta for f in factors.values()):
             raise ConfigError("Plan.apply: this rank holds the shapes of the factors only (a streamed plan prepared "
@@ -264,6 +281,7 @@ class Plan:
         record = cfg.to_dict()
         record["alloc"] = cfg.resolved_alloc  # record what was used, not "default"
         record["correct"] = cfg.resolved_correct or "none"
+        record["heal"] = cfg.resolved_heal or "none"
         return CompressionReport(
             config=record, modules=mods,
             targeted_params_before=sum(m.dense_params for m in mods),
@@ -275,7 +293,7 @@ class Plan:
                         "params": allocation.params, "predicted_loss": allocation.predicted_loss,
                         **{k: v for k, v in (allocation.meta or {}).items()
                            if isinstance(v, (int, float, str, bool)) or v is None}},
-            coverage=self.coverage,
+            coverage=self.coverage, healing=dict(getattr(self, "_healing", {}) or {}),
         )
 
     # ------------------------------------------------------------------ under torch.distributed
@@ -293,12 +311,12 @@ class Plan:
         statistics of the matrices it owns (each owner steps its own)."""
         return bool(cfg.resolved_correct and self.stream is not None and self.stream.owner_reduced)
 
-    def _everywhere(self, model: nn.Module, cfg: LowRankConfig, timer: StageTimer, allocation):
+    def _everywhere(self, model: nn.Module, cfg: LowRankConfig, timer: StageTimer, allocation, heal_data=None):
         """Under a process group, every rank's truncated (and corrected) factors: the correction on every rank
         together (:meth:`_together`), else rank 0's, made as in one process and broadcast from it."""
         if self._together(cfg):
-            return self._truncate_and_correct(model, cfg, timer, allocation)[1:]
-        made = _on_rank0(lambda: self._truncate_and_correct(model, cfg, timer, allocation)[1:])
+            return self._truncate_and_correct(model, cfg, timer, allocation, heal_data=heal_data)[1:]
+        made = _on_rank0(lambda: self._truncate_and_correct(model, cfg, timer, allocation, heal_data=heal_data)[1:])
         local = {n: (*f, made[1].get(n)) for n, f in made[0].items()} if made is not None else {}
         ranked = [t.name for t in self.targets if allocation.ranks.get(t.name) is not None]
         got = dist.broadcast_factors(local, {n: 0 for n in ranked},
@@ -307,13 +325,15 @@ class Plan:
 
     # ------------------------------------------------------------------ apply, save
     def apply(self, model: nn.Module, keep: Optional[float] = None, *, model_params_before: Optional[int] = None,
-              **overrides: Any) -> CompressionReport:
+              heal_data: Any = None, **overrides: Any) -> CompressionReport:
         """Swap each target of ``model`` for a ``LowRankLinear`` at the allocated rank (or keep it dense).
 
         ``model``: the model the plan was prepared on or a copy of it (dense). ``keep`` and
         ``overrides`` (``alloc``, ``floor``, ``rank_multiple``, ``correct``, ``probes``, ``eps``,
         ``bsi_order``) change this application only, validated once through the config
-        (:meth:`resolve`). Returns the :class:`CompressionReport`; pass it to :func:`obdk.save_pretrained`
+        (:meth:`resolve`). ``heal`` (an override too) trains the factors after the correction (:mod:`obdk.heal`) on
+        ``heal_data`` (windows: a ``CalibrationData``, or token ids [N, T]; None: the calibration windows).
+        Returns the :class:`CompressionReport`; pass it to :func:`obdk.save_pretrained`
         (``report=``) to write it with the checkpoint.
         To write the compressed checkpoint without building the compressed model, see :meth:`save`.
 
@@ -332,9 +352,9 @@ class Plan:
         before = model_params_before if model_params_before is not None else count_params(model)
         allocation = self._agreed_allocation(cfg, model, timer)
         if dist.world()[1] > 1:
-            factors, extra_damping = self._everywhere(model, cfg, timer, allocation)
+            factors, extra_damping = self._everywhere(model, cfg, timer, allocation, heal_data)
         else:
-            _, factors, extra_damping = self._truncate_and_correct(model, cfg, timer, allocation)
+            _, factors, extra_damping = self._truncate_and_correct(model, cfg, timer, allocation, heal_data=heal_data)
         mods = self._pack(model, allocation, factors, extra_damping, timer)
         _free(factors)
         return self._report(cfg, mods, allocation, before, count_params(model), timer)
@@ -361,7 +381,8 @@ class Plan:
 
     def save(self, model: nn.Module, save_dir, keep: Optional[float] = None, *, tokenizer=None,
              overwrite: bool = False, source_dir=None, max_shard_bytes: Optional[int] = None,
-             model_params_before: Optional[int] = None, release: bool = False, **overrides: Any) -> CompressionReport:
+             model_params_before: Optional[int] = None, release: bool = False, heal_data: Any = None,
+             **overrides: Any) -> CompressionReport:
         """Write ``model`` compressed at ``keep`` to the checkpoint ``save_dir``, tensor by tensor, without
         building the compressed model: ``model`` stays as it is (dense).
 
@@ -380,7 +401,8 @@ class Plan:
         streamed plan's last use): each decoder layer's kept factors are released as soon as its targets are
         written (their scratch file removed), so the scratch shrinks while the checkpoint grows (Llama-7B in fp32:
         0.81 GB of factors per layer against 0.65 GB written); the plan can allocate and report afterwards but not
-        cut ranks again. Returns the :class:`CompressionReport` (also in the checkpoint's ``obdk_report.json``).
+        cut ranks again. ``heal_data``: the healing windows of ``heal`` (see :meth:`apply`). Returns the
+        :class:`CompressionReport` (also in the checkpoint's ``obdk_report.json``).
 
         Under ``torch.distributed`` (the same script on every rank, e.g. under ``torchrun``) every rank calls it and
         one checkpoint is written, by rank 0: the ranks allocate and must agree; a correction of an owner-reduced
@@ -394,10 +416,12 @@ class Plan:
         allocation = self._agreed_allocation(cfg, model, timer)
         made = None
         if self._together(cfg) and dist.world()[1] > 1:  # every rank steps its own matrices; rank 0 writes
-            made = self._truncate_and_correct(model, cfg, timer, allocation, lazy=True, home=False)
+            made = self._truncate_and_correct(model, cfg, timer, allocation, lazy=True, home=False,
+                                              heal_data=heal_data)
 
         def write() -> CompressionReport:
-            got = made or self._truncate_and_correct(model, cfg, timer, allocation, lazy=True, home=False)
+            got = made or self._truncate_and_correct(model, cfg, timer, allocation, lazy=True, home=False,
+                                                     heal_data=heal_data)
             return self._write(model, save_dir, cfg, allocation, got, timer, before, tokenizer=tokenizer,
                                overwrite=overwrite, source_dir=source_dir, max_shard_bytes=max_shard_bytes,
                                release=release)

@@ -18,8 +18,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Optional
 
-__all__ = ["Method", "Allocator", "Correction", "METHODS", "ALLOCATORS", "CORRECTIONS", "load",
-           "streaming_refusal"]
+__all__ = ["Method", "Allocator", "Correction", "Healing", "METHODS", "ALLOCATORS", "CORRECTIONS", "HEALINGS",
+           "load", "streaming_refusal"]
 
 
 def load(target: str) -> Callable:
@@ -175,6 +175,38 @@ CORRECTIONS: dict[str, Correction] = {c.name: c for c in (
 )}
 
 
+# =========================================================================== healings
+
+
+@dataclass(frozen=True)
+class Healing:
+    """A healing after the correction (``LowRankConfig.heal``; :mod:`obdk.heal`).
+
+    * ``run``: ``"module:function"`` of ``(model, plan, config, factors, ids, mask, *, windows, train_windows, held_out, schedule,
+      progress) -> (healed factors, record, per-layer records or None)``; ``stream_refusal``: why it cannot run on a layer-streamed plan
+      (None: it streams);
+    * ``steps``, ``lr``: the defaults of ``heal_steps`` (per decoder layer for ``layer``, in all for ``e2e``) and
+      ``heal_lr`` (Adam's step relative to each factor's RMS); ``eval_every`` steps between held-out evaluations,
+      ``patience`` evaluations without a new best before it stops. The defaults were chosen by measurement on
+      SmolLM2-135M (benchmarks/RESULTS.md, "Healing").
+    """
+    name: str
+    run: str
+    steps: int
+    lr: float
+    eval_every: int
+    patience: int
+    stream_refusal: Optional[str] = None
+
+
+HEALINGS: dict[str, Healing] = {h.name: h for h in (
+    Healing("layer", run="obdk.heal:run_layerwise", steps=16, lr=1e-2, eval_every=8, patience=2),
+    Healing("e2e", run="obdk.heal:run_e2e", steps=32, lr=1e-3, eval_every=8, patience=2,
+            stream_refusal="end-to-end healing trains every decoder layer at once, which does not stream; "
+                           "heal='layer' does"),
+)}
+
+
 def streaming_refusal(config: Any) -> Optional[str]:
     """Why ``config`` cannot run layer-streamed (``prepare(stream=True)``), or None if it can.
 
@@ -185,4 +217,6 @@ def streaming_refusal(config: Any) -> Optional[str]:
     why = ALLOCATORS[config.resolved_alloc].stream_refusal(config)
     if why is None and config.resolved_correct is not None:
         why = CORRECTIONS[config.resolved_correct].stream_refusal
+    if why is None and config.resolved_heal is not None:
+        why = HEALINGS[config.resolved_heal].stream_refusal
     return why

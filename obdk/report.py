@@ -94,6 +94,7 @@ class CompressionReport:
     measured: dict = field(default_factory=dict)
     coverage: dict = field(default_factory=dict)
     zeroshot: dict = field(default_factory=dict)
+    healing: dict = field(default_factory=dict)
 
     def record_zeroshot(self, dense: dict, compressed: dict) -> None:
         """Store zero-shot accuracies: two :func:`obdk.zeroshot.zeroshot` results on the same tasks and documents

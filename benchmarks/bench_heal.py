@@ -1,0 +1,205 @@
+"""Healing on SmolLM2-135M: the default method with and without each healing mode, and SVD-LLM healed (issue #28).
+
+One plan per method, calibrated on ``--nsamples`` × ``--seqlen`` tokens of ``--calib`` (WikiText-2 validation);
+per ratio the truncated and corrected factors are made once and every healing mode starts from them (the steps
+``plan.apply(copy, keep=..., heal=...)`` takes, without repeating the corrections' passes per row), healed on the
+calibration windows
+(``heal_data=calib``) or on ``--heal-windows`` windows of C4 drawn from the tokens *after* the evaluated ones
+(``heal_data=c4``: no evaluated token is trained on). Evaluated on the first ``--windows`` windows of WikiText-2 test
+and of the local C4 validation sample, and (``--tasks``) zero-shot on ``--limit`` documents per task (the dense
+row on the same documents).
+
+Rows (``--rows``): ``METHOD:HEAL[:DATA]`` with HEAL ``none``, ``layer`` or ``e2e`` and DATA ``calib`` (default)
+or ``c4``; ``dense`` is the uncompressed model. ``--heal-steps``/``--heal-lr`` override the modes' defaults (the
+tuning runs). Columns: perplexities, zero-shot accuracy per task and their mean, healing seconds, held-out
+distillation loss before/after, steps, tokens used, peak RSS of the process so far (``ru_maxrss``; the streamed
+memory comparison is measured from outside the process by ``--stream-memory``).
+
+    python -m benchmarks.bench_heal --resume                          # the committed table (hours on 1 core)
+    python -m benchmarks.bench_heal --model tiny --keeps 0.6 --rows obd:none obd:layer --windows 2 \\
+        --nsamples 4 --seqlen 64 --tasks '' --out /tmp/h.csv          # seconds: smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import resource
+import time
+
+import torch
+
+import obdk
+from obdk.heal import heal as heal_factors
+from obdk.report import StageTimer
+
+from .core.data import EvalSets, calibration_data, data_dir_of
+from .core.env import RESULTS, set_threads
+from .core.models import load, model_label
+from .core.rows import ResultLog
+
+DEFAULT_OUT = RESULTS / "heal_smollm2.csv"
+TASKS = "arc_easy,arc_challenge,piqa,hellaswag,winogrande"
+KEY = ("model", "method", "keep", "heal", "heal_data", "heal_steps_arg", "heal_lr_arg", "windows", "limit",
+       "nsamples", "seqlen")
+
+
+def _row_spec(s: str) -> tuple[str, str, str]:
+    parts = s.split(":")
+    if parts[0] == "dense":
+        return "dense", "none", "-"
+    if len(parts) not in (2, 3) or parts[1] not in ("none", "layer", "e2e"):
+        raise SystemExit(f"--rows {s!r}: METHOD:HEAL[:DATA], HEAL none|layer|e2e, DATA calib|c4")
+    data = parts[2] if len(parts) == 3 else ("calib" if parts[1] != "none" else "-")
+    if data not in ("calib", "c4", "-"):
+        raise SystemExit(f"--rows {s!r}: DATA is calib or c4")
+    return parts[0], parts[1], data
+
+
+def _evaluate(model, tok, evals: EvalSets, args) -> dict:
+    out: dict = {}
+    with torch.inference_mode():
+        for name in args.eval:
+            out[f"ppl_{name}"] = evals.perplexity(model, name, args.seqlen, args.windows)["ppl"]
+    if args.tasks:
+        from obdk.zeroshot import zeroshot
+        t0 = time.perf_counter()
+        res = zeroshot(model, tok, args.tasks, limit=args.limit, data_dir=data_dir_of(args.data_dir), progress=False)
+        accs = {t: r["acc_norm"] if r.get("acc_norm") is not None else r["acc"] for t, r in res.items()}
+        out.update({f"acc_{t}": round(100 * a, 2) for t, a in accs.items()})
+        out["acc_mean"] = round(100 * sum(accs.values()) / len(accs), 2)
+        out["zeroshot_s"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def stream_memory(args) -> None:
+    """``obdk compress MODEL --stream`` at ``--keeps[0]`` without and with ``--heal layer``, each a child process
+    whose peak RSS is read from outside (``wait4``); rows to ``--out`` with ``_stream_memory`` in its name."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+    out = Path(str(args.out).replace(".csv", "_stream_memory.csv"))
+    log = ResultLog(out, ("model", "keep", "heal", "nsamples", "seqlen", "heal_steps_arg"), args.resume)
+    for heal in ("none", "layer"):
+        row = {"model": model_label(args.model), "keep": args.keeps[0], "heal": heal, "nsamples": args.nsamples,
+               "seqlen": args.seqlen, "heal_steps_arg": args.heal_steps or ""}
+        if log.has(**row):
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, "-m", "obdk", "compress", args.model, "--stream", "--keep", str(args.keeps[0]),
+                   "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--out", f"{tmp}/out", "--json"]
+            if heal != "none":
+                cmd += ["--heal", heal] + (["--heal-steps", str(args.heal_steps)] if args.heal_steps else [])
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            stdout = proc.stdout.read()
+            _, status, usage = os.wait4(proc.pid, 0)
+            if status != 0:
+                raise SystemExit(f"{' '.join(cmd)} failed ({status})")
+            import json
+            rep = json.loads(stdout.strip().splitlines()[-1])
+            row.update(peak_rss_mib=round(usage.ru_maxrss / 1024), wall_s=round(time.perf_counter() - t0, 1),
+                       stages={k: round(v["seconds"], 1) for k, v in rep["stages"].items() if "/" not in k})
+        log.write(row)
+        print(row, flush=True)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--keeps", type=float, nargs="+", default=[0.8, 0.7, 0.6])
+    ap.add_argument("--rows", nargs="+", default=["dense", "obd:none", "obd:layer", "obd:e2e", "svd-llm:none",
+                                                   "svd-llm:layer", "obd:layer:c4"])
+    ap.add_argument("--calib", default="wikitext2:validation")
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--heal-windows", type=int, default=32, help="windows of C4 for the heal_data=c4 rows")
+    ap.add_argument("--heal-steps", type=int, default=None)
+    ap.add_argument("--heal-lr", type=float, default=None)
+    ap.add_argument("--eval", nargs="+", default=["wikitext2", "c4"])
+    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--tasks", default=TASKS, help="zero-shot tasks ('' for none)")
+    ap.add_argument("--limit", type=int, default=500, help="documents per zero-shot task")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=str(DEFAULT_OUT))
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--stream-memory", action="store_true",
+                    help="only the streamed CLI runs without and with --heal layer (peak RSS from outside)")
+    args = ap.parse_args(argv)
+    set_threads(args.threads)
+    if args.stream_memory:
+        stream_memory(args)
+        return
+    specs = [_row_spec(s) for s in args.rows]
+    model, tok = load(args.model)
+    model.eval()
+    label = model_label(args.model)
+    evals = EvalSets(tok, data_dir_of(args.data_dir))
+    eval_tokens = args.windows * args.seqlen
+    log = ResultLog(args.out, KEY, args.resume)
+    base = {"model": label, "heal_steps_arg": args.heal_steps or "", "heal_lr_arg": args.heal_lr or "",
+            "windows": args.windows, "limit": args.limit if args.tasks else 0, "nsamples": args.nsamples,
+            "seqlen": args.seqlen}
+    calib, calib_source = calibration_data(args.calib, tok, nsamples=args.nsamples, seqlen=args.seqlen,
+                                           seed=args.seed, data_dir=data_dir_of(args.data_dir), evals=args.eval,
+                                           eval_tokens=eval_tokens)
+    c4 = None
+    if any(d == "c4" for _, _, d in specs):
+        c4, _ = calibration_data("c4", tok, nsamples=args.heal_windows, seqlen=args.seqlen, seed=args.seed + 1,
+                                 data_dir=data_dir_of(args.data_dir), evals=args.eval, eval_tokens=eval_tokens)
+    if ("dense", "none", "-") in specs and not log.has(**base, method="dense", keep=1.0, heal="none", heal_data="-"):
+        row = {**base, "method": "dense", "keep": 1.0, "heal": "none", "heal_data": "-"}
+        log.write({**row, **_evaluate(model, tok, evals, args)})
+        print(log.rows[-1], flush=True)
+    plans: dict[str, obdk.Plan] = {}
+    for method in dict.fromkeys(m for m, _, _ in specs if m != "dense"):
+        todo = [(k, h, d) for m, h, d in specs if m == method for k in args.keeps
+                if not log.has(**base, method=method, keep=k, heal=h, heal_data=d)]
+        if not todo:
+            continue
+        t0 = time.perf_counter()
+        plans[method] = plan = obdk.prepare(model, {"method": method}, calib, progress=False)
+        prep_s = time.perf_counter() - t0
+        print(f"[{method}] prepared in {prep_s:.0f}s ({calib_source})", flush=True)
+        for keep in dict.fromkeys(k for k, _, _ in todo):
+            # the truncated, corrected factors once per ratio; each healing starts from them (what plan.apply(heal=)
+            # does after its own truncation and correction: the tests check that path)
+            cfg = plan.resolve(keep)
+            timer = StageTimer()
+            t0 = time.perf_counter()
+            allocation = plan.allocate(config=cfg)
+            _, factors, _ = plan._truncate_and_correct(model, cfg, timer, allocation)
+            factors = dict(factors)
+            correct_s = time.perf_counter() - t0
+            for _, heal, data in [t for t in todo if t[0] == keep]:
+                info, healed = {}, factors
+                t0 = time.perf_counter()
+                if heal != "none":
+                    hcfg = cfg.replace(heal=heal, heal_steps=args.heal_steps, heal_lr=args.heal_lr)
+                    healed, info = heal_factors(model, plan, hcfg, factors, data=c4 if data == "c4" else calib,
+                                                progress=False)
+                m = copy.deepcopy(model)
+                plan._pack(m, allocation, dict(healed), {}, StageTimer())
+                row = {**base, "method": method, "keep": keep, "heal": heal, "heal_data": data,
+                       "keep_actual": round(allocation.keep, 4),
+                       "calib_source": calib_source, "prepare_s": round(prep_s, 1),
+                       "truncate_correct_s": round(correct_s, 1), "heal_s": round(time.perf_counter() - t0, 1),
+                       "heal_steps": info.get("steps", 0), "heal_tokens": info.get("tokens", 0),
+                       "heal_heldout_before": info.get("heldout_before"),
+                       "heal_heldout_after": info.get("heldout_after"),
+                       "heal_stopped_early": info.get("stopped_early", info.get("stopped")),
+                       "peak_rss_mib_so_far": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+                row.update(_evaluate(m, tok, evals, args))
+                log.write(row)
+                print({k: row[k] for k in row if k.startswith(("method", "keep", "heal", "ppl", "acc_mean"))},
+                      flush=True)
+                del m
+        plan.close()
+    print(f"rows in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
