@@ -268,7 +268,53 @@ def plot_latency(path: Path, png: Optional[Path] = None) -> list[Path]:
     return [png]
 
 
-KINDS = {"quality": ("quality_*.csv", plot_quality), "allocation": ("allocation_*.csv", plot_allocation),
+# --------------------------------------------------------------------------- healing
+
+
+def plot_heal(path: Path) -> list[Path]:
+    """Perplexity per keep of each method and healing mode (one panel per evaluation set; dense as a line)."""
+    rows = [r for r in read_rows(path) if r.get("method")]
+    rows = _last(rows, ("model", "method", "keep", "heal", "heal_data", "heal_steps_arg", "heal_lr_arg", "windows"))
+    evals = [c[len("ppl_"):] for c in (rows[0] if rows else {}) if c.startswith("ppl_")]
+    if not rows or not evals:
+        print(f"[skip] {path}: no rows")
+        return []
+    plt = _plt()
+    fig, axes = _grid(plt, len(evals))
+    series = [(m, h, d) for m, h, d in dict.fromkeys((r["method"], r["heal"], r["heal_data"]) for r in rows)
+              if m != "dense"]
+    keeps = sorted({_f(r["keep"]) for r in rows if r["method"] != "dense"})
+    width = 0.8 / max(len(series), 1)
+    for ax, ev in zip(axes, evals):
+        for j, (m, h, d) in enumerate(series):
+            ys = [next((_f(r[f"ppl_{ev}"]) for r in rows if (r["method"], r["heal"], r["heal_data"]) == (m, h, d)
+                        and _f(r["keep"]) == k), float("nan")) for k in keeps]
+            xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(keeps))]
+            label = f"{m} {h}" + ("" if d in ("-", "calib") else f" ({d})")
+            bars = ax.bar(xs, ys, width, label=label, color=METHOD_COLORS.get(m, "gray"),
+                          alpha={"none": 0.35, "layer": 0.65, "e2e": 1.0}.get(h, 1.0),
+                          hatch="//" if h == "layer" else None)
+            for b_, y in zip(bars, ys):
+                if not math.isnan(y):
+                    ax.text(b_.get_x() + b_.get_width() / 2, y, f"{y:.0f}", ha="center", va="bottom", fontsize=7)
+        dense = next((_f(r[f"ppl_{ev}"]) for r in rows if r["method"] == "dense"), None)
+        if dense is not None:
+            ax.axhline(dense, color="black", lw=1, ls="--", label=f"dense {dense:.1f}")
+        ax.set_xticks(range(len(keeps)), [f"keep {k:g}" for k in keeps])
+        ax.set_yscale("log")
+        ax.set_ylabel(f"{ev} perplexity (log)")
+        ax.set_title(f"{ev}, first {rows[0].get('windows')} windows of {rows[0].get('seqlen')}", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"healing, {rows[0].get('model')}: calibrated and healed on {rows[0].get('nsamples')}x"
+                 f"{rows[0].get('seqlen')} WikiText-2 validation tokens ({rows[0].get('git_sha', '')})", fontsize=9)
+    fig.tight_layout()
+    png = path.with_suffix(".png")
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return [png]
+
+
+KINDS = {"heal": ("heal_smollm2.csv", plot_heal), "quality": ("quality_*.csv", plot_quality), "allocation": ("allocation_*.csv", plot_allocation),
          "latency": ("decompose_latency*.csv", plot_latency)}
 
 
@@ -282,7 +328,8 @@ def main(argv=None) -> int:
     jobs = []
     if args.files:
         for f in map(Path, args.files):
-            kind = next((k for k, (pat, _) in KINDS.items() if f.name.startswith(pat.split("*")[0])), None)
+            kind = next((k for k, (pat, _) in KINDS.items() if f.name.startswith(pat.split("*")[0].split(".")[0])),
+                        None)
             if kind is None:
                 print(f"[skip] {f}: unknown kind (name must start with quality_, allocation_ or decompose_latency)")
                 continue

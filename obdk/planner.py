@@ -203,6 +203,16 @@ def plan_run(cfg: dict[str, Any], *, method: str = "obd", nsamples: int = 32, se
                 else:
                     scratch += nbytes
     params = layer_params * L
+    # host peak of a streamed CPU run (one decomposition worker, --weights-on-disk): the embeddings and LM head, one
+    # decoder layer's weights and statistics, the largest decomposition's fp64 working set (W, T, T·C; both
+    # covariances; the root, K and its eigenvectors on the smaller side: 8·(3mn + m² + n² + 2p²)), what the host
+    # budget lets it keep (boundary buffers, factors, statistics up to max_host_memory) and the interpreter with torch
+    # and transformers loaded; measured on the 7B shape, 2 layers, --max-host-memory 0: 6.70 GB against 6.76 GB here
+    outside = V * d * wb * (1 if cfg.get("tie_word_embeddings") else 2)
+    work = max(8 * (3 * m * n + m * m + n * n + 2 * min(m, n) ** 2) for _, m, n, _ in targets)
+    held = boundary + factors + layer_kept_stats * L
+    held = held if max_host_memory is None else min(held, max_host_memory)
+    host_peak = outside + layer_params * wb + layer_stats + work + held + _INTERPRETER_BYTES
     # forward: the Linears (2 FLOPs per weight and token), attention scores and mixing
     # (4·T·(heads·head_dim) per token and layer) and the LM head (2·d·V per token)
     fwd = (2.0 * params + 4.0 * L * seqlen * z["h"] * z["hd"] + 2.0 * d * V) * all_tokens
@@ -228,10 +238,16 @@ def plan_run(cfg: dict[str, Any], *, method: str = "obd", nsamples: int = 32, se
         "host_boundary_bytes_per_rank": int(boundary), "host_factor_bytes": int(factors),
         "layer_factor_bytes": int(layer_factors), "host_kept_stats_bytes": int(layer_kept_stats * L),
         "correct": correct or "none", "max_host_memory": max_host_memory,
-        "scratch_bytes_per_rank": int(scratch),
+        "scratch_bytes_per_rank": int(scratch), "host_peak_bytes_per_rank": int(host_peak),
+        "decompose_work_bytes": int(work),
         "calibration_flops": calib, "decomposition_flops": dec,
         "tokens_per_rank": int(tokens),
     }
+
+
+#: resident bytes of a Python process with torch, transformers and obdk's pipeline imported (measured on this CPU,
+#: torch 2.13 CPU, transformers 5.25: 0.46 GB)
+_INTERPRETER_BYTES = 460_000_000
 
 
 def q_k_v(z: dict[str, int]) -> int:
@@ -256,6 +272,9 @@ def format_plan(p: dict[str, Any]) -> str:
         f"kept factors {g(p['host_factor_bytes'])}, kept statistics (--correct {p['correct']}) "
         f"{g(p['host_kept_stats_bytes'])}; scratch disk with --max-host-memory "
         f"{'unbounded' if p['max_host_memory'] is None else g(p['max_host_memory'])}: {g(p['scratch_bytes_per_rank'])}",
+        f"host memory peak per rank, streamed on CPU with --weights-on-disk: {g(p['host_peak_bytes_per_rank'])} "
+        f"(embeddings and head, one layer's weights and statistics, the largest decomposition's fp64 work "
+        f"{g(p['decompose_work_bytes'])}, what --max-host-memory keeps, the interpreter)",
         f"FLOPs: calibration {p['calibration_flops']:.3g}, decomposition {p['decomposition_flops']:.3g}",
     ]
     return "\n".join(lines)

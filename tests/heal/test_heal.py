@@ -237,3 +237,18 @@ def test_torchrun_layerwise_healing_equals_one_process(cli_model, tmp_path):
     rep2 = json.loads((tmp_path / "two" / "obdk_report.json").read_text())
     assert rep1["healing"]["steps"] == rep2["healing"]["steps"] > 0
     assert rep2["healing"]["heldout_after"] == pytest.approx(rep1["healing"]["heldout_after"], rel=1e-3)
+
+
+def test_e2e_loss_is_kl_and_cross_entropy_mixed():
+    """``(1 − w)·KL(teacher ‖ student) + w·CE`` over the label positions, padding left out."""
+    from obdk.heal.e2e import _loss
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(1, 5, 7, generator=g), torch.randn(1, 5, 7, generator=g)
+    ids, mask = torch.randint(0, 7, (1, 5), generator=g), torch.tensor([[0, 1, 1, 1, 1]])
+    t, s = F.log_softmax(teacher, -1), F.log_softmax(student, -1)
+    kl = (t.exp() * (t - s)).sum(-1)[0, 1:4]  # positions 1..3 predict tokens 2..4 (position 0 is padding)
+    ce = -s[0, 1:4].gather(-1, ids[0, 2:5, None])[:, 0]
+    for w in (0.0, 0.3, 1.0):
+        got, n = _loss(student, t if w < 1 else None, ids, mask, w)
+        assert n == 3
+        torch.testing.assert_close(got, ((1 - w) * kl + w * ce).sum())
