@@ -81,7 +81,9 @@ def derive(row: dict) -> str:
     plan_run_L = plan_run({**cfg7, "num_hidden_layers": L}, method="obd", nsamples=ns, seqlen=sl, dtype="float32",
                           correct="none", max_host_memory=int(row["max_host_memory"]))
     lines = [
-        "# A Llama-2-7B-shaped model on this CPU: measured layers, DERIVED whole-model times (issue #30)",
+        ("# A Llama-2-7B-shaped model on this CPU: the whole model measured; GPU and 70B times DERIVED (issue #30)"
+         if L == 32 else
+         "# A Llama-2-7B-shaped model on this CPU: measured layers, DERIVED whole-model times (issue #30)"),
         "",
         "Written by `python -m benchmarks.scale_7b_derive` from `benchmarks/results/scale_7b.csv` "
         f"(git {row['git_sha']}, {row['timestamp']}). **Everything below the first table is DERIVED** "
@@ -97,7 +99,8 @@ def derive(row: dict) -> str:
         "",
         "| what | measured | `obdk plan` |",
         "|---|---|---|",
-        f"| peak RSS (from outside, `wait4`) | {row['peak_rss_gib']} GiB | - (no host-peak model) |",
+        f"| peak RSS (from outside, `wait4`) | {row['peak_rss_gib']} GiB | "
+        f"{plan_run_L['host_peak_bytes_per_rank'] / 2**30:.2f} GiB (host peak of a streamed CPU run) |",
         f"| peak scratch disk | {row['peak_scratch_gb']} GB | {plan_run_L['scratch_bytes_per_rank'] / 1e9:.2f} GB |",
         f"| kept factors (all layers) | see scratch + host | {plan_run_L['host_factor_bytes'] / 1e9:.2f} GB |",
         f"| peak scratch + output checkpoint | {row['peak_scratch_plus_out_gb']} GB | |",
@@ -116,12 +119,14 @@ def derive(row: dict) -> str:
         f"({int(row['plan_host_boundary_bytes_per_rank']) / 1e9:.2f} GB, spilled at `--max-host-memory 0`; "
         f"{row['peak_scratch_mapped_gb']} GB seen mapped) as held while every layer's factors are written; the "
         f"backward sweep frees them first, so the measured peak is the factors alone: the plan is an upper bound by "
-        f"the boundary bytes. Host: `obdk plan` has no host-peak figure; the measured peak (decompositions) adds up as "
+        f"the boundary bytes. Host: `obdk plan`'s host peak adds up what the measured peak (the decompositions) holds: "
         f"the embeddings and LM head (1.05 GB fp32), one layer's weights ({plan_run_L['layer_params'] * 4 / 1e9:.2f} GB), "
         f"its statistics ({plan_run_L['layer_stats_bytes'] / 1e9:.2f} GB fp32, the plan's figure) and one fp64 "
         f"decomposition of an 11008 x 4096 matrix (W, both covariances, the Cholesky root, T, T C, K, its "
         f"eigenvectors and LAPACK work, the factors: about 2.5 GB) = 6.3 GB, plus the interpreter: "
-        f"{float(row['peak_rss_gib']) * 2**30 / 1e9:.2f} GB measured. With 2 workers (two such decompositions at "
+        f"{float(row['peak_rss_gib']) * 2**30 / 1e9:.2f} GB measured, "
+        f"{plan_run_L['host_peak_bytes_per_rank'] / 1e9:.2f} GB planned (the interpreter counted as the 0.46 GB a "
+        f"process with torch, transformers and obdk imported holds). With 2 workers (two such decompositions at "
         f"once) and the spectra compacted only after the layer, a 4-layer run peaked at 8.8 GB and was OOM-killed on "
         f"this shared machine; this row ran 1 worker, each spectrum compacted in its worker.",
         "",
@@ -138,6 +143,9 @@ def derive(row: dict) -> str:
         "",
         "| run | where | calibration | decompositions | total | how |",
         "|---|---|---|---|---|---|",
+        *([f"| Llama-2-7B shape, 32 layers, fp32, {ns}x{sl}, --correct none | this CPU as it was during the run "
+           f"(load {row['loadavg_mean']}) | - | - | **{_f(wall / 3600, 2)} h MEASURED** (CPU {_f(cpu / 3600, 2)} h) | "
+           f"the whole run above, wall clock |"] if L == 32 else []),
         f"| Llama-2-7B shape, 32 layers, fp32, {ns}x{sl}, --correct none | this CPU, one core to itself | "
         f"{_f(32 * (cfwd + cbwd) / 3600, 2)} h | {_f(32 * cdec / 3600, 2)} h | **{_f(cpu32 / 3600, 2)} h** | "
         f"measured {L}-layer CPU seconds + {32 - L} x the measured per-layer CPU seconds ({_f(cpu_layer)} s incl. "
