@@ -105,6 +105,25 @@ def stream_memory(args) -> None:
         print(row, flush=True)
 
 
+def table(path) -> str:
+    """The results section's markdown table, from the CSV (the last row of each key)."""
+    from .core.rows import read_rows
+    rows = {tuple(r.get(k, "") for k in KEY): r for r in read_rows(path)}.values()
+    order = {"none": 0, "layer": 1, "e2e": 2}
+    rows = sorted(rows, key=lambda r: (r["method"] != "dense", -float(r["keep"]), r["method"] != "obd",
+                                       r["method"], order.get(r["heal"], 3), r["heal_data"]))
+    f = lambda v, nd=2: "" if v in ("", None) else f"{float(v):.{nd}f}"  # noqa: E731
+    out = ["| method | keep | heal | data | WikiText-2 | C4 | healing s | steps | tokens | held-out before → after |",
+           "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        ho = (f"{float(r['heal_heldout_before']):.4g} → {float(r['heal_heldout_after']):.4g}"
+              if r.get("heal_heldout_before") not in ("", None) else "")
+        out.append(f"| {r['method']} | {r['keep']} | {r['heal']} | {r['heal_data']} | {f(r.get('ppl_wikitext2'))} | "
+                   f"{f(r.get('ppl_c4'))} | {f(r.get('heal_s'), 0)} | {r.get('heal_steps', '')} | "
+                   f"{r.get('heal_tokens', '')} | {ho} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -126,10 +145,14 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--table", action="store_true", help="print the results section's table from --out and stop")
     ap.add_argument("--stream-memory", action="store_true",
                     help="only the streamed CLI runs without and with --heal layer (peak RSS from outside)")
     args = ap.parse_args(argv)
     set_threads(args.threads)
+    if args.table:
+        print(table(args.out))
+        return
     if args.stream_memory:
         stream_memory(args)
         return
