@@ -9,7 +9,9 @@ calibration windows
 and of the local C4 validation sample, and (``--tasks``) zero-shot on ``--limit`` documents per task (the dense
 row on the same documents).
 
-Rows (``--rows``): ``METHOD:HEAL[:DATA]`` with HEAL ``none``, ``layer`` or ``e2e`` and DATA ``calib`` (default)
+Rows (``--rows``): ``METHOD:HEAL[:DATA]`` with HEAL ``none``, ``layer``, ``e2e`` (its default loss, KL + CE
+mixed by ``heal_ce`` 0.5), ``e2e-kl`` (``heal_ce`` 0: pure distillation) or ``e2e-ce`` (1: fine-tuning) and DATA
+``calib`` (default)
 or ``c4``; ``dense`` is the uncompressed model. ``--heal-steps``/``--heal-lr`` override the modes' defaults (the
 tuning runs). Columns: perplexities, zero-shot accuracy per task and their mean, healing seconds, held-out
 distillation loss before/after, steps, tokens used, peak RSS of the process so far (``ru_maxrss``; the streamed
@@ -47,8 +49,8 @@ def _row_spec(s: str) -> tuple[str, str, str]:
     parts = s.split(":")
     if parts[0] == "dense":
         return "dense", "none", "-"
-    if len(parts) not in (2, 3) or parts[1] not in ("none", "layer", "e2e"):
-        raise SystemExit(f"--rows {s!r}: METHOD:HEAL[:DATA], HEAL none|layer|e2e, DATA calib|c4")
+    if len(parts) not in (2, 3) or parts[1] not in ("none", "layer", "e2e", "e2e-kl", "e2e-ce"):
+        raise SystemExit(f"--rows {s!r}: METHOD:HEAL[:DATA], HEAL none|layer|e2e|e2e-kl|e2e-ce, DATA calib|c4")
     data = parts[2] if len(parts) == 3 else ("calib" if parts[1] != "none" else "-")
     if data not in ("calib", "c4", "-"):
         raise SystemExit(f"--rows {s!r}: DATA is calib or c4")
@@ -109,7 +111,7 @@ def table(path) -> str:
     """The results section's markdown table, from the CSV (the last row of each key)."""
     from .core.rows import read_rows
     rows = {tuple(r.get(k, "") for k in KEY): r for r in read_rows(path)}.values()
-    order = {"none": 0, "layer": 1, "e2e": 2}
+    order = {"none": 0, "layer": 1, "e2e-kl": 2, "e2e-ce": 3, "e2e": 4}
     rows = sorted(rows, key=lambda r: (r["method"] != "dense", -float(r["keep"]), r["method"] != "obd",
                                        r["method"], order.get(r["heal"], 3), r["heal_data"]))
     f = lambda v, nd=2: "" if v in ("", None) else f"{float(v):.{nd}f}"  # noqa: E731
@@ -201,7 +203,9 @@ def main(argv=None) -> None:
                 info, healed = {}, factors
                 t0 = time.perf_counter()
                 if heal != "none":
-                    hcfg = cfg.replace(heal=heal, heal_steps=args.heal_steps, heal_lr=args.heal_lr)
+                    mode, _, loss = heal.partition("-")  # e2e-kl: heal_ce 0 (pure distillation); e2e-ce: 1
+                    hcfg = cfg.replace(heal=mode, heal_steps=args.heal_steps, heal_lr=args.heal_lr,
+                                       **({"heal_ce": {"kl": 0.0, "ce": 1.0}[loss]} if loss else {}))
                     healed, info = heal_factors(model, plan, hcfg, factors, data=c4 if data == "c4" else calib,
                                                 progress=False)
                 m = copy.deepcopy(model)

@@ -292,7 +292,7 @@ def plot_heal(path: Path) -> list[Path]:
             xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(keeps))]
             label = f"{m} {h}" + ("" if d in ("-", "calib") else f" ({d})")
             bars = ax.bar(xs, ys, width, label=label, color=METHOD_COLORS.get(m, "gray"),
-                          alpha={"none": 0.35, "layer": 0.65, "e2e": 1.0}.get(h, 1.0),
+                          alpha={"none": 0.3, "layer": 0.55, "e2e-kl": 0.7, "e2e-ce": 0.85}.get(h, 1.0),
                           hatch="//" if h == "layer" else None)
             for b_, y in zip(bars, ys):
                 if not math.isnan(y):
