@@ -105,7 +105,9 @@ def test_host_peak_against_the_measured_7b_shaped_run():
     kw = dict(method="obd", nsamples=8, seqlen=256, dtype="float32", correct="none")
     p = plan_run(cfg, max_host_memory=0, **kw)
     assert abs(p["host_peak_bytes_per_rank"] / (6.24 * 2**30) - 1) < 0.05
-    # the host budget is what it may keep on top: unbounded, every boundary buffer and factor is held
+    # the whole model: 7.81 GiB measured; the plan is 6 % under (allocator growth over the 2.4-hour run)
+    whole = plan_run({**cfg, "num_hidden_layers": 32}, max_host_memory=0, **kw)
+    assert 0.9 < whole["host_peak_bytes_per_rank"] / (7.81 * 2**30) < 1.0
+    # the host budget is what it may keep on top: unbounded, every factor is held too
     big = plan_run(cfg, max_host_memory=None, **kw)
-    assert big["host_peak_bytes_per_rank"] - p["host_peak_bytes_per_rank"] == (
-        big["host_boundary_bytes_per_rank"] + big["host_factor_bytes"])
+    assert big["host_peak_bytes_per_rank"] - p["host_peak_bytes_per_rank"] == big["host_factor_bytes"]
