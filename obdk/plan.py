@@ -78,6 +78,7 @@ class Plan:
     stats_kept: bool = True
     stream: Optional[Streaming] = None
     _scores: dict = field(default_factory=dict, repr=False)
+    _healing: dict = field(default_factory=dict, repr=False)  # the last application's healing record, for its report
 
     # ------------------------------------------------------------------ configuration
     def resolve(self, keep: Optional[float] = None, **overrides: Any) -> LowRankConfig:
@@ -293,7 +294,7 @@ class Plan:
                         "params": allocation.params, "predicted_loss": allocation.predicted_loss,
                         **{k: v for k, v in (allocation.meta or {}).items()
                            if isinstance(v, (int, float, str, bool)) or v is None}},
-            coverage=self.coverage, healing=dict(getattr(self, "_healing", {}) or {}),
+            coverage=self.coverage, healing=dict(self._healing),
         )
 
     # ------------------------------------------------------------------ under torch.distributed

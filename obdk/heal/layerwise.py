@@ -54,19 +54,13 @@ class LayerHealer(SweepHooks):
         self.cur = None  # the compressed stream's input to the current layer (None: the dense input, layers below
         # the first healed one are the dense model's)
         self.info: dict[int, dict] = {}
+        self._batch: dict[int, Any] = {}  # global window -> its one-window sweep batch (its row is batch.start)
 
     def fetch(self, i: int, layer: nn.Module) -> None:
         self.layer = layer
 
-    def _rows(self, w: int):
-        """(sweep batch, row) of global window ``w`` on this rank."""
-        return self._batch[w], self._row[w]
-
     def forward_done(self, i: int) -> None:
         sw = self.sweep
-        if not hasattr(self, "_batch"):
-            self._batch = {b.windows[0]: b for b in sw.batches}
-            self._row = {b.windows[0]: b.start for b in sw.batches}
         rels = self.by_layer.get(i, [])
         if not rels and self.cur is None:
             return  # the compressed model's layer i is the dense one on the dense input
@@ -99,9 +93,9 @@ class LayerHealer(SweepHooks):
             params = [p for m in mods for p in (m.a, m.b)]
 
             def run(w: int, grad: bool) -> tuple[Tensor, int]:
-                batch, row = self._rows(w)
-                h = x_in[row:row + 1].to(sw.device)
-                target = y[row:row + 1].to(sw.device)
+                batch = self._batch[w]
+                h = x_in[batch.start:batch.stop].to(sw.device)
+                target = y[batch.start:batch.stop].to(sw.device)
                 with torch.set_grad_enabled(grad):
                     out = sw.call(i, batch, h, layer)
                     t = target.float()
@@ -172,6 +166,7 @@ def heal_layerwise(model: nn.Module, factors: Mapping[str, tuple], ids: Tensor, 
                            source=source, scratch_dir=scratch_dir, max_host_memory=max_host_memory, budget=budget,
                            progress=progress, fn="heal layer-wise")
         healer.sweep = sweep
+        healer._batch = {b.windows[0]: b for b in sweep.batches}
         try:
             sweep.run([healer])
         finally:

@@ -27,7 +27,7 @@ class HealFactors(nn.Module):
     """A low-rank Linear under training: ``y = b (a x) + bias`` with master factors ``a`` [r, n] and ``b`` [m, r] in
     ``master`` dtype (float32 for 16-bit models: the input is cast to it and the output back), ``bias`` [m] frozen.
 
-    ``from_factors(a, b, bias, master)`` copies; :meth:`factors` gives them back in ``dtype``."""
+    The constructor copies ``a`` and ``b``; :meth:`factors` gives them back in ``dtype``."""
 
     def __init__(self, a: Tensor, b: Tensor, bias: Optional[Tensor], master: torch.dtype) -> None:
         super().__init__()

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 import obdk
 from obdk.config import LowRankConfig
@@ -20,19 +17,13 @@ from obdk.heal.train import heldout_split
 from obdk.pipeline import prepare
 from obdk.stream.shards import load_skeleton
 from obdk.testing import make_char_tokenizer, make_tiny_llama
+from tests.test_plan_save import _tensors
+from tests.test_plan_save import _windows as _plan_windows
 
 
-def _windows(n=10, t=24, seed=3, vocab=128):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (n, t), generator=g)
-
-
-def _tensors(d: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(os.listdir(d)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(d, f)))
-    return out
+def _windows(n=10, seed=3):
+    """``n`` random windows of 24 tokens."""
+    return _plan_windows(n=n, t=24, seed=seed)
 
 
 def _kl(dense, model, ids) -> float:
@@ -147,12 +138,12 @@ def test_heal_with_nothing_factorised_is_refused(tiny):
         plan.apply(copy.deepcopy(model), keep=1.0, heal="layer")
 
 
-def test_e2e_on_a_streamed_plan_is_refused():
+def test_e2e_on_a_streamed_plan_is_refused(tmp_path):
     model = make_tiny_llama(layers=2).double()
     plan = prepare(model, LowRankConfig(method="svd-llm"), _windows(n=3), progress=False, stream=True)
     with pytest.raises(ConfigError, match="heal='layer' does"):
-        plan.save(model, "/tmp/never-written", keep=0.5, heal="e2e")
-    assert not Path("/tmp/never-written").exists()
+        plan.save(model, tmp_path / "out", keep=0.5, heal="e2e")
+    assert not (tmp_path / "out").exists()
 
 
 def test_heal_without_windows_is_refused():
