@@ -410,8 +410,8 @@ def _check_heal_args(args) -> None:
     from .errors import ConfigError
     given = [f for f in ("heal_data", "heal_tokens", "heal_steps", "heal_lr", "heal_ce") if getattr(args, f) is not None]
     if given and args.heal in (None, "none"):
-        raise ConfigError(f"{', '.join('--' + f.replace('_', '-') for f in given)}: they set the healing; add "
-                          f"--heal layer or --heal e2e")
+        raise ConfigError(f"{', '.join('--' + f.replace('_', '-') for f in given)}: "
+                          f"{'they set' if len(given) > 1 else 'it sets'} the healing; add --heal layer or --heal e2e")
     if args.heal_ce is not None and args.heal == "layer":
         raise ConfigError("--heal-ce: it weighs end-to-end healing's loss; --heal layer trains each layer on the "
                           "dense layer's output; drop it or use --heal e2e")

@@ -171,7 +171,8 @@ def _compress(d, calib, out, *extra):
 @pytest.mark.parametrize("extra,match", [
     (["--heal", "layer", "--heal-data", "/nonexistent/heal.txt"], "--heal-data /nonexistent/heal.txt: no such file"),
     (["--heal", "layer", "--heal-data", "wikitext2:test"], "--heal-data wikitext2:test"),
-    (["--heal-steps", "4"], "--heal-steps: they set the healing; add --heal"),
+    (["--heal-steps", "4"], "--heal-steps: it sets the healing; add --heal"),
+    (["--heal-steps", "4", "--heal-lr", "0.1"], "--heal-steps, --heal-lr: they set the healing; add --heal"),
     (["--heal", "layer", "--heal-steps", "-1"], "--heal-steps"),
     (["--heal", "lora"], "--heal"),
     (["--heal", "layer", "--heal-ce", "0.2"], "--heal-ce: it weighs end-to-end healing's loss"),
