@@ -4,15 +4,16 @@ One plan per method, calibrated on ``--nsamples`` × ``--seqlen`` tokens of ``--
 per ratio the truncated and corrected factors are made once and every healing mode starts from them (the steps
 ``plan.apply(copy, keep=..., heal=...)`` takes, without repeating the corrections' passes per row), healed on the
 calibration windows
-(``heal_data=calib``) or on ``--heal-windows`` windows of C4 drawn from the tokens *after* the evaluated ones
-(``heal_data=c4``: no evaluated token is trained on). Evaluated on the first ``--windows`` windows of WikiText-2 test
+(``heal_data=calib``), on ``--heal-windows`` windows of C4 drawn from the tokens *after* the evaluated ones
+(``c4``: no evaluated token is trained on) or on ``--heal-windows`` other windows of WikiText-2 validation (``wt2``,
+seed + 1: more healing tokens than the calibration's). Evaluated on the first ``--windows`` windows of WikiText-2 test
 and of the local C4 validation sample, and (``--tasks``) zero-shot on ``--limit`` documents per task (the dense
 row on the same documents).
 
 Rows (``--rows``): ``METHOD:HEAL[:DATA]`` with HEAL ``none``, ``layer``, ``e2e`` (its default loss, KL + CE
 mixed by ``heal_ce`` 0.5), ``e2e-kl`` (``heal_ce`` 0: pure distillation) or ``e2e-ce`` (1: fine-tuning) and DATA
-``calib`` (default)
-or ``c4``; ``dense`` is the uncompressed model. ``--heal-steps``/``--heal-lr`` override the modes' defaults (the
+``calib`` (default),
+``c4`` or ``wt2`` (the CSV's ``heal_data`` names the windows drawn: ``c4:32``); ``dense`` is the uncompressed model. ``--heal-steps``/``--heal-lr`` override the modes' defaults (the
 tuning runs). Columns: perplexities, zero-shot accuracy per task and their mean, healing seconds, held-out
 distillation loss before/after, steps, tokens used, peak RSS of the process so far (``ru_maxrss``; the streamed
 memory comparison is measured from outside the process by ``--stream-memory``).
@@ -50,10 +51,10 @@ def _row_spec(s: str) -> tuple[str, str, str]:
     if parts[0] == "dense":
         return "dense", "none", "-"
     if len(parts) not in (2, 3) or parts[1] not in ("none", "layer", "e2e", "e2e-kl", "e2e-ce"):
-        raise SystemExit(f"--rows {s!r}: METHOD:HEAL[:DATA], HEAL none|layer|e2e|e2e-kl|e2e-ce, DATA calib|c4")
+        raise SystemExit(f"--rows {s!r}: METHOD:HEAL[:DATA], HEAL none|layer|e2e|e2e-kl|e2e-ce, DATA calib|c4|wt2")
     data = parts[2] if len(parts) == 3 else ("calib" if parts[1] != "none" else "-")
-    if data not in ("calib", "c4", "-"):
-        raise SystemExit(f"--rows {s!r}: DATA is calib or c4")
+    if data not in ("calib", "c4", "wt2", "-"):
+        raise SystemExit(f"--rows {s!r}: DATA is calib, c4 or wt2")
     return parts[0], parts[1], data
 
 
@@ -136,7 +137,7 @@ def main(argv=None) -> None:
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--heal-windows", type=int, default=32, help="windows of C4 for the heal_data=c4 rows")
+    ap.add_argument("--heal-windows", type=int, default=32, help="windows drawn for the c4 and wt2 healing rows")
     ap.add_argument("--heal-steps", type=int, default=None)
     ap.add_argument("--heal-lr", type=float, default=None)
     ap.add_argument("--eval", nargs="+", default=["wikitext2", "c4"])
@@ -158,7 +159,9 @@ def main(argv=None) -> None:
     if args.stream_memory:
         stream_memory(args)
         return
-    specs = [_row_spec(s) for s in args.rows]
+    # heal_data in the CSV: calib, or c4/wt2 with the number of windows drawn (c4:32)
+    specs = [(m, h, f"{d}:{args.heal_windows}" if d in ("c4", "wt2") else d)
+             for m, h, d in (_row_spec(s) for s in args.rows)]
     model, tok = load(args.model)
     model.eval()
     label = model_label(args.model)
@@ -171,10 +174,12 @@ def main(argv=None) -> None:
     calib, calib_source = calibration_data(args.calib, tok, nsamples=args.nsamples, seqlen=args.seqlen,
                                            seed=args.seed, data_dir=data_dir_of(args.data_dir), evals=args.eval,
                                            eval_tokens=eval_tokens)
-    c4 = None
-    if any(d == "c4" for _, _, d in specs):
-        c4, _ = calibration_data("c4", tok, nsamples=args.heal_windows, seqlen=args.seqlen, seed=args.seed + 1,
-                                 data_dir=data_dir_of(args.data_dir), evals=args.eval, eval_tokens=eval_tokens)
+    heal_sets = {"calib": calib}
+    for data, source in (("c4", "c4"), ("wt2", "wikitext2:validation")):
+        if any(d.startswith(data + ":") for _, _, d in specs):
+            heal_sets[f"{data}:{args.heal_windows}"], _ = calibration_data(
+                source, tok, nsamples=args.heal_windows, seqlen=args.seqlen, seed=args.seed + 1,
+                data_dir=data_dir_of(args.data_dir), evals=args.eval, eval_tokens=eval_tokens)
     if ("dense", "none", "-") in specs and not log.has(**base, method="dense", keep=1.0, heal="none", heal_data="-"):
         row = {**base, "method": "dense", "keep": 1.0, "heal": "none", "heal_data": "-"}
         log.write({**row, **_evaluate(model, tok, evals, args)})
@@ -206,7 +211,7 @@ def main(argv=None) -> None:
                     mode, _, loss = heal.partition("-")  # e2e-kl: heal_ce 0 (pure distillation); e2e-ce: 1
                     hcfg = cfg.replace(heal=mode, heal_steps=args.heal_steps, heal_lr=args.heal_lr,
                                        **({"heal_ce": {"kl": 0.0, "ce": 1.0}[loss]} if loss else {}))
-                    healed, info = heal_factors(model, plan, hcfg, factors, data=c4 if data == "c4" else calib,
+                    healed, info = heal_factors(model, plan, hcfg, factors, data=heal_sets[data],
                                                 progress=False)
                 m = copy.deepcopy(model)
                 plan._pack(m, allocation, dict(healed), {}, StageTimer())
