@@ -108,13 +108,20 @@ def stream_memory(args) -> None:
         print(row, flush=True)
 
 
-def table(path) -> str:
-    """The results section's markdown table, from the CSV (the last row of each key)."""
-    from .core.rows import read_rows
-    rows = {tuple(r.get(k, "") for k in KEY): r for r in read_rows(path)}.values()
+def _sorted(rows) -> list[dict]:
     order = {"none": 0, "layer": 1, "e2e-kl": 2, "e2e-ce": 3, "e2e": 4}
-    rows = sorted(rows, key=lambda r: (r["method"] != "dense", -float(r["keep"]), r["method"] != "obd",
-                                       r["method"], order.get(r["heal"], 3), r["heal_data"]))
+    return sorted(rows, key=lambda r: (r["method"] != "dense", -float(r["keep"]), r["method"] != "obd", r["method"],
+                                       order.get(r["heal"], 3), r["heal_data"], r.get("heal_steps_arg", "")))
+
+
+def table(path) -> str:
+    """The results section's markdown tables, from the CSV: perplexities (the last row of each key, whether or not
+    it also scored zero-shot: the runs are seeded and repeat their perplexities) and, where rows scored zero-shot,
+    accuracy per task on the same documents with the difference from the dense row."""
+    from .core.rows import read_rows
+    every = read_rows(path)
+    no_limit = [k for k in KEY if k != "limit"]
+    rows = _sorted({tuple(r.get(k, "") for k in no_limit): r for r in every}.values())
     f = lambda v, nd=2: "" if v in ("", None) else f"{float(v):.{nd}f}"  # noqa: E731
     out = ["| method | keep | heal | data | WikiText-2 | C4 | healing s | steps | tokens | held-out before → after |",
            "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
@@ -124,6 +131,17 @@ def table(path) -> str:
         out.append(f"| {r['method']} | {r['keep']} | {r['heal']} | {r['heal_data']} | {f(r.get('ppl_wikitext2'))} | "
                    f"{f(r.get('ppl_c4'))} | {f(r.get('heal_s'), 0)} | {r.get('heal_steps', '')} | "
                    f"{r.get('heal_tokens', '')} | {ho} |")
+    zs = _sorted({tuple(r.get(k, "") for k in KEY): r for r in every if r.get("acc_mean") not in ("", None)}.values())
+    if zs:
+        tasks = [c[len("acc_"):] for c in zs[0] if c.startswith("acc_") and c != "acc_mean"]
+        dense = {r["limit"]: float(r["acc_mean"]) for r in zs if r["method"] == "dense"}
+        out += ["", f"| method | keep | heal | data | {' | '.join(tasks)} | mean | vs dense |",
+                "|---|---|---|---|" + "---:|" * (len(tasks) + 2)]
+        for r in zs:
+            d = dense.get(r["limit"])
+            delta = "" if r["method"] == "dense" or d is None else f"{float(r['acc_mean']) - d:+.2f}"
+            out.append(f"| {r['method']} | {r['keep']} | {r['heal']} | {r['heal_data']} | "
+                       + " | ".join(f(r.get(f"acc_{t}")) for t in tasks) + f" | {f(r['acc_mean'])} | {delta} |")
     return "\n".join(out)
 
 
