@@ -293,7 +293,8 @@ def plot_heal(path: Path) -> list[Path]:
             label = f"{m} {h}" + ("" if d in ("-", "calib") else f" ({d})")
             bars = ax.bar(xs, ys, width, label=label, color=METHOD_COLORS.get(m, "gray"),
                           alpha={"none": 0.3, "layer": 0.55, "e2e-kl": 0.7, "e2e-ce": 0.85}.get(h, 1.0),
-                          hatch="//" if h == "layer" else None)
+                          hatch="//" if h == "layer" else {"c4": "..", "wt2": "xx"}.get(d.split(":")[0]),
+                          edgecolor="white" if d.split(":")[0] in ("c4", "wt2") else None)
             for b_, y in zip(bars, ys):
                 if not math.isnan(y):
                     ax.text(b_.get_x() + b_.get_width() / 2, y, f"{y:.0f}", ha="center", va="bottom", fontsize=7)
@@ -302,11 +303,13 @@ def plot_heal(path: Path) -> list[Path]:
             ax.axhline(dense, color="black", lw=1, ls="--", label=f"dense {dense:.1f}")
         ax.set_xticks(range(len(keeps)), [f"keep {k:g}" for k in keeps])
         ax.set_yscale("log")
+        ax.set_ylim(top=ax.get_ylim()[1] * 12)  # room for the legend above the bars
         ax.set_ylabel(f"{ev} perplexity (log)")
         ax.set_title(f"{ev}, first {rows[0].get('windows')} windows of {rows[0].get('seqlen')}", fontsize=10)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"healing, {rows[0].get('model')}: calibrated and healed on {rows[0].get('nsamples')}x"
-                 f"{rows[0].get('seqlen')} WikiText-2 validation tokens ({rows[0].get('git_sha', '')})", fontsize=9)
+        ax.legend(fontsize=7, ncol=2)
+    fig.suptitle(f"healing, {rows[0].get('model')}: calibrated on {rows[0].get('nsamples')}x{rows[0].get('seqlen')} "
+                 "WikiText-2 validation tokens; healed on them unless labelled "
+                 "(c4:N, wt2:N)", fontsize=9)
     fig.tight_layout()
     png = path.with_suffix(".png")
     fig.savefig(png, dpi=110)
