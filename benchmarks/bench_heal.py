@@ -12,9 +12,8 @@ row on the same documents).
 
 Rows (``--rows``): ``METHOD:HEAL[:DATA]`` with HEAL ``none``, ``layer``, ``e2e`` (its default loss, KL + CE
 mixed by ``heal_ce`` 0.5), ``e2e-kl`` (``heal_ce`` 0: pure distillation) or ``e2e-ce`` (1: fine-tuning) and DATA
-``calib`` (default),
-``c4`` or ``wt2`` (the CSV's ``heal_data`` names the windows drawn: ``c4:32``); ``dense`` is the uncompressed model. ``--heal-steps``/``--heal-lr`` override the modes' defaults (the
-tuning runs). Columns: perplexities, zero-shot accuracy per task and their mean, healing seconds, held-out
+``calib`` (default), ``c4`` or ``wt2`` (the CSV's ``heal_data`` names the windows drawn: ``c4:32``); ``dense`` is the
+uncompressed model. ``--heal-steps``/``--heal-lr`` override the modes' defaults (the tuning runs). Columns: perplexities, zero-shot accuracy per task and their mean, healing seconds, held-out
 distillation loss before/after, steps, tokens used, peak RSS of the process so far (``ru_maxrss``; the streamed
 memory comparison is measured from outside the process by ``--stream-memory``).
 
@@ -118,10 +117,9 @@ def table(path) -> str:
     """The results section's markdown tables, from the CSV: perplexities (the last row of each key, whether or not
     it also scored zero-shot: the runs are seeded and repeat their perplexities) and, where rows scored zero-shot,
     accuracy per task on the same documents with the difference from the dense row."""
-    from .core.rows import read_rows
+    from .core.rows import last_rows, read_rows
     every = read_rows(path)
-    no_limit = [k for k in KEY if k != "limit"]
-    rows = _sorted({tuple(r.get(k, "") for k in no_limit): r for r in every}.values())
+    rows = _sorted(last_rows(every, [k for k in KEY if k != "limit"]))
     f = lambda v, nd=2: "" if v in ("", None) else f"{float(v):.{nd}f}"  # noqa: E731
     out = ["| method | keep | heal | data | WikiText-2 | C4 | healing s | steps | tokens | held-out before → after |",
            "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
@@ -131,7 +129,7 @@ def table(path) -> str:
         out.append(f"| {r['method']} | {r['keep']} | {r['heal']} | {r['heal_data']} | {f(r.get('ppl_wikitext2'))} | "
                    f"{f(r.get('ppl_c4'))} | {f(r.get('heal_s'), 0)} | {r.get('heal_steps', '')} | "
                    f"{r.get('heal_tokens', '')} | {ho} |")
-    zs = _sorted({tuple(r.get(k, "") for k in KEY): r for r in every if r.get("acc_mean") not in ("", None)}.values())
+    zs = _sorted(last_rows([r for r in every if r.get("acc_mean") not in ("", None)], KEY))
     if zs:
         tasks = [c[len("acc_"):] for c in zs[0] if c.startswith("acc_") and c != "acc_mean"]
         dense = {r["limit"]: float(r["acc_mean"]) for r in zs if r["method"] == "dense"}

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from .core.env import RESULTS
-from .core.rows import read_rows, to_float
+from .core.rows import last_rows, read_rows, to_float
 
 #: one colour per method in every panel and figure
 METHOD_COLORS = {"svd": "tab:green", "svd-llm": "tab:orange", "asvd": "tab:purple", "obd-uniform": "tab:blue",
@@ -43,13 +43,6 @@ def _f(v, default=float("nan")) -> float:
         return float(v)
     except (TypeError, ValueError):
         return default
-
-
-def _last(rows: list[dict], key_cols: tuple[str, ...]) -> list[dict]:
-    out: dict[tuple, dict] = {}
-    for r in rows:
-        out[tuple(str(r.get(c, "")) for c in key_cols)] = r
-    return list(out.values())
 
 
 def _alloc_label(r: dict) -> str:
@@ -85,7 +78,7 @@ def _out(path: Path, model: str, nmodels: int, suffix: str = "") -> Path:
 
 def plot_quality(path: Path) -> list[Path]:
     rows = [r for r in read_rows(path) if not str(r.get("windows_req", "")).startswith("all")]
-    rows = _last(rows, ("model", "calib", "eval", "method", "keep", "windows_req", "seqlen", "nsamples", "seed"))
+    rows = last_rows(rows, ("model", "calib", "eval", "method", "keep", "windows_req", "seqlen", "nsamples", "seed"))
     if not rows:
         print(f"[skip] {path}: no first-N-window rows")
         return []
@@ -132,7 +125,7 @@ HATCH = {"zs": "//", "kfac": "..", "zs+kfac": "xx"}  # a correction's bars
 
 
 def plot_allocation(path: Path) -> list[Path]:
-    rows = _last(read_rows(path), ("model", "calib", "eval", "whitening", "alloc", "correct", "keep", "windows_req",
+    rows = last_rows(read_rows(path), ("model", "calib", "eval", "whitening", "alloc", "correct", "keep", "windows_req",
                               "seqlen", "nsamples", "seed", "bsi_windows", "bsi_probes", "bsi_order", "bsi_curvature", "bsi_terms"))
     if not rows:
         print(f"[skip] {path}: empty")
@@ -274,7 +267,7 @@ def plot_latency(path: Path, png: Optional[Path] = None) -> list[Path]:
 def plot_heal(path: Path) -> list[Path]:
     """Perplexity per keep of each method and healing mode (one panel per evaluation set; dense as a line)."""
     rows = [r for r in read_rows(path) if r.get("method")]
-    rows = _last(rows, ("model", "method", "keep", "heal", "heal_data", "heal_steps_arg", "heal_lr_arg", "windows"))
+    rows = last_rows(rows, ("model", "method", "keep", "heal", "heal_data", "heal_steps_arg", "heal_lr_arg", "windows"))
     evals = [c[len("ppl_"):] for c in (rows[0] if rows else {}) if c.startswith("ppl_")]
     if not rows or not evals:
         print(f"[skip] {path}: no rows")
@@ -291,10 +284,11 @@ def plot_heal(path: Path) -> list[Path]:
                         and _f(r["keep"]) == k), float("nan")) for k in keeps]
             xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(keeps))]
             label = f"{m} {h}" + ("" if d in ("-", "calib") else f" ({d})")
+            text = d.split(":")[0]  # the healing text: c4:32 -> c4
             bars = ax.bar(xs, ys, width, label=label, color=METHOD_COLORS.get(m, "gray"),
                           alpha={"none": 0.3, "layer": 0.55, "e2e-kl": 0.7, "e2e-ce": 0.85}.get(h, 1.0),
-                          hatch="//" if h == "layer" else {"c4": "..", "wt2": "xx"}.get(d.split(":")[0]),
-                          edgecolor="white" if d.split(":")[0] in ("c4", "wt2") else None)
+                          hatch="//" if h == "layer" else {"c4": "..", "wt2": "xx"}.get(text),
+                          edgecolor="white" if text in ("c4", "wt2") else None)
             for b_, y in zip(bars, ys):
                 if not math.isnan(y):
                     ax.text(b_.get_x() + b_.get_width() / 2, y, f"{y:.0f}", ha="center", va="bottom", fontsize=7)

@@ -47,6 +47,14 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def last_rows(rows: Iterable[dict], key_cols: Sequence[str]) -> list[dict]:
+    """The last row of each key (the values of ``key_cols``, as strings), in first-seen key order."""
+    out: dict[tuple, dict] = {}
+    for r in rows:
+        out[tuple(str(r.get(c, "")) for c in key_cols)] = r
+    return list(out.values())
+
+
 def key_cell(v) -> str:
     """Canonical text of a key cell (``0.8`` == ``"0.8"`` == ``"0.80"``), so CSV text matches Python values."""
     if isinstance(v, bool):

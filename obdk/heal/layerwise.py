@@ -56,6 +56,11 @@ class LayerHealer(SweepHooks):
         self.info: dict[int, dict] = {}
         self._batch: dict[int, Any] = {}  # global window -> its one-window sweep batch (its row is batch.start)
 
+    def attach(self, sweep: LayerSweep) -> None:
+        """Heal inside ``sweep`` (batches of one window each)."""
+        self.sweep = sweep
+        self._batch = {b.windows[0]: b for b in sweep.batches}
+
     def fetch(self, i: int, layer: nn.Module) -> None:
         self.layer = layer
 
@@ -165,8 +170,7 @@ def heal_layerwise(model: nn.Module, factors: Mapping[str, tuple], ids: Tensor, 
         sweep = LayerSweep(model, ids, mask, runner=runner, windows=windows, batch_size=1, device=device,
                            source=source, scratch_dir=scratch_dir, max_host_memory=max_host_memory, budget=budget,
                            progress=progress, fn="heal layer-wise")
-        healer.sweep = sweep
-        healer._batch = {b.windows[0]: b for b in sweep.batches}
+        healer.attach(sweep)
         try:
             sweep.run([healer])
         finally:
